@@ -1,0 +1,198 @@
+"""``echo-synth``: the command line. Each command parses its options, calls one stage, prints."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edmcli.config import apply_config
+from edmcli.console import console, err_console, progress
+from edmcli.errors import EchoSynthError
+
+app = typer.Typer(
+    name="echo-synth",
+    help="Semantic diffusion models that synthesise echocardiograms from label maps, and the "
+    "downstream evaluation of the synthetic data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="YAML file of option: value; flags on the command line override it.",
+        is_eager=True,
+        callback=apply_config,
+        dir_okay=False,
+    ),
+]
+
+
+def user_errors(fn):
+    """Turn EchoSynthError into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EchoSynthError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class SourceKind(str, enum.Enum):
+    phantom = "phantom"
+    camus = "camus"
+    folder = "folder"
+
+
+@app.command()
+@user_errors
+def prepare(
+    out: Annotated[Path, typer.Option("--out", help="Dataset store to write (a .zarr folder).")],
+    source: Annotated[SourceKind, typer.Option(help="Where the images come from.")] = (
+        SourceKind.phantom
+    ),
+    size: Annotated[int, typer.Option(help="Output image size (square).")] = 256,
+    n_patients: Annotated[int, typer.Option(help="Phantom: number of patients.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of the phantom and of the split.")] = 0,
+    split_ratio: Annotated[
+        str, typer.Option(help="train:val:test patient ratio when the source has no split.")
+    ] = "8:1:1",
+    camus_dir: Annotated[
+        Path | None, typer.Option(help="CAMUS: the folder holding database_nifti/ or training/.")
+    ] = None,
+    folder: Annotated[Path | None, typer.Option(help="Folder source: its root.")] = None,
+    image_glob: Annotated[str, typer.Option(help="Folder: images, relative glob.")] = (
+        "images/*.png"
+    ),
+    label_template: Annotated[
+        str, typer.Option(help="Folder: label path for an image, {stem} = its name.")
+    ] = "labels/{stem}.png",
+    meta_pattern: Annotated[
+        str | None,
+        typer.Option(help="Folder: regex with groups patient/view/phase matched on the stem."),
+    ] = None,
+    keep_aspect: Annotated[
+        bool, typer.Option(help="Pad to a square before resizing (keeps geometry).")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Build a dataset store from phantom data, a CAMUS copy or a folder of image/label pairs."""
+    from edmcli.data import prepare as stage
+    from edmcli.data.sources import DEFAULT_META_PATTERN, camus_source, folder_source
+
+    ratio = stage.parse_split_ratio(split_ratio)
+    if source is SourceKind.phantom:
+        total, label = 4 * n_patients, "phantom"
+        with progress(total, "prepare (phantom)") as advance:
+            result = stage.prepare_phantom(
+                out, n_patients, size, seed, ratio, overwrite=overwrite, progress=advance
+            )
+    else:
+        if source is SourceKind.camus:
+            if camus_dir is None:
+                raise EchoSynthError("--source camus needs --camus-dir DIR")
+            root, src = camus_dir, camus_source(camus_dir)
+        else:
+            if folder is None:
+                raise EchoSynthError("--source folder needs --folder DIR")
+            pattern = meta_pattern or DEFAULT_META_PATTERN
+            root = folder
+            src = folder_source(folder, image_glob, label_template, pattern)
+        if out.exists() and not overwrite:
+            raise EchoSynthError(f"{out} already exists; pass --overwrite to replace it")
+        label = src.layout
+        with progress(len(src.items), f"prepare ({label})") as advance:
+            result = stage.prepare_from_source(
+                src, out, size, seed, ratio, keep_aspect, root, overwrite, advance
+            )
+    for line in result.skipped:
+        console.print(f"skipped {line}", highlight=False)
+    counts = ", ".join(f"{k} {v}" for k, v in result.split_counts.items())
+    console.print(
+        f"wrote {result.path}: {result.samples} images of {result.patients} patients "
+        f"({label}, {size}×{size}; {counts})",
+        highlight=False,
+    )
+
+
+@app.command()
+@user_errors
+def info(
+    store: Annotated[Path, typer.Argument(help="A dataset store.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Summarise a dataset store: counts per split/view/phase, labels, size, provenance."""
+    from edmcli.data.store import DatasetStore
+
+    summary = DatasetStore(store).summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    from rich.table import Table
+
+    console.print(
+        f"[bold]{summary['path']}[/]: {summary['samples']} images, "
+        f"{summary['image_size'][0]}×{summary['image_size'][1]}, "
+        f"{summary['bytes_on_disk'] / 2**20:.1f} MiB on disk"
+    )
+    table = Table("split", "patients", "images", *_view_phase_columns(summary))
+    for split, row in summary["splits"].items():
+        table.add_row(
+            split,
+            str(row["patients"]),
+            str(row["samples"]),
+            *(str(row.get(c, 0)) for c in _view_phase_columns(summary)),
+        )
+    console.print(table)
+    fractions = ", ".join(f"{k} {v:.1%}" for k, v in summary["label_fraction"].items())
+    console.print(f"labels: {fractions}", highlight=False)
+    console.print(f"fields: {', '.join(summary['fields'])}", highlight=False)
+    provenance = json.dumps(summary["provenance"], sort_keys=True)
+    console.print(
+        f"provenance: {provenance} (echo-synth {summary['code_version']}, {summary['created']})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
+        "demo"
+    ),
+    n_patients: Annotated[int, typer.Option(help="Phantom patients.")] = 20,
+    size: Annotated[int, typer.Option(help="Image size.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Rebuild what exists.")] = False,
+) -> None:
+    """Run the main path on built-in phantom data with tiny settings (CPU minutes)."""
+    from edmcli.demo import run_demo
+
+    summary = run_demo(out, n_patients, size, seed, overwrite)
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"summary: {out / 'demo_summary.json'}", highlight=False)
+
+
+def _view_phase_columns(summary: dict) -> list[str]:
+    return sorted({k for row in summary["splits"].values() for k in row if "/" in k})
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())
