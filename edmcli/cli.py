@@ -171,6 +171,143 @@ def info(
     )
 
 
+RunOption = typer.Option(
+    "--run",
+    "--run-dir",
+    help="Run folder (default runs/<model>). Under torchrun write --run-dir: torchrun's own "
+    "parser mistakes --run for its --run-path.",
+)
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@app.command("train-vae")
+@user_errors
+def train_vae(
+    data: Annotated[Path, typer.Option(help="Dataset store (its train split trains).")],
+    latent: Annotated[int, typer.Option(help="64 (EDM-L64, 4× down) or 128 (EDM-L128, 2× down).")],
+    run: Annotated[Path | None, RunOption] = None,
+    preset: Annotated[str, typer.Option(help="paper or tiny (CPU minutes on 64² phantom).")] = (
+        "paper"
+    ),
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (overrides --epochs).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Global batch size.")] = None,
+    batch_gpu: Annotated[int | None, typer.Option(help="Per-process micro-batch.")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    perceptual: Annotated[str | None, typer.Option(help="alex, vgg or none.")] = None,
+    kl_direction: Annotated[
+        str | None, typer.Option(help="posterior-first (ELBO) or prior-first (eq. 5 as printed).")
+    ] = None,
+    prior_shape: Annotated[float | None, typer.Option(help="Gamma prior shape α.")] = None,
+    prior_rate: Annotated[float | None, typer.Option(help="Gamma prior rate β.")] = None,
+    base_channels: Annotated[int | None, typer.Option(help="Channels of level 1.")] = None,
+    w_recon: Annotated[float | None, typer.Option(help="λ1, image L2.")] = None,
+    w_perceptual: Annotated[float | None, typer.Option(help="λ2, LPIPS.")] = None,
+    w_kl: Annotated[float | None, typer.Option(help="λ3, KL.")] = None,
+    w_latent: Annotated[float | None, typer.Option(help="λ4, latent L2.")] = None,
+    augment: Annotated[bool | None, typer.Option(help="Geometric + intensity augmentation.")] = (
+        None
+    ),
+    ema_decay: Annotated[float | None, typer.Option(help="EMA decay per step.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Steps between log lines.")] = None,
+    grid_every: Annotated[int | None, typer.Option(help="Steps between grids.")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = (
+        Precision.auto
+    ),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Train the Γ-VAE of the latent models; rerun the same command to resume."""
+    from edmcli.presets import VAE_PRESETS, resolve
+    from edmcli.training.distributed import init_distributed, shutdown_distributed
+    from edmcli.training.engine import Trainer, print_summary
+    from edmcli.training.run_dir import prepare_run_dir
+    from edmcli.training.vae import GammaVAETask, settings_dict, vae_settings_and_config
+
+    overrides = {k: v for k, v in locals().items() if k not in _NOT_OVERRIDES}
+    values = resolve(VAE_PRESETS, preset, overrides)
+    settings, train_config = vae_settings_and_config(data, latent, values, seed, precision.value)
+    run = run or Path("runs") / f"vae-l{latent}"
+    env = init_distributed(device)
+    try:
+        resolved = {"kind": "vae", "preset": preset, **settings_dict(settings),
+                    **_train_dict(train_config)}  # fmt: skip
+        resumed = prepare_run_dir(run, resolved, env.is_main)
+        if env.is_main:
+            console.print(
+                f"{'resuming' if resumed else 'training'} Γ-VAE L{latent} "
+                f"({settings.image_size}² → {settings.latent_size}²) in {run} on {env.device}"
+                f" × {env.world_size}: {train_config.steps} steps of batch {train_config.batch}",
+                highlight=False,
+            )
+        result = Trainer(GammaVAETask(settings), train_config, run, env).fit()
+        if env.is_main:
+            quality = _vae_quality(run, settings, env.device)
+            summary = {
+                "steps": result.steps,
+                "resumed from step": result.resumed_from,
+                "train images/s": result.images_per_second,
+                **{f"final {k}": v for k, v in result.last_metrics.items()},
+                **quality,
+                "checkpoint": str(result.checkpoint),
+            }
+            (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            print_summary(f"Γ-VAE L{latent}: {run}", summary)
+    finally:
+        shutdown_distributed()
+
+
+_NOT_OVERRIDES = {"data", "latent", "run", "preset", "precision", "device", "seed", "config"}
+
+
+def _train_dict(config) -> dict:
+    from dataclasses import asdict
+
+    return {f"train_{k}" if k in ("seed",) else k: v for k, v in asdict(config).items()}
+
+
+def _vae_quality(run: Path, settings, device) -> dict:
+    """Masked PSNR/SSIM of the EMA model on the validation split, and a comparison grid."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from edmcli.data.dataset import EchoDataset
+    from edmcli.evaluation.reconstruction import reconstruction_quality
+    from edmcli.models.gamma_vae import GammaVAE
+    from edmcli.training.checkpoint import latest_checkpoint, load_checkpoint
+    from edmcli.training.grids import save_image_grid
+    from edmcli.training.vae import _eval_split, sector_of
+
+    model = GammaVAE(settings.model_config()).to(device)
+    model.load_state_dict(load_checkpoint(latest_checkpoint(run), device)["ema"])
+    split = _eval_split(settings.data)
+    dataset = EchoDataset(settings.data, splits=split)
+    quality = reconstruction_quality(model, DataLoader(dataset, batch_size=32), device)
+    items = [dataset[i] for i in range(min(8, len(dataset)))]
+    image = torch.stack([it["image"] for it in items]).to(device)
+    sector = sector_of(torch.stack([it["labels"] for it in items]).to(device))
+    with torch.no_grad():
+        out = model(image, sector, sample=False)
+    latent = torch.nn.functional.interpolate(out.z, size=image.shape[-2:], mode="nearest")
+    save_image_grid([image, out.recon, latent.clamp(0, 1)], run / "comparison.png")
+    return {
+        f"{split} masked PSNR (dB)": quality["psnr"],
+        f"{split} masked SSIM": quality["ssim"],
+        "identity-to-mean PSNR (dB)": quality["baseline_psnr"],
+        "identity-to-mean SSIM": quality["baseline_ssim"],
+        f"{split} images": quality["images"],
+    }
+
+
 @app.command()
 @user_errors
 def demo(

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from rich.console import Console
 
@@ -14,39 +13,68 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+class Reporter:
+    """``reporter(n)`` advances; ``reporter.status(text)`` shows the latest numbers (on a
+    terminal in the bar, elsewhere as a plain line at most every ~10 % and at each status)."""
+
+    def __init__(self, total: int, description: str, bar=None, task=None) -> None:
+        self.total, self.description = total, description
+        self.bar, self.task = bar, task
+        self.done = 0
+        self.step = max(1, math.ceil(total / 10))
+        self.next = self.step
+        self.start = time.perf_counter()
+
+    def __call__(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+        elif self.done >= self.next or self.done == self.total:
+            elapsed = time.perf_counter() - self.start
+            print(f"{self.description}: {self.done}/{self.total} ({elapsed:.1f} s)")
+            self.next = self.done + self.step
+
+    def status(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=f"{self.description} {text}")
+        else:
+            print(f"{self.description} {self.done}/{self.total}: {text}")
+
+
+class _Silent(Reporter):
+    def __call__(self, n: int = 1) -> None:
+        self.done += n
+
+    def status(self, text: str) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; a rich bar on a terminal, else a line every ~10 % (CI logs)."""
-    if console.is_terminal:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=console, transient=False) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task, n)
+def progress(total: int, description: str, enabled: bool = True) -> Iterator[Reporter]:
+    """Yield a :class:`Reporter`: a rich bar on a terminal, plain lines elsewhere (CI logs);
+    silent when not ``enabled`` (the other ranks of a distributed run)."""
+    if not enabled:
+        yield _Silent(total, description)
         return
-    step = max(1, math.ceil(total / 10))
-    state = {"done": 0, "next": step}
-    start = time.perf_counter()
+    if not console.is_terminal:
+        yield Reporter(total, description)
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    def advance(n: int = 1) -> None:
-        state["done"] += n
-        if state["done"] >= state["next"] or state["done"] == total:
-            elapsed = time.perf_counter() - start
-            print(f"{description}: {state['done']}/{total} ({elapsed:.1f} s)", file=sys.stdout)
-            state["next"] = state["done"] + step
-
-    yield advance
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield Reporter(total, description, bar, task)

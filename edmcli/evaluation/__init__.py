@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction quality, downstream segmentation and classification."""

@@ -1,0 +1,1 @@
+"""The one training engine (``engine``) and the tasks that use it (``vae``, ...)."""

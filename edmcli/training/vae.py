@@ -1,0 +1,210 @@
+"""Training the Γ-VAE (``echo-synth train-vae``): settings, presets and the engine task."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edmcli.data.augment import AugmentConfig, PairedAugment
+from edmcli.data.dataset import EchoDataset
+from edmcli.data.labels import OUTSIDE
+from edmcli.data.store import DatasetStore
+from edmcli.errors import EchoSynthError
+from edmcli.models.gamma_kl import KL_DIRECTIONS
+from edmcli.models.gamma_vae import GammaVAE, GammaVAEConfig
+from edmcli.models.perceptual import PERCEPTUAL_BACKBONES, MissingWeightsError, build_perceptual
+from edmcli.models.vae_loss import GammaVAELoss, GammaVAELossWeights
+from edmcli.training.engine import TrainingTask
+from edmcli.training.grids import save_image_grid
+
+LATENT_CHOICES = (64, 128)
+
+
+@dataclass
+class VAESettings:
+    """Everything that defines a Γ-VAE run (written to the run's config.yaml)."""
+
+    data: str
+    latent: int  # the paper's name: latent side at 256² (64 → 4× down, 128 → 2× down)
+    image_size: int = 256
+    base_channels: int = 64
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    prior_shape: float = 3.75
+    prior_rate: float = 10.8
+    kl_direction: str = "posterior-first"
+    perceptual: str = "alex"
+    w_recon: float = 10.0
+    w_perceptual: float = 1e-3
+    w_kl: float = 1e-3
+    w_latent: float = 1e-2
+    warmup_epochs: int = 5
+    augment: bool = True
+    in_memory: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size * self.latent // 256
+
+    def model_config(self) -> GammaVAEConfig:
+        return GammaVAEConfig(
+            image_size=self.image_size,
+            latent_size=self.latent_size,
+            base_channels=self.base_channels,
+            num_res_blocks=self.num_res_blocks,
+            norm_num_groups=self.norm_groups,
+            prior_shape=self.prior_shape,
+            prior_rate=self.prior_rate,
+        )
+
+    def validate(self) -> None:
+        if self.latent not in LATENT_CHOICES:
+            raise EchoSynthError(
+                f"--latent {self.latent} is not a Γ-VAE size: 64 (EDM-L64, 4× downsampling) "
+                "or 128 (EDM-L128, 2× downsampling)"
+            )
+        factor = 256 // self.latent
+        if self.image_size % factor:
+            raise EchoSynthError(
+                f"--latent {self.latent} downsamples {factor}× but the store's image size "
+                f"{self.image_size} is not divisible by {factor}"
+            )
+        if self.perceptual not in PERCEPTUAL_BACKBONES:
+            raise EchoSynthError(
+                f"--perceptual {self.perceptual!r} is unknown; choose from "
+                + ", ".join(PERCEPTUAL_BACKBONES)
+            )
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise EchoSynthError(
+                f"--kl-direction {self.kl_direction!r}: choose from {', '.join(KL_DIRECTIONS)}"
+            )
+        try:
+            self.model_config().validate()
+        except ValueError as exc:
+            raise EchoSynthError(f"Γ-VAE settings: {exc}") from None
+
+
+def sector_of(labels: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) label maps → (N, 1, H, W) float sector masks."""
+    return (labels != OUTSIDE).unsqueeze(1).float()
+
+
+class GammaVAETask(TrainingTask):
+    def __init__(self, settings: VAESettings) -> None:
+        self.settings = settings
+        try:
+            perceptual = build_perceptual(settings.perceptual)
+        except MissingWeightsError as exc:
+            raise EchoSynthError(f"{exc} (or train with --perceptual none)") from None
+        self.loss_fn = GammaVAELoss(
+            prior_shape=settings.prior_shape,
+            prior_rate=settings.prior_rate,
+            weights=GammaVAELossWeights(
+                settings.w_recon, settings.w_perceptual, settings.w_kl, settings.w_latent
+            ),
+            kl_direction=settings.kl_direction,
+            perceptual=perceptual,
+            warmup_epochs=settings.warmup_epochs,
+        )
+        self._preview: dict[str, torch.Tensor] | None = None
+
+    def build_model(self) -> nn.Module:
+        return GammaVAE(self.settings.model_config())
+
+    def train_dataset(self) -> EchoDataset:
+        s = self.settings
+        dataset = EchoDataset(s.data, splits="train", in_memory=s.in_memory)
+        self.augment = PairedAugment(AugmentConfig(), dataset.image_size) if s.augment else None
+        return dataset
+
+    def augmentation(self):
+        return self.augment
+
+    def loss(self, model, batch, step, epoch):
+        image, sector = batch["image"], sector_of(batch["labels"])
+        output = model(image, sector, sample=True)
+        terms = self.loss_fn.to(image.device)(image, sector, output, epoch=epoch)
+        total = terms.pop("total")
+        return total, terms
+
+    def report(self, ema_model: nn.Module, step: int, run_dir: Path) -> dict[str, float]:
+        if self._preview is None:
+            val = EchoDataset(self.settings.data, splits=_eval_split(self.settings.data))
+            items = [val[i] for i in range(min(8, len(val)))]
+            self._preview = {
+                "image": torch.stack([it["image"] for it in items]),
+                "labels": torch.stack([it["labels"] for it in items]),
+            }
+        device = next(ema_model.parameters()).device
+        image = self._preview["image"].to(device)
+        sector = sector_of(self._preview["labels"].to(device))
+        with torch.no_grad():
+            recon = ema_model(image, sector, sample=False).recon
+        save_image_grid([image, recon], run_dir / "grids" / f"recon-{step:08d}.png")
+        return {}
+
+
+def _eval_split(store: str) -> str:
+    """The validation split, or the training split for stores without one."""
+    reader = DatasetStore(store)
+    return "val" if len(reader.indices("val")) else "train"
+
+
+def settings_dict(settings: VAESettings) -> dict[str, Any]:
+    out = asdict(settings)
+    out.pop("extra")
+    return out
+
+
+def vae_settings_and_config(
+    data: Path, latent: int, values: dict[str, Any], seed: int, precision: str
+) -> tuple[VAESettings, Any]:
+    """Resolved preset values → (VAESettings, TrainConfig), validated against the store."""
+    from edmcli.training.engine import TrainConfig
+
+    store = DatasetStore(data)
+    height, width = store.image_size
+    if height != width:
+        raise EchoSynthError(f"{data} has non-square images ({height}×{width})")
+    n_train = len(store.indices("train"))
+    if n_train == 0:
+        raise EchoSynthError(f"{data} has no training split")
+    settings = VAESettings(
+        data=str(Path(data).resolve()),
+        latent=latent,
+        image_size=height,
+        **{k: values[k] for k in _SETTING_KEYS if k in values},
+    )
+    settings.validate()
+    batch = int(values["batch"])
+    per_epoch = max(1, n_train // batch)
+    steps = int(values.get("steps") or values["epochs"] * per_epoch)
+    config = TrainConfig(
+        steps=steps,
+        batch=batch,
+        batch_gpu=values.get("batch_gpu"),
+        lr=float(values["lr"]),
+        weight_decay=float(values["weight_decay"]),
+        warmup_steps=int(values["warmup_steps"]),
+        grad_clip=values["grad_clip"],
+        ema_decay=float(values["ema_decay"]),
+        precision=precision,
+        checkpoint_every=int(values["checkpoint_every"]),
+        log_every=int(values["log_every"]),
+        grid_every=int(values["grid_every"]),
+        num_workers=int(values["num_workers"]),
+        seed=seed,
+    )
+    return settings, config
+
+
+_SETTING_KEYS = (
+    "base_channels", "num_res_blocks", "norm_groups", "prior_shape", "prior_rate",
+    "kl_direction", "perceptual", "w_recon", "w_perceptual", "w_kl", "w_latent",
+    "warmup_epochs", "augment",
+)  # fmt: skip

@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from edmcli.errors import EchoSynthError
+from edmcli.training.checkpoint import latest_checkpoint, load_checkpoint
+from edmcli.training.distributed import DistEnv
+from edmcli.training.ema import EMA
+from edmcli.training.engine import TrainConfig, Trainer, TrainingInterrupted, TrainingTask
+from edmcli.training.run_dir import MetricsLog, prepare_run_dir
+from edmcli.training.sampler import ResumableDistributedSampler
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class Points(Dataset):
+    def __init__(self, n=32):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+class Regression(TrainingTask):
+    """y = w·x + b with noise injected from the global RNG (so resume must reseed it)."""
+
+    def __init__(self, nan_at=None, sigterm_at=None):
+        self.nan_at, self.sigterm_at = nan_at, sigterm_at
+
+    def build_model(self):
+        return nn.Linear(3, 1)
+
+    def train_dataset(self):
+        return Points()
+
+    def augmentation(self):
+        return lambda item, rng: {**item, "x": item["x"] + float(rng.normal()) * 0.01}
+
+    def loss(self, model, batch, step, epoch):
+        pred = model(batch["x"] + 0.01 * torch.randn_like(batch["x"]))[:, 0]
+        loss = ((pred - batch["y"]) ** 2).mean()
+        if step == self.nan_at:
+            loss = loss * float("nan")
+        if step == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss, {"mse": loss.detach()}
+
+
+def _config(**kw):
+    base = dict(steps=12, batch=4, lr=0.05, checkpoint_every=5, log_every=2, ema_decay=0.9)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_reduces_loss_and_logs(tmp_path):
+    import json
+
+    result = Trainer(Regression(), _config(steps=40), tmp_path, CPU).fit()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(2, 41, 2))
+    assert result.last_metrics["mse"] < lines[0]["mse"] / 5
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000040.pt"
+    assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 2  # keep_checkpoints
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full = tmp_path / "full"
+    Trainer(Regression(), _config(), full, CPU).fit()
+    part = tmp_path / "part"
+    Trainer(Regression(), _config(steps=7), part, CPU).fit()  # stops at 7 (checkpoint at 5, 7)
+    (part / "checkpoints" / "checkpoint-00000007.pt").unlink()  # as if killed after step 7
+    Trainer(Regression(), _config(), part, CPU).fit()
+    a = load_checkpoint(latest_checkpoint(full))
+    b = load_checkpoint(latest_checkpoint(part))
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0)
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in
+             (part / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert steps == sorted(set(steps))  # no duplicate log lines after the resume
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(EchoSynthError, match="NaN/Inf at step 7.*checkpoint-00000005.pt is kept"):
+        Trainer(Regression(nan_at=7), _config(), tmp_path, CPU).fit()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000005.pt"
+    load_checkpoint(latest_checkpoint(tmp_path))  # still loadable
+
+
+def test_sigterm_writes_a_checkpoint(tmp_path):
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 4"):
+        Trainer(Regression(sigterm_at=3), _config(), tmp_path, CPU).fit()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000004.pt"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(
+        signal.getsignal(signal.SIGTERM)
+    )
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path):
+    Trainer(Regression(), _config(steps=5), tmp_path, CPU).fit()
+    ckpt = latest_checkpoint(tmp_path)
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    with pytest.raises(EchoSynthError, match="checkpoint-00000005.pt is corrupt"):
+        Trainer(Regression(), _config(), tmp_path, CPU).fit()
+    assert ckpt.exists()  # nothing deleted
+
+
+def test_gradient_accumulation_equals_full_batch(tmp_path):
+    class Deterministic(Regression):
+        def loss(self, model, batch, step, epoch):
+            loss = ((model(batch["x"])[:, 0] - batch["y"]) ** 2).mean()
+            return loss, {"mse": loss.detach()}
+
+    a = Trainer(Deterministic(), _config(steps=4), tmp_path / "a", CPU).fit()
+    b = Trainer(Deterministic(), _config(steps=4, batch_gpu=2), tmp_path / "b", CPU).fit()
+    sa, sb = (load_checkpoint(r.checkpoint)["model"] for r in (a, b))
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_config_validation():
+    with pytest.raises(EchoSynthError, match="--batch-gpu 3 must divide"):
+        _config(batch_gpu=3).validate(1)
+    with pytest.raises(EchoSynthError, match="multiple of the 3 processes"):
+        _config().validate(3)
+    with pytest.raises(EchoSynthError, match="precision"):
+        _config(precision="fp8").validate(1)
+
+
+def test_run_dir_refuses_incompatible_resume(tmp_path):
+    assert prepare_run_dir(tmp_path / "r", {"lr": 1e-3, "steps": 10}) is False
+    assert prepare_run_dir(tmp_path / "r", {"lr": 1e-3, "steps": 20}) is True  # longer: fine
+    with pytest.raises(EchoSynthError, match="started with lr=0.001 but this command asks"):
+        prepare_run_dir(tmp_path / "r", {"lr": 1e-2, "steps": 20})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(EchoSynthError, match="not a training run"):
+        prepare_run_dir(tmp_path / "other", {"lr": 1})
+
+
+def test_metrics_log_drops_lines_past_the_resumed_step(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"step": 8, "cut')
+    MetricsLog(path, resume_step=4)
+    assert path.read_text() == '{"step": 2}\n{"step": 4}\n'
+
+
+def test_sampler_is_a_pure_function_of_position():
+    full = list(ResumableDistributedSampler(10, 3, seed=1))
+    assert len(full) == 9 and len(set(full)) == 9
+    later = ResumableDistributedSampler(10, 3, seed=1)
+    later.set_position(0, 2)
+    assert list(later) == full[6:]
+    ranks = [ResumableDistributedSampler(10, 2, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    a, b = (list(s) for s in ranks)
+    assert not set(a) & set(b) and len(a) == len(b) == 4
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        ResumableDistributedSampler(3, 2, seed=0, world_size=2)
+
+
+def test_ema_tracks_weights_with_warmup():
+    model = nn.Linear(2, 1)
+    ema = EMA(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=0)  # warm-up: d = min(0.9, 1/10)
+    torch.testing.assert_close(ema.model.weight, 0.1 * start + 0.9)
+    for step in range(1, 200):
+        ema.update(model, step=step)  # later d = 0.9: converges to the weights
+    torch.testing.assert_close(ema.model.weight, model.weight.detach(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError):
+        EMA(model, decay=1.0)
