@@ -200,7 +200,9 @@ def train_vae(
     batch: Annotated[int | None, typer.Option(help="Global batch size.")] = None,
     batch_gpu: Annotated[int | None, typer.Option(help="Per-process micro-batch.")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
-    perceptual: Annotated[str | None, typer.Option(help="alex, vgg or none.")] = None,
+    perceptual: Annotated[
+        str | None, typer.Option(help="lpips (AlexNet), lpips-vgg, or none.")
+    ] = None,
     kl_direction: Annotated[
         str | None, typer.Option(help="posterior-first (ELBO) or prior-first (eq. 5 as printed).")
     ] = None,
@@ -230,7 +232,7 @@ def train_vae(
     from edmcli.presets import VAE_PRESETS, resolve
     from edmcli.training.distributed import init_distributed, shutdown_distributed
     from edmcli.training.engine import Trainer, print_summary
-    from edmcli.training.run_dir import prepare_run_dir
+    from edmcli.training.run_dir import prepare_run_dir, record_training_patients
     from edmcli.training.vae import GammaVAETask, settings_dict, vae_settings_and_config
 
     overrides = {k: v for k, v in locals().items() if k not in _NOT_OVERRIDES}
@@ -243,6 +245,7 @@ def train_vae(
                     **_train_dict(train_config)}  # fmt: skip
         resumed = prepare_run_dir(run, resolved, env.is_main)
         if env.is_main:
+            record_training_patients(run, settings.data)
             console.print(
                 f"{'resuming' if resumed else 'training'} Γ-VAE L{latent} "
                 f"({settings.image_size}² → {settings.latent_size}²) in {run} on {env.device}"

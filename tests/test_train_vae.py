@@ -85,7 +85,7 @@ def test_bad_inputs(phantom_store, tmp_path):
     assert "--latent 96 is not a Γ-VAE size" in _error(
         ["train-vae", "--data", str(phantom_store), *bad_latent, *run]
     )
-    assert "unknown; choose from alex, vgg, none" in _error(
+    assert "unknown; choose from alex, vgg, none, lpips" in _error(
         ["train-vae", "--data", str(phantom_store), *TINY, *run, "--perceptual", "resnet"]
     )
 

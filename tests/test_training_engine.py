@@ -115,6 +115,19 @@ def test_corrupt_checkpoint_on_resume(tmp_path):
     assert ckpt.exists()  # nothing deleted
 
 
+def test_validation_keeps_the_best_checkpoint(tmp_path):
+    scores = {4: 0.5, 8: 0.9, 12: 0.7}
+
+    class Validated(Regression):
+        def validate(self, ema_model, step):
+            return {"score": scores[step], "mse": 1 - scores[step]}
+
+    result = Trainer(Validated(), _config(validate_every=4), tmp_path, CPU).fit()
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["step"] == 8 and best["val"]["score"] == 0.9 and result.best_score == 0.9
+    assert '"val/score": 0.7' in (tmp_path / "metrics.jsonl").read_text()
+
+
 def test_gradient_accumulation_equals_full_batch(tmp_path):
     class Deterministic(Regression):
         def loss(self, model, batch, step, epoch):

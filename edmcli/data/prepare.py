@@ -112,7 +112,8 @@ def prepare_phantom(
         raise DataError("--n-patients must be at least 1")
     if size < 16:
         raise DataError(f"--size must be at least 16, got {size}")
-    patients = [f"phantom{p:05d}" for p in range(n_patients)]
+    # The seed is part of the id: the same id is the same synthetic patient in any store.
+    patients = [f"phantom-s{seed}-{p:05d}" for p in range(n_patients)]
     split = assign_splits(patients, split_ratio, seed)
 
     def samples():

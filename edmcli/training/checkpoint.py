@@ -19,8 +19,9 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"checkpoint-{step:08d}.pt"
 
 
-def save_checkpoint(state: dict[str, Any], path: Path, keep: int = 2) -> None:
-    """Write ``state`` to ``path`` atomically, then keep only the newest ``keep`` checkpoints."""
+def save_checkpoint(state: dict[str, Any], path: Path, keep: int | None = 2) -> None:
+    """Write ``state`` to ``path`` atomically, then keep only the newest ``keep`` numbered
+    checkpoints of its folder (None: prune nothing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -28,8 +29,9 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep: int = 2) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    for old in list_checkpoints(path.parent)[:-keep]:
-        old.unlink(missing_ok=True)
+    if keep is not None:
+        for old in list_checkpoints(path.parent)[:-keep]:
+            old.unlink(missing_ok=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -69,6 +69,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     grid_every: int = 0
+    validate_every: int = 0  # steps between TrainingTask.validate calls (0: only at the end)
     num_workers: int = 0
     seed: int = 0
 
@@ -109,6 +110,11 @@ class TrainingTask(ABC):
     def report(self, ema_model: nn.Module, step: int, run_dir: Path) -> dict[str, float]:
         """Periodic report on the main rank (sample/reconstruction grids); returns metrics."""
         return {}
+
+    def validate(self, ema_model: nn.Module, step: int) -> dict[str, float] | None:
+        """Validation on the main rank; a returned ``"score"`` (higher is better) selects the
+        best checkpoint (``checkpoints/best.pt``). None: the task does not validate."""
+        return None
 
     def augmentation(self) -> Callable | None:
         """Per-item ``augment(item, rng)`` (called after :meth:`train_dataset`), or None."""
@@ -165,6 +171,7 @@ class TrainResult:
     images_per_second: float
     last_metrics: dict[str, float]
     checkpoint: Path
+    best_score: float | None = None
 
 
 class Trainer:
@@ -176,6 +183,7 @@ class Trainer:
         config.validate(env.world_size)
         self.task, self.config, self.run_dir, self.env = task, config, Path(run_dir), env
         self._stop_signal: int | None = None
+        self._best_score: float | None = None
 
     # ------------------------------------------------------------------ state
     def _state(self, model, ema, optimizer, scaler, step: int) -> dict[str, Any]:
@@ -187,6 +195,7 @@ class Trainer:
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "train_config": asdict(self.config),
+            "best_score": self._best_score,
         }
 
     def _save(self, model, ema, optimizer, scaler, step: int) -> Path:
@@ -195,6 +204,25 @@ class Trainer:
             state = self._state(model, ema, optimizer, scaler, step)
             save_checkpoint(state, path, keep=self.config.keep_checkpoints)
         return path
+
+    def _validate(self, ema: EMA, step: int, metrics_log: MetricsLog) -> None:
+        """Validate on the main rank; save ``best.pt`` when the score improves."""
+        if self.env.is_main:
+            metrics = self.task.validate(ema.model, step)
+            if metrics:
+                metrics_log.write({"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+                score = metrics.get("score")
+                if score is not None and (self._best_score is None or score > self._best_score):
+                    self._best_score = float(score)
+                    best = {
+                        "format": "echo-synth-checkpoint",
+                        "step": step,
+                        "model": ema.state_dict(),
+                        "val": metrics,
+                    }
+                    save_checkpoint(best, self.run_dir / "checkpoints" / "best.pt", keep=None)
+        if self.env.distributed:
+            torch.distributed.barrier()
 
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
@@ -232,6 +260,7 @@ class Trainer:
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             start_step = int(state["step"])
+            self._best_score = state.get("best_score")
 
         train_model: nn.Module = model
         if env.distributed:
@@ -304,6 +333,9 @@ class Trainer:
                             window_start = time.perf_counter()
                         if cfg.grid_every and step % cfg.grid_every == 0 and env.is_main:
                             self.task.report(ema.model, step, self.run_dir)
+                        validate_now = cfg.validate_every and step % cfg.validate_every == 0
+                        if validate_now or step == cfg.steps:
+                            self._validate(ema, step, metrics_log)
                         if stop or step % cfg.checkpoint_every == 0 or step == cfg.steps:
                             ckpt = self._save(model, ema, optimizer, scaler, step)
                         if stop:
@@ -319,7 +351,9 @@ class Trainer:
         if env.is_main:
             self.task.report(ema.model, step, self.run_dir)
         steady = throughput[1:] or throughput
-        return TrainResult(step, start_step, float(np.mean(steady)), last_metrics, ckpt)
+        return TrainResult(
+            step, start_step, float(np.mean(steady)), last_metrics, ckpt, self._best_score
+        )
 
     def _step(
         self, train_model, model, optimizer, scaler, amp_dtype, batch, step, epoch, rounds, micro

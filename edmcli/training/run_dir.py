@@ -79,3 +79,28 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+PATIENTS_FILE = "training_patients.json"
+
+
+def record_training_patients(run_dir: Path, store: str | Path, splits=("train", "val")) -> None:
+    """Write the patients whose images the run learns from (or monitors) to
+    ``training_patients.json``, so evaluation can refuse test sets that overlap them."""
+    from edmcli.data.store import DatasetStore
+
+    reader = DatasetStore(store)
+    record = {
+        "store": str(Path(store).resolve()),
+        "source": reader.info.get("provenance", {}),
+        "splits": list(splits),
+        "patients": reader.patients(list(splits)),
+    }
+    (Path(run_dir) / PATIENTS_FILE).write_text(json.dumps(record, indent=2))
+
+
+def load_training_patients(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / PATIENTS_FILE
+    if not path.is_file():
+        raise EchoSynthError(f"{run_dir} does not record its training patients ({PATIENTS_FILE})")
+    return json.loads(path.read_text())

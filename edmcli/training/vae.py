@@ -22,6 +22,8 @@ from edmcli.training.engine import TrainingTask
 from edmcli.training.grids import save_image_grid
 
 LATENT_CHOICES = (64, 128)
+# ``lpips`` names the perceptual loss by its package: LPIPS on AlexNet (its default) or VGG16.
+PERCEPTUAL_ALIASES = {"lpips": "alex", "lpips-alex": "alex", "lpips-vgg": "vgg"}
 
 
 @dataclass
@@ -74,10 +76,11 @@ class VAESettings:
                 f"--latent {self.latent} downsamples {factor}× but the store's image size "
                 f"{self.image_size} is not divisible by {factor}"
             )
+        self.perceptual = PERCEPTUAL_ALIASES.get(self.perceptual, self.perceptual)
         if self.perceptual not in PERCEPTUAL_BACKBONES:
             raise EchoSynthError(
                 f"--perceptual {self.perceptual!r} is unknown; choose from "
-                + ", ".join(PERCEPTUAL_BACKBONES)
+                + ", ".join([*PERCEPTUAL_BACKBONES, *PERCEPTUAL_ALIASES])
             )
         if self.kl_direction not in KL_DIRECTIONS:
             raise EchoSynthError(
