@@ -1,0 +1,30 @@
+"""Fused kernels of echo-synth. Imports nothing of ``edmcli``.
+
+:func:`spade_group_norm` is the SPADE normalisation ``GroupNorm(x)·(1+γ)+β`` (then SiLU if
+asked): a fused Triton custom op on CUDA, the torch reference :func:`spade_group_norm_reference`
+elsewhere. :func:`set_spade_backend` / :func:`spade_backend` or the environment variable
+``ECHO_SYNTH_SPADE_BACKEND`` (``auto``, ``triton``, ``torch``) force a path. Triton itself is only
+imported when a kernel first runs.
+"""
+
+from kernels.reference import spade_group_norm_reference
+from kernels.spade_norm_op import (
+    BACKENDS,
+    ENV_BACKEND,
+    TRITON_AVAILABLE,
+    get_spade_backend,
+    set_spade_backend,
+    spade_backend,
+    spade_group_norm,
+)
+
+__all__ = [
+    "BACKENDS",
+    "ENV_BACKEND",
+    "TRITON_AVAILABLE",
+    "get_spade_backend",
+    "set_spade_backend",
+    "spade_backend",
+    "spade_group_norm",
+    "spade_group_norm_reference",
+]
