@@ -1,0 +1,215 @@
+"""Training losses of the diffusion models, masked to the ultrasound sector.
+
+Every loss draws a noise level per sample, noises the clean images, runs the model through its
+``forward`` (so that a DistributedDataParallel wrapper sees the call) and averages a weighted
+per-pixel squared error over the sector:
+
+    loss = sum_{n, c, h, w} w(sigma_n) (D(y_n + sigma_n e; sigma_n) - y_n)^2 sector_n
+           / sum_{n, c, h, w} sector_n
+
+i.e. one mean over all in-sector pixels of the batch (DESIGN.md), not a mean of per-sample means.
+
+| loss | noise level | weight |
+|---|---|---|
+| :class:`EDMLoss` | ln sigma ~ N(-1.2, 1.2^2) (P_mean, P_std) | (sigma^2 + sd^2) / (sigma sd)^2 |
+| :class:`VELoss` | sigma log-uniform in [0.02, 100] | 1 / sigma^2 |
+| :class:`VPLoss` | sigma = sigma_VP(t), t ~ U(eps_t, 1) | 1 / sigma^2 |
+| :class:`DDPMLoss` | t uniform in 0..999 | eps-MSE (1) |
+
+Each loss is called as ``loss_fn(net, images, labels, sector, generator=None)`` and returns
+``(loss, logs)``: the scalar to back-propagate and a dict of detached 0-dim tensors for logging
+(``"loss"``, and ``"mse"``: the unweighted in-sector squared error of the denoised images, or of
+the predicted noise for DDPM). ``images`` are (N, C, H, W) floats (pixels or latents in
+[-1, 1]), ``labels`` the (N, H', W') integer label maps handed to the network, ``sector`` an
+(N, H'', W'') or (N, 1, H'', W'') mask resized nearest to the images' size when it differs.
+The noise levels and the noise come from ``generator`` when given (it must live on the images'
+device); dropout inside the network still uses the global RNG.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edmcli.models.masked import masked_mean
+from edmcli.models.preconditioning import DDPMEpsModel, vp_sigma
+
+__all__ = ["DDPMLoss", "DiffusionLoss", "EDMLoss", "VELoss", "VPLoss", "sector_mask_like"]
+
+LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+class DiffusionLoss(Protocol):
+    def __call__(
+        self,
+        net: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        sector: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput: ...
+
+
+def sector_mask_like(sector: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Sector mask (N, H, W) or (N, 1, H, W), bool or {0, 1}, as an (N, 1, h, w) float mask at
+    the images' spatial size (resized nearest, e.g. to a latent size)."""
+    if sector.ndim == 3:
+        sector = sector[:, None]
+    if sector.ndim != 4 or sector.shape[1] != 1 or sector.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"sector must have shape (N, H, W) or (N, 1, H, W) with N = {images.shape[0]}, got "
+            f"{tuple(sector.shape)}."
+        )
+    sector = sector.to(device=images.device, dtype=torch.float32)
+    if sector.shape[-2:] != images.shape[-2:]:
+        sector = F.interpolate(sector, size=tuple(images.shape[-2:]), mode="nearest")
+    return sector
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or not images.dtype.is_floating_point:
+        raise ValueError(
+            f"images must be a floating-point batch (N, C, H, W), got {images.dtype} of shape "
+            f"{tuple(images.shape)}."
+        )
+
+
+def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None):
+    return torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32)
+
+
+def _rand(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None):
+    return torch.rand(shape, generator=generator, device=like.device, dtype=torch.float32)
+
+
+def _weighted_denoising_loss(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sector: torch.Tensor,
+    sigma: torch.Tensor,
+    weight: torch.Tensor,
+    generator: torch.Generator | None,
+) -> LossOutput:
+    y = images.float()
+    mask = sector_mask_like(sector, y)
+    noise = _randn(tuple(y.shape), y, generator) * sigma
+    denoised = net(y + noise, sigma.flatten(), labels)
+    sq_err = (denoised - y) ** 2
+    loss = masked_mean(weight * sq_err, mask)
+    logs = {"loss": loss.detach(), "mse": masked_mean(sq_err.detach(), mask)}
+    return loss, logs
+
+
+class EDMLoss:
+    """EDM loss: ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2."""
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+        if P_std <= 0 or sigma_data <= 0:
+            raise ValueError(
+                f"EDMLoss needs P_std > 0 and sigma_data > 0, got {P_std}, {sigma_data}."
+            )
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def sample_sigma(self, n: int, like: torch.Tensor, generator=None) -> torch.Tensor:
+        """(n, 1, 1, 1) noise levels."""
+        return (_randn((n, 1, 1, 1), like, generator) * self.P_std + self.P_mean).exp()
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        sd = self.sigma_data
+        return (sigma**2 + sd**2) / (sigma * sd) ** 2
+
+    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
+        _check_images(images)
+        sigma = self.sample_sigma(images.shape[0], images, generator)
+        return _weighted_denoising_loss(
+            net, images, labels, sector, sigma, self.weight(sigma), generator
+        )
+
+
+class VELoss:
+    """VE loss: sigma log-uniform in [sigma_min, sigma_max], weight 1 / sigma^2."""
+
+    def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(
+                f"VELoss needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}."
+            )
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def sample_sigma(self, n: int, like: torch.Tensor, generator=None) -> torch.Tensor:
+        """(n, 1, 1, 1) noise levels."""
+        u = _rand((n, 1, 1, 1), like, generator)
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** u
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 1 / sigma**2
+
+    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
+        _check_images(images)
+        sigma = self.sample_sigma(images.shape[0], images, generator)
+        return _weighted_denoising_loss(
+            net, images, labels, sector, sigma, self.weight(sigma), generator
+        )
+
+
+class VPLoss:
+    """VP loss: t ~ U(epsilon_t, 1), sigma = sigma_VP(t), weight 1 / sigma^2."""
+
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5):
+        if beta_d <= 0 or beta_min < 0 or not 0 < epsilon_t < 1:
+            raise ValueError(
+                f"VPLoss needs beta_d > 0, beta_min >= 0 and 0 < epsilon_t < 1, got {beta_d}, "
+                f"{beta_min}, {epsilon_t}."
+            )
+        self.beta_d = beta_d
+        self.beta_min = beta_min
+        self.epsilon_t = epsilon_t
+
+    def sample_sigma(self, n: int, like: torch.Tensor, generator=None) -> torch.Tensor:
+        """(n, 1, 1, 1) noise levels."""
+        t = self.epsilon_t + (1 - self.epsilon_t) * _rand((n, 1, 1, 1), like, generator)
+        return vp_sigma(t, self.beta_d, self.beta_min)
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 1 / sigma**2
+
+    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
+        _check_images(images)
+        sigma = self.sample_sigma(images.shape[0], images, generator)
+        return _weighted_denoising_loss(
+            net, images, labels, sector, sigma, self.weight(sigma), generator
+        )
+
+
+class DDPMLoss:
+    """DDPM eps-prediction loss (SDM): t uniform in 0..num_steps-1, MSE between predicted and
+    true noise.
+
+    The noisy input is built in the sigma parameterisation, x = x_0 + sigma_t eps, which
+    :class:`DDPMEpsModel` maps to x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps exactly.
+    ``net`` is a :class:`DDPMEpsModel`, or a wrapper (DDP, ...) exposing it as ``net.module``.
+    """
+
+    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
+        _check_images(images)
+        model = getattr(net, "module", net)
+        if not isinstance(model, DDPMEpsModel):
+            raise ValueError(f"DDPMLoss needs a DDPMEpsModel, got {type(model).__name__}.")
+        y = images.float()
+        n = y.shape[0]
+        mask = sector_mask_like(sector, y)
+        t = torch.randint(
+            0, model.num_steps, (n,), generator=generator, device=y.device, dtype=torch.long
+        )
+        sigma = model.sigmas.to(y.device)[t].reshape(n, 1, 1, 1)
+        eps = _randn(tuple(y.shape), y, generator)
+        eps_hat = net(y + sigma * eps, sigma.flatten(), labels, return_eps=True)
+        loss = masked_mean((eps_hat - eps) ** 2, mask)
+        return loss, {"loss": loss.detach(), "mse": loss.detach()}

@@ -1,0 +1,193 @@
+"""Preconditionings against the closed forms of Karras et al. (REFERENCE.md) and the DDPM
+schedule against a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from edmcli.models.preconditioning import (
+    DDPMEpsModel,
+    EDMPrecond,
+    VEPrecond,
+    VPPrecond,
+    ddpm_alphas_cumprod,
+    edm_coefficients,
+    ve_coefficients,
+    vp_coefficients,
+    vp_sigma,
+    vp_sigma_deriv,
+    vp_sigma_inv,
+)
+from edmcli.models.unet import SpadeUNet, SpadeUNetConfig
+
+SIGMAS = [0.002, 0.03, 0.5, 1.0, 7.3, 80.0]
+
+
+def small_net(seed: int = 0) -> SpadeUNet:
+    torch.manual_seed(seed)
+    net = SpadeUNet(
+        SpadeUNetConfig(
+            image_size=8,
+            model_channels=16,
+            channel_mult=(1, 2),
+            num_blocks=1,
+            attention_resolutions=(),
+            dropout=0.0,
+            attention_head_channels=16,
+            spade_hidden=8,
+        )
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random weights where the init is zero, as a trained network
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return net.eval()
+
+
+def labels(n: int = 2, size: int = 8) -> torch.Tensor:
+    return torch.randint(0, 5, (n, size, size), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_edm_coefficients_closed_form(sigma):
+    sd = 0.5
+    c_skip, c_out, c_in, c_noise = edm_coefficients(torch.tensor(sigma), sd)
+    root = math.sqrt(sigma**2 + sd**2)
+    assert c_skip.item() == pytest.approx(sd**2 / (sigma**2 + sd**2), rel=1e-6)
+    assert c_out.item() == pytest.approx(sigma * sd / root, rel=1e-6)
+    assert c_in.item() == pytest.approx(1 / root, rel=1e-6)
+    assert c_noise.item() == pytest.approx(math.log(sigma) / 4, rel=1e-6, abs=1e-7)
+    # Unit variance of the network input and of its training target (EDM's design rule):
+    # Var(c_in (y + n)) = c_in^2 (sd^2 + sigma^2) = 1.
+    assert (c_in.item() ** 2) * (sd**2 + sigma**2) == pytest.approx(1, rel=1e-6)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_ve_coefficients_closed_form(sigma):
+    c_skip, c_out, c_in, c_noise = ve_coefficients(torch.tensor(sigma))
+    assert (c_skip.item(), c_in.item()) == (1.0, 1.0)
+    assert c_out.item() == pytest.approx(sigma, rel=1e-6)
+    assert c_noise.item() == pytest.approx(math.log(sigma / 2), rel=1e-6)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_vp_coefficients_closed_form(sigma):
+    beta_d, beta_min, M = 19.9, 0.1, 1000
+    c_skip, c_out, c_in, c_noise = vp_coefficients(torch.tensor(sigma), beta_d, beta_min, M)
+    t = (math.sqrt(beta_min**2 + 2 * beta_d * math.log(1 + sigma**2)) - beta_min) / beta_d
+    assert c_skip.item() == 1.0
+    assert c_out.item() == pytest.approx(-sigma, rel=1e-6)
+    assert c_in.item() == pytest.approx(1 / math.sqrt(sigma**2 + 1), rel=1e-6)
+    assert c_noise.item() == pytest.approx((M - 1) * t, rel=1e-5)
+
+
+def test_vp_sigma_schedule_round_trip_and_derivative():
+    t = torch.tensor([1e-5, 1e-3, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    sigma = vp_sigma(t)
+    hand = [math.sqrt(math.exp(0.5 * 19.9 * s**2 + 0.1 * s) - 1) for s in t.tolist()]
+    hand = torch.tensor(hand, dtype=torch.float64)
+    torch.testing.assert_close(sigma.double(), hand, rtol=1e-5, atol=0)
+    torch.testing.assert_close(vp_sigma_inv(sigma).double(), t, rtol=1e-4, atol=1e-9)
+    # d sigma / dt against autograd.
+    tt = torch.tensor([0.05, 0.3, 0.8], requires_grad=True)
+    (grad,) = torch.autograd.grad(vp_sigma(tt).sum(), tt)
+    torch.testing.assert_close(vp_sigma_deriv(tt.detach()), grad, rtol=1e-5, atol=0)
+
+
+def test_vp_sigma_range():
+    precond = VPPrecond(small_net())
+    assert precond.sigma_min == pytest.approx(math.sqrt(math.expm1(0.5 * 19.9e-10 + 1e-6)))
+    assert precond.sigma_max == pytest.approx(math.sqrt(math.expm1(10.05)), rel=1e-9)
+    assert precond.sigma_min == pytest.approx(1e-3, rel=1e-2)
+    assert 150 < precond.sigma_max < 153
+
+
+@pytest.mark.parametrize("cls", [EDMPrecond, VEPrecond, VPPrecond])
+def test_denoiser_wires_the_coefficients_around_the_network(cls):
+    net = small_net()
+    precond = cls(net)
+    x = torch.randn(2, 1, 8, 8)
+    sigma = torch.tensor([0.05, 3.0])
+    lab = labels()
+    with torch.no_grad():
+        c_skip, c_out, c_in, c_noise = precond.coefficients(sigma.reshape(-1, 1, 1, 1))
+        expected = c_skip * x + c_out * net(c_in * x, c_noise.flatten(), lab)
+        torch.testing.assert_close(precond(x, sigma, lab), expected)
+        # A scalar sigma is broadcast to every sample.
+        torch.testing.assert_close(precond(x, 0.7, lab), precond(x, torch.tensor([0.7, 0.7]), lab))
+        cache = precond.spade_cache(lab)
+        assert torch.equal(precond(x, sigma, spade_cache=cache), precond(x, sigma, lab))
+    with pytest.raises(ValueError, match="one value per sample"):
+        precond(x, torch.ones(3), lab)
+
+
+def test_precond_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="SpadeUNet"):
+        EDMPrecond(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="sigma_data"):
+        EDMPrecond(small_net(), sigma_data=0)
+    with pytest.raises(ValueError, match="sigma_min"):
+        VEPrecond(small_net(), sigma_min=5, sigma_max=1)
+    with pytest.raises(ValueError, match="epsilon_t"):
+        VPPrecond(small_net(), epsilon_t=0)
+    with pytest.raises(ValueError, match="beta_start"):
+        DDPMEpsModel(small_net(), beta_start=0.1, beta_end=0.01)
+
+
+# ---------------------------------------------------------------------------- DDPM (SDM)
+def test_ddpm_schedule_matches_hand_computation():
+    abar = ddpm_alphas_cumprod(1000, 1e-4, 0.02)
+    prod, hand = 1.0, []
+    for i in range(1000):
+        prod *= 1 - (1e-4 + (0.02 - 1e-4) * i / 999)
+        hand.append(prod)
+    torch.testing.assert_close(abar, torch.tensor(hand, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert abar[0].item() == pytest.approx(1 - 1e-4)
+    assert abar[-1].item() == pytest.approx(4.04e-5, rel=1e-2)  # the well-known DDPM endpoint
+    model = DDPMEpsModel(small_net())
+    torch.testing.assert_close(model.alphas_cumprod, abar.float())
+    torch.testing.assert_close(model.betas[[0, -1]], torch.tensor([1e-4, 0.02]))
+    torch.testing.assert_close(torch.cumprod(1 - model.betas.double(), 0), abar, rtol=1e-6, atol=0)
+    sig = ((1 - abar) / abar).sqrt().float()
+    torch.testing.assert_close(model.sigmas, sig)
+    torch.testing.assert_close(model.sigma(torch.tensor([0, 999])), sig[[0, 999]])
+    assert model.sigma_min == pytest.approx(sig[0].item()) and model.sigma_max > 150
+
+
+def test_ddpm_timestep_of_every_discrete_sigma_is_exact():
+    model = DDPMEpsModel(small_net())
+    assert torch.equal(model.timestep(model.sigmas), torch.arange(1000))
+    assert torch.equal(model.round_sigma(model.sigmas[[3, 500]] * 1.0001), model.sigmas[[3, 500]])
+
+
+def test_ddpm_sigma_parameterisation_and_x0_prediction():
+    model = DDPMEpsModel(small_net())
+    x0, eps = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    t = torch.tensor([10, 700])
+    abar = model.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    # x = x_t / sqrt(abar) = x0 + sigma_t eps.
+    sigma = model.sigma(t).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t / abar.sqrt(), x0 + sigma * eps)
+    # x0_from_eps inverts the forward noising.
+    torch.testing.assert_close(model.x0_from_eps(x_t, t, eps), x0, rtol=1e-4, atol=1e-4)
+    lab = labels()
+    with torch.no_grad():
+        eps_hat = model.predict_eps(x_t, t, lab)
+        x0_hat = model.predict_x0(x_t, t, lab)
+        torch.testing.assert_close(x0_hat, (x_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt())
+        # The uniform denoiser: D(x; sigma_t) = x - sigma_t eps_hat(x_t, t) = x0_hat.
+        x = x_t / abar.sqrt()
+        torch.testing.assert_close(model(x, sigma.flatten(), lab), x0_hat, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            model(x, sigma.flatten(), lab, return_eps=True), eps_hat, rtol=1e-4, atol=1e-4
+        )
+    with pytest.raises(ValueError, match="integer timesteps"):
+        model.predict_eps(x_t, torch.tensor([1.0, 2.0]), lab)
+    with pytest.raises(ValueError, match="0..999"):
+        model.predict_eps(x_t, torch.tensor([0, 1000]), lab)
