@@ -311,6 +311,139 @@ def _vae_quality(run: Path, settings, device) -> dict:
     }
 
 
+@app.command("train-diffusion")
+@user_errors
+def train_diffusion(
+    model: Annotated[str, typer.Option(help="sdm, edm, ve, vp, edm-l128 or edm-l64.")],
+    data: Annotated[Path, typer.Option(help="Dataset store (its train split trains).")],
+    vae: Annotated[Path | None, typer.Option(help="Γ-VAE run (latent models).")] = None,
+    run: Annotated[Path | None, RunOption] = None,
+    preset: Annotated[str, typer.Option(help="paper or tiny (CPU minutes).")] = "paper",
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (overrides --kimg).")] = None,
+    kimg: Annotated[float | None, typer.Option(help="Training length in 1000s of images.")] = (
+        None
+    ),
+    batch: Annotated[int | None, typer.Option(help="Global batch size.")] = None,
+    batch_gpu: Annotated[
+        int | None, typer.Option(help="Per-process micro-batch (gradient accumulation).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    dropout: Annotated[float | None, typer.Option(help="UNet dropout.")] = None,
+    spade_placement: Annotated[
+        str | None, typer.Option(help="decoder (as the authors) or all.")
+    ] = None,
+    model_channels: Annotated[int | None, typer.Option(help="UNet base channels.")] = None,
+    augment: Annotated[bool | None, typer.Option(help="Geometric augmentation.")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="EMA decay per step.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Steps between log lines.")] = None,
+    grid_every: Annotated[int | None, typer.Option(help="Steps between sample grids.")] = None,
+    validate_every: Annotated[
+        int | None, typer.Option(help="Steps between denoising checks.")
+    ] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = (
+        Precision.auto
+    ),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Train a SPADE diffusion model; rerun the same command to resume."""
+    from edmcli.presets import DIFFUSION_PRESETS, PAPER_BATCH, resolve
+    from edmcli.training.diffusion import (
+        DiffusionTask,
+        check_model_name,
+        diffusion_settings,
+        settings_dict,
+    )
+    from edmcli.training.distributed import init_distributed, shutdown_distributed
+    from edmcli.training.engine import TrainConfig, Trainer, print_summary
+    from edmcli.training.run_dir import prepare_run_dir, record_training_patients
+
+    check_model_name(model)
+    overrides = {k: v for k, v in locals().items() if k in _DIFFUSION_TRAIN_KEYS}
+    values = resolve(DIFFUSION_PRESETS, preset, overrides)
+    values.setdefault("batch", PAPER_BATCH[model])
+    unet = {
+        k: v
+        for k, v in {
+            "dropout": dropout,
+            "spade_placement": spade_placement,
+            "model_channels": model_channels,
+        }.items()  # fmt: skip
+        if v is not None
+    }
+    settings, loaded_vae = diffusion_settings(model, data, preset, vae, unet)
+    if augment is not None:
+        settings.augment = augment
+    batch_size = int(values["batch"])
+    n_steps = int(values.get("steps") or max(1, round(values["kimg"] * 1000 / batch_size)))
+    train_config = TrainConfig(
+        steps=n_steps, batch=batch_size, batch_gpu=values.get("batch_gpu"),
+        lr=float(values["lr"]), weight_decay=float(values["weight_decay"]),
+        warmup_steps=int(values["warmup_steps"]), grad_clip=values["grad_clip"],
+        ema_decay=float(values["ema_decay"]), precision=precision.value,
+        checkpoint_every=int(values["checkpoint_every"]), log_every=int(values["log_every"]),
+        grid_every=int(values["grid_every"]), validate_every=int(values["validate_every"]),
+        num_workers=int(values["num_workers"]), seed=seed,
+    )  # fmt: skip
+    run = run or Path("runs") / model
+    env = init_distributed(device)
+    try:
+        resolved = {"kind": "diffusion", **settings_dict(settings), **_train_dict(train_config)}
+        resumed = prepare_run_dir(run, resolved, env.is_main)
+        if env.is_main:
+            record_training_patients(run, settings.data)
+            console.print(
+                f"{'resuming' if resumed else 'training'} {model} ({preset}; "
+                f"{settings.net_size}² {'latent' if loaded_vae else 'pixels'}) in {run} on "
+                f"{env.device} × {env.world_size}: {n_steps} steps of batch {batch_size}",
+                highlight=False,
+            )
+        if loaded_vae is not None:
+            loaded_vae.model.to(env.device)
+        result = Trainer(DiffusionTask(settings, loaded_vae), train_config, run, env).fit()
+        if env.is_main:
+            check = _last_validation(run)
+            summary = {
+                "model": model,
+                "steps": result.steps,
+                "resumed from step": result.resumed_from,
+                "train images/s": result.images_per_second,
+                **{f"final {k}": v for k, v in result.last_metrics.items()},
+                **check,
+                "checkpoint": str(result.checkpoint),
+            }
+            (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            print_summary(f"{model}: {run}", summary)
+    finally:
+        shutdown_distributed()
+
+
+_DIFFUSION_TRAIN_KEYS = {
+    "steps", "kimg", "batch", "batch_gpu", "lr", "ema_decay", "checkpoint_every", "log_every",
+    "grid_every", "validate_every", "num_workers",
+}  # fmt: skip
+
+
+def _last_validation(run: Path) -> dict:
+    """The last denoising check of a run's metrics log."""
+    last = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "val/denoised_mse" in record:
+            last = record
+    if not last:
+        return {}
+    return {
+        f"denoising check at σ=0.5 (step {last['step']}): denoised masked MSE": last[
+            "val/denoised_mse"
+        ],
+        "noisy input masked MSE": last["val/noisy_mse"],
+    }
+
+
 @app.command()
 @user_errors
 def demo(

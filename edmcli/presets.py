@@ -35,3 +35,21 @@ def resolve(presets: dict[str, dict[str, Any]], preset: str, overrides: dict[str
     values = dict(presets[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return values
+
+
+# Diffusion training. Paper: 5×10⁵ training images; global batch 24 (256² pixels), 54 (128²
+# latent), 120 (64² latent) (paper III.E); geometric augmentation only.
+PAPER_BATCH = {"sdm": 24, "edm": 24, "ve": 24, "vp": 24, "edm-l128": 54, "edm-l64": 120}
+DIFFUSION_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "kimg": 500, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 1000, "grad_clip": 1.0,
+        "ema_decay": 0.9999, "checkpoint_every": 5000, "log_every": 100, "grid_every": 5000,
+        "validate_every": 5000, "num_workers": 4,
+    },
+    "tiny": {
+        # pixel models at 64² or latent models at 16²/32² on a 2-core CPU in minutes
+        "steps": 400, "batch": 16, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 20,
+        "grad_clip": 1.0, "ema_decay": 0.95, "checkpoint_every": 100, "log_every": 20,
+        "grid_every": 200, "validate_every": 100, "num_workers": 0,
+    },
+}  # fmt: skip

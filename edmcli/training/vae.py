@@ -211,3 +211,34 @@ _SETTING_KEYS = (
     "kl_direction", "perceptual", "w_recon", "w_perceptual", "w_kl", "w_latent",
     "warmup_epochs", "augment",
 )  # fmt: skip
+
+
+@dataclass
+class LoadedVAE:
+    """A trained Γ-VAE run, ready to encode/decode (EMA weights, eval mode, frozen)."""
+
+    model: GammaVAE
+    settings: VAESettings
+    run: Path
+    checkpoint: Path
+    sha256: str
+
+
+def load_vae_run(run: Path, device: torch.device) -> LoadedVAE:
+    """Load the EMA weights of the newest checkpoint of a ``train-vae`` run."""
+    from edmcli.training.checkpoint import file_sha256, latest_checkpoint, load_checkpoint
+    from edmcli.training.run_dir import load_run_config
+
+    run = Path(run)
+    config = load_run_config(run)
+    if config.get("kind") != "vae":
+        raise EchoSynthError(f"{run} is not a Γ-VAE run (it is a {config.get('kind')!r} run)")
+    known = set(VAESettings.__dataclass_fields__) - {"extra"}
+    settings = VAESettings(**{k: v for k, v in config.items() if k in known})
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        raise EchoSynthError(f"Γ-VAE run {run} has no checkpoint yet; train it first")
+    model = GammaVAE(settings.model_config())
+    model.load_state_dict(load_checkpoint(checkpoint, "cpu")["ema"])
+    model = model.to(device).eval().requires_grad_(False)
+    return LoadedVAE(model, settings, run.resolve(), checkpoint, file_sha256(checkpoint))

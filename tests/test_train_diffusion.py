@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from edmcli.cli import app
+from edmcli.data.prepare import prepare_phantom
+from edmcli.training.checkpoint import latest_checkpoint, load_checkpoint
+
+runner = CliRunner()
+FAST = ["--preset", "tiny", "--batch", "8", "--model-channels", "16", "--device", "cpu",
+        "--log-every", "5", "--checkpoint-every", "10", "--grid-every", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store16(tmp_path_factory):
+    out = tmp_path_factory.mktemp("d") / "p16.zarr"
+    prepare_phantom(out, n_patients=8, size=16, seed=5, split_ratio=(0.5, 0.25, 0.25))
+    return out
+
+
+@pytest.fixture(scope="module")
+def vae_runs(phantom_store, tmp_path_factory):
+    """Two tiny Γ-VAE runs on the 32² store: L64 (8² latent) and L128 (16² latent)."""
+    root = tmp_path_factory.mktemp("vae")
+    runs = {}
+    for latent in (64, 128):
+        run = root / f"l{latent}"
+        result = runner.invoke(app, [
+            "train-vae", "--data", str(phantom_store), "--latent", str(latent), "--run", str(run),
+            "--preset", "tiny", "--steps", "4", "--batch", "4", "--base-channels", "8",
+            "--device", "cpu",
+        ])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        runs[latent] = run
+    return runs
+
+
+def _train(args):
+    result = runner.invoke(app, ["train-diffusion", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _losses(run):
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r["mse"] for r in lines if "mse" in r]
+    checks = [r for r in lines if "val/denoised_mse" in r]
+    return train, checks[-1]
+
+
+@pytest.mark.parametrize("model", ["sdm", "edm", "ve", "vp"])
+def test_pixel_models_learn_to_denoise(store16, tmp_path, model):
+    run = tmp_path / model
+    _train(["--model", model, "--data", str(store16), "--run", str(run), "--steps", "40",
+            "--validate-every", "40", *FAST])  # fmt: skip
+    train, check = _losses(run)
+    assert train[-1] < train[0]
+    assert check["val/denoised_mse"] < 0.5 * check["val/noisy_mse"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == model and summary["steps"] == 40
+    patients = json.loads((run / "training_patients.json").read_text())
+    assert patients["splits"] == ["train", "val"] and len(patients["patients"]) == 6
+
+
+@pytest.mark.parametrize("model, latent", [("edm-l64", 64), ("edm-l128", 128)])
+def test_latent_models_learn_to_denoise(phantom_store, vae_runs, tmp_path, model, latent):
+    run = tmp_path / model
+    _train(["--model", model, "--data", str(phantom_store), "--vae", str(vae_runs[latent]),
+            "--run", str(run), "--steps", "60", "--validate-every", "60", "--grid-every", "60",
+            *FAST[:-2]])  # fmt: skip
+    train, check = _losses(run)
+    assert check["val/denoised_mse"] < 0.5 * check["val/noisy_mse"]
+    config = (run / "config.yaml").read_text()
+    assert f"vae_run: {vae_runs[latent].resolve()}" in config and "vae_sha256:" in config
+    assert (run / "grids" / "samples-00000060.png").is_file()
+    net_size = 32 * latent // 256
+    assert f"net_size: {net_size}" in config
+
+
+def test_latent_model_kill_and_resume_is_exact(phantom_store, vae_runs, tmp_path):
+    args = [sys.executable, "-m", "edmcli", "train-diffusion", "--model", "edm-l64", "--data",
+            str(phantom_store), "--vae", str(vae_runs[64]), "--steps", "12",
+            "--validate-every", "0", *FAST]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run([*args, "--run", str(tmp_path / "a")], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert full.returncode == 0, full.stderr
+    kill = {**env, "ECHO_SYNTH_FAULT_KILL_AT_STEP": "7"}
+    killed = subprocess.run([*args, "--run", str(tmp_path / "b")], capture_output=True, env=kill,
+                            timeout=300)  # fmt: skip
+    assert killed.returncode == -9
+    resumed = subprocess.run([*args, "--run", str(tmp_path / "b")], env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(latest_checkpoint(tmp_path / "a"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert a["step"] == b["step"] == 12
+    for name, tensor in a["ema"].items():
+        assert torch.equal(tensor, b["ema"][name]), name
+
+
+def _error(args):
+    result = runner.invoke(app, ["train-diffusion", *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return " ".join(result.output.split())
+
+
+def test_bad_inputs(phantom_store, vae_runs, tmp_path):
+    data = ["--data", str(phantom_store), "--run", str(tmp_path / "r"), *FAST]
+    message = _error(["--model", "edm-l64", *data])
+    assert "pass --vae RUN" in message and "train-vae --latent 64" in message
+    message = _error(["--model", "edm-l64", "--vae", str(vae_runs[128]), *data])
+    assert "is a Γ-VAE L128 but edm-l64 needs an L64" in message
+    message = _error(["--model", "ddim", *data])
+    assert "--model 'ddim' does not exist; valid: sdm, edm, ve, vp, edm-l128, edm-l64" in message
+    message = _error(["--model", "edm-l64", "--vae", str(tmp_path), *data])
+    assert "is not a training run" in message
+
+
+def test_store_with_wrong_label_ids(store16, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bad.zarr"
+    shutil.copytree(store16, copy)
+    labels = zarr.open_group(str(copy), mode="r+")["labels"]
+    block = labels[0]
+    block[0, 0] = 9
+    labels[0] = block
+    message = _error(["--model", "edm", "--data", str(copy), "--run", str(tmp_path / "r"), *FAST])
+    assert "label values [9] outside the convention" in message
