@@ -446,6 +446,100 @@ def _last_validation(run: Path) -> dict:
 
 @app.command()
 @user_errors
+def sample(
+    model: Annotated[str, typer.Option(help="sdm, edm, ve, vp, edm-l128 or edm-l64.")],
+    run: Annotated[Path | None, RunOption] = None,
+    runs_root: Annotated[Path, typer.Option(help="Where --model looks for runs/<model>.")] = Path(
+        "runs"
+    ),
+    labels: Annotated[
+        Path | None, typer.Option(help="Store of label maps (default: the run's training store).")
+    ] = None,
+    splits: Annotated[str, typer.Option(help="Comma-separated splits of the label store.")] = (
+        "train,val"
+    ),
+    k: Annotated[int, typer.Option("--k", help="Random transformations per label map.")] = 5,
+    n: Annotated[int | None, typer.Option(help="At most this many samples.")] = None,
+    nfe: Annotated[
+        int | None,
+        typer.Option(help="Network evaluations per sample (default 1000 for sdm, else 35)."),
+    ] = None,
+    solver: Annotated[
+        str | None,
+        typer.Option(help="heun, euler, dpmpp_2m, ddim or ddpm_ancestral (default per model)."),
+    ] = None,
+    churn: Annotated[float, typer.Option(help="Heun S_churn (0: deterministic).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Global seed; sample i uses (seed, i).")] = 0,
+    batch: Annotated[int, typer.Option(help="Samples per network call.")] = 16,
+    chunk: Annotated[int, typer.Option(help="Samples per store shard (unit of resume).")] = 64,
+    compile: Annotated[bool, typer.Option(help="torch.compile the denoiser.")] = True,
+    spade_cache: Annotated[bool, typer.Option(help="Compute SPADE γ/β once per batch.")] = True,
+    out: Annotated[
+        Path | None, typer.Option(help="Output store (default synthetic/<model>-nfe<NFE>.zarr).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an output store of another config.")] = (
+        False
+    ),
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = (
+        Precision.auto
+    ),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    config: ConfigOption = None,
+) -> None:
+    """Generate a synthetic dataset store from label maps with a trained model."""
+    from edmcli.sampling.runs import load_diffusion_run, resolve_run
+    from edmcli.sampling.sample import SampleRequest, run_sampling
+    from edmcli.sampling.solvers import DEFAULT_SOLVER, SOLVERS
+    from edmcli.training.distributed import init_distributed, shutdown_distributed
+    from edmcli.training.engine import print_summary
+
+    run_dir = resolve_run(model, run, runs_root)
+    solver = solver or DEFAULT_SOLVER[model]
+    if solver not in SOLVERS:
+        raise EchoSynthError(f"--solver {solver!r} is unknown; choose from {', '.join(SOLVERS)}")
+    nfe = nfe if nfe is not None else (1000 if model == "sdm" else 35)
+    if k < 1 or batch < 1 or chunk < 1:
+        raise EchoSynthError("--k, --batch and --chunk must be at least 1")
+    env = init_distributed(device)
+    try:
+        loaded = load_diffusion_run(model, run_dir, env.device)
+        request = SampleRequest(
+            model=model, label_store=str(labels or loaded.settings.data),
+            splits=[s.strip() for s in splits.split(",") if s.strip()], k=k, n=n, nfe=nfe,
+            solver=solver, churn=churn, seed=seed, batch=batch, chunk=chunk, compile=compile,
+            spade_cache=spade_cache, precision=precision.value,
+        )  # fmt: skip
+        out = out or Path("synthetic") / f"{model}-nfe{nfe}.zarr"
+        from edmcli.sampling.nfe import plan
+
+        step_plan = plan(solver, nfe)
+        if env.is_main:
+            console.print(
+                f"sampling {model} ({run_dir}, step {loaded.step}) with {solver}: "
+                f"{step_plan.note} → {out}",
+                highlight=False,
+            )
+        result = run_sampling(request, loaded, out, env, overwrite)
+        if env.is_main:
+            summary = {
+                "store": str(result.out),
+                "samples": result.samples,
+                "sampled now": result.sampled_now,
+                "solver": solver,
+                "steps": result.steps,
+                "NFE": result.nfe,
+                "seconds": result.seconds,
+                "images/s": result.images_per_second,
+                "grid": str(result.grid),
+            }
+            (out.parent / f"{out.stem}-summary.json").write_text(json.dumps(summary, indent=2))
+            print_summary(f"{model} samples", summary)
+    finally:
+        shutdown_distributed()
+
+
+@app.command()
+@user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
         "demo"

@@ -93,7 +93,7 @@ def test_latent_model_kill_and_resume_is_exact(phantom_store, vae_runs, tmp_path
     full = subprocess.run([*args, "--run", str(tmp_path / "a")], env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert full.returncode == 0, full.stderr
-    kill = {**env, "ECHO_SYNTH_FAULT_KILL_AT_STEP": "7"}
+    kill = {**env, "ECHO_SYNTH_FAULT_KILL": "train-step:7"}
     killed = subprocess.run([*args, "--run", str(tmp_path / "b")], capture_output=True, env=kill,
                             timeout=300)  # fmt: skip
     assert killed.returncode == -9

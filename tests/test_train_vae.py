@@ -42,7 +42,8 @@ def test_tiny_vae_trains_reports_and_resumes_identically_after_sigkill(phantom_s
     assert (tmp_path / "full" / "comparison.png").is_file()
     assert (tmp_path / "full" / "grids" / "recon-00000008.png").is_file()
 
-    killed = _cli(args + ["--run", str(tmp_path / "cut")], {"ECHO_SYNTH_FAULT_KILL_AT_STEP": "10"})
+    drill = {"ECHO_SYNTH_FAULT_KILL": "train-step:10"}
+    killed = _cli(args + ["--run", str(tmp_path / "cut")], drill)
     assert killed.returncode == -9
     assert latest_checkpoint(tmp_path / "cut").name == "checkpoint-00000008.pt"
     resumed = _cli(args + ["--run", str(tmp_path / "cut")])

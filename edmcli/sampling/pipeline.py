@@ -70,9 +70,11 @@ def generate(
     decode: Callable | None = None,
     solver_options: dict | None = None,
     use_cache: bool = True,
-    denoise_wrapper: Callable | None = None,
 ) -> torch.Tensor:
-    """Images in [0, 1] (N, 1, H, W) for label maps (N, H, W), one seed per sample."""
+    """Images in [0, 1] (N, 1, H, W) for label maps (N, H, W), one seed per sample.
+
+    ``net`` may be a ``torch.compile``d module (attributes such as ``spade_cache`` and
+    ``round_sigma`` pass through to the original)."""
     device = labels.device
     sigmas = model_sigmas(model_name, net, steps)
     noise = SampleNoise(seeds, (1, net_size, net_size), device)
@@ -85,6 +87,5 @@ def generate(
                 return net(x_t, sigma, spade_cache=cache)
             return net(x_t, sigma, labels)
 
-        fn = denoise_wrapper(denoise) if denoise_wrapper else denoise
-        x0 = SOLVERS[solver](fn, x, sigmas, noise=noise, **(solver_options or {}))
+        x0 = SOLVERS[solver](denoise, x, sigmas, noise=noise, **(solver_options or {}))
         return to_image(x0, labels, decode)

@@ -9,14 +9,13 @@ order (:mod:`edmcli.training.sampler`), the augmentation of each sample (seeded 
 ``(epoch, index)``) and the model's own noise (the global torch RNG is reseeded at every step).
 A run killed at any point and rerun ends with the same weights as an uninterrupted run on CPU.
 
-Fault injection for tests and drills: ``ECHO_SYNTH_FAULT_KILL_AT_STEP=N`` makes the process
-SIGKILL itself right after optimiser step N (before any checkpoint of that step is written).
+Crash drills: ``ECHO_SYNTH_FAULT_KILL=train-step:N`` SIGKILLs the process right after optimiser
+step N, before that step's checkpoint (:mod:`edmcli.faults`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from abc import ABC, abstractmethod
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from edmcli.console import console, progress
 from edmcli.errors import EchoSynthError
+from edmcli.faults import maybe_kill
 from edmcli.training.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -313,8 +313,7 @@ class Trainer:
                             window[k] = window.get(k, 0.0) + v
                         window_steps += 1
                         report(1)
-                        if step == _fault_kill_step():
-                            os.kill(os.getpid(), signal.SIGKILL)
+                        maybe_kill("train-step", step)
                         stop = broadcast_flag(self._stop_signal is not None, env)
                         if step % cfg.log_every == 0 or step == cfg.steps:
                             elapsed = time.perf_counter() - window_start
@@ -413,11 +412,6 @@ class Trainer:
             f"the loss became NaN/Inf at step {step} ({values}); {kept}; lower --lr, use "
             "--precision fp32 or check the data"
         )
-
-
-def _fault_kill_step() -> int | None:
-    value = os.environ.get("ECHO_SYNTH_FAULT_KILL_AT_STEP")
-    return int(value) if value else None
 
 
 def _slice_batch(batch: Any, start: int, stop: int, device: torch.device) -> Any:

@@ -224,8 +224,11 @@ class LoadedVAE:
     sha256: str
 
 
-def load_vae_run(run: Path, device: torch.device) -> LoadedVAE:
-    """Load the EMA weights of the newest checkpoint of a ``train-vae`` run."""
+def load_vae_run(
+    run: Path, device: torch.device, checkpoint: Path | None = None, sha256: str | None = None
+) -> LoadedVAE:
+    """Load the EMA weights of a ``train-vae`` run: its newest checkpoint, or ``checkpoint``
+    (checked against ``sha256`` when given: a latent model must decode with its own VAE)."""
     from edmcli.training.checkpoint import file_sha256, latest_checkpoint, load_checkpoint
     from edmcli.training.run_dir import load_run_config
 
@@ -235,10 +238,18 @@ def load_vae_run(run: Path, device: torch.device) -> LoadedVAE:
         raise EchoSynthError(f"{run} is not a Γ-VAE run (it is a {config.get('kind')!r} run)")
     known = set(VAESettings.__dataclass_fields__) - {"extra"}
     settings = VAESettings(**{k: v for k, v in config.items() if k in known})
-    checkpoint = latest_checkpoint(run)
+    checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run)
     if checkpoint is None:
         raise EchoSynthError(f"Γ-VAE run {run} has no checkpoint yet; train it first")
+    if not checkpoint.is_file():
+        raise EchoSynthError(f"the Γ-VAE checkpoint {checkpoint} no longer exists")
+    digest = file_sha256(checkpoint)
+    if sha256 is not None and digest != sha256:
+        raise EchoSynthError(
+            f"the Γ-VAE checkpoint {checkpoint} changed since the diffusion model was trained "
+            "(its hash differs)"
+        )
     model = GammaVAE(settings.model_config())
     model.load_state_dict(load_checkpoint(checkpoint, "cpu")["ema"])
     model = model.to(device).eval().requires_grad_(False)
-    return LoadedVAE(model, settings, run.resolve(), checkpoint, file_sha256(checkpoint))
+    return LoadedVAE(model, settings, run.resolve(), checkpoint, digest)

@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from edmcli.cli import app
+from edmcli.data.prepare import prepare_phantom
+from edmcli.data.store import DatasetStore
+
+runner = CliRunner()
+FIELDS = ("images", "labels", "patient", "view", "phase", "split", "source_index", "transform",
+          "seed", "spacing")  # fmt: skip
+
+
+def _ok(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(phantom_store, tmp_path_factory):
+    """Tiny trained runs: a Γ-VAE L64 + EDM-L64 on the 32² store, and an SDM on 16² data."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--preset", "tiny", "--batch", "4", "--device", "cpu"]
+    _ok(["train-vae", "--data", str(phantom_store), "--latent", "64", "--run",
+         str(root / "vae"), "--steps", "4", "--base-channels", "8", *common])  # fmt: skip
+    _ok(["train-diffusion", "--model", "edm-l64", "--data", str(phantom_store), "--vae",
+         str(root / "vae"), "--run", str(root / "edm-l64"), "--steps", "4",
+         "--model-channels", "16", "--grid-every", "0", *common])  # fmt: skip
+    store16 = root / "p16.zarr"
+    prepare_phantom(store16, 4, 16, 2, (0.5, 0.25, 0.25))
+    _ok(["train-diffusion", "--model", "sdm", "--data", str(store16), "--run",
+         str(root / "sdm"), "--steps", "4", "--model-channels", "16", "--grid-every", "0",
+         *common])  # fmt: skip
+    return root
+
+
+def _sample_args(runs, out, *extra):
+    return ["sample", "--model", "edm-l64", "--run", str(runs / "edm-l64"), "--n", "20",
+            "--nfe", "5", "--chunk", "8", "--batch", "4", "--no-compile", "--device", "cpu",
+            "--out", str(out), *extra]  # fmt: skip
+
+
+def _assert_same(a, b):
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    for name in FIELDS:
+        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
+
+
+def test_sample_writes_a_complete_synthetic_store(runs, phantom_store, tmp_path):
+    out = tmp_path / "syn.zarr"
+    result = _ok(_sample_args(runs, out))
+    assert "heun: 3 steps = 5 NFE" in result.output
+    store = DatasetStore(out)
+    assert len(store) == 20 and store.image_size == (32, 32)
+    prov = store.info["provenance"]
+    assert prov["source"] == "synthetic" and prov["model"] == "edm-l64" and prov["nfe"] == 5
+    assert prov["churn"] == 0.0 and len(prov["checkpoint_sha256"]) == 64
+    real = DatasetStore(phantom_store)
+    assert set(prov["generator_patients"]) == set(real.patients(["train", "val"]))
+    # sample i: label map i // 5 of the train+val maps, transformation i % 5
+    sources = real.indices(["train", "val"])
+    np.testing.assert_array_equal(store.column("source_index"), sources[np.arange(20) // 5])
+    np.testing.assert_array_equal(store.column("transform"), np.arange(20) % 5)
+    assert set(store.column("split")) <= {"train", "val"}
+    images, labels = store.images[:], store.labels[:]
+    assert np.all(images[:, 0][labels == 0] == 0)  # black outside the sector
+    assert images[:, 0][labels == 4].mean() > 0
+    # transformed maps differ from their sources but keep the source's sector
+    src = real.labels[int(sources[0])]
+    assert not np.array_equal(labels[0], src)
+    np.testing.assert_array_equal(labels[0] != 0, src != 0)
+    assert (tmp_path / "syn-grid.png").is_file() and (tmp_path / "syn-summary.json").is_file()
+    assert len(set(store.column("seed").tolist())) == 20
+
+
+def test_resume_after_sigkill_and_two_ranks_give_identical_stores(runs, tmp_path):
+    reference = tmp_path / "ref.zarr"
+    _ok(_sample_args(runs, reference))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cut = tmp_path / "cut.zarr"
+    args = [sys.executable, "-m", "edmcli", *_sample_args(runs, cut)]
+    killed = subprocess.run(args, env={**env, "ECHO_SYNTH_FAULT_KILL": "sample-shard:2"},
+                            capture_output=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -9
+    assert zarr.open_group(str(cut), mode="r")["shard_done"][:].tolist() == [True, True, False]
+    with pytest.raises(Exception, match="incomplete"):
+        DatasetStore(cut)
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "sampled now │ 4" in resumed.stdout or "sampled now" in resumed.stdout
+    _assert_same(reference, cut)
+
+    ranks = tmp_path / "ranks.zarr"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", "-m", "edmcli", "--"]  # fmt: skip
+    result = subprocess.run(launcher + _sample_args(runs, ranks), env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same(reference, ranks)
+
+
+def test_batch_size_changes_only_floating_point_noise(runs, tmp_path):
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    _ok(_sample_args(runs, a))
+    args = _sample_args(runs, b)
+    args[args.index("--batch") + 1] = "8"
+    _ok(args)
+    ia = DatasetStore(a).images[:].astype(int)
+    ib = DatasetStore(b).images[:].astype(int)
+    assert np.abs(ia - ib).max() <= 1
+    np.testing.assert_array_equal(DatasetStore(a).labels[:], DatasetStore(b).labels[:])
+
+
+def test_cached_spade_equals_uncached(runs, tmp_path):
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    _ok(_sample_args(runs, a, "--n", "4"))
+    _ok(_sample_args(runs, b, "--n", "4", "--no-spade-cache"))
+    np.testing.assert_array_equal(DatasetStore(a).images[:], DatasetStore(b).images[:])
+
+
+def test_sdm_ancestral_sampling(runs, tmp_path):
+    out = tmp_path / "sdm.zarr"
+    result = _ok(["sample", "--model", "sdm", "--run", str(runs / "sdm"), "--n", "3", "--nfe",
+                  "10", "--no-compile", "--device", "cpu", "--out", str(out)])  # fmt: skip
+    assert "ddpm_ancestral" in result.output
+    assert DatasetStore(out).info["provenance"]["steps"] == 10
+
+
+def test_compiled_sampler_matches_eager(runs, tmp_path):
+    a, b = tmp_path / "eager.zarr", tmp_path / "compiled.zarr"
+    _ok(_sample_args(runs, a, "--n", "4"))
+    _ok([x for x in _sample_args(runs, b, "--n", "4") if x != "--no-compile"])
+    diff = np.abs(DatasetStore(a).images[:].astype(int) - DatasetStore(b).images[:].astype(int))
+    assert diff.max() <= 1
+
+
+def _error(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return " ".join(result.output.split())
+
+
+def test_bad_inputs(runs, phantom_store, tmp_path):
+    message = _error(["sample", "--model", "edm", "--runs-root", str(tmp_path), "--nfe", "5"])
+    assert (
+        "no trained edm run at" in message and "echo-synth train-diffusion --model edm" in message
+    )
+    message = _error(["sample", "--model", "edm", "--run", str(runs / "edm-l64")])
+    assert "is a edm-l64 run, not edm" in message
+    message = _error(["sample", "--model", "edm-l64", "--run", str(runs / "vae")])
+    assert "is not a diffusion run" in message
+    base = _sample_args(runs, tmp_path / "o.zarr")
+    nfe = base.index("--nfe") + 1
+    for value, expected in (("0", "NFE"), ("6", "use 5 (3 steps) or 7 (4 steps)")):
+        message = _error(base[:nfe] + [value] + base[nfe + 1 :])
+        assert expected in message, message
+    message = _error(["sample", "--model", "sdm", "--run", str(runs / "sdm"), "--nfe", "2000",
+                      "--no-compile", "--out", str(tmp_path / "s.zarr")])  # fmt: skip
+    assert "1000" in message
+
+
+def test_label_store_with_wrong_ids(runs, phantom_store, tmp_path):
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(phantom_store, bad)
+    labels = zarr.open_group(str(bad), mode="r+")["labels"]
+    block = labels[0]
+    block[5, 5] = 8
+    labels[0] = block
+    message = _error(_sample_args(runs, tmp_path / "o.zarr", "--labels", str(bad)))
+    assert "label values [8] outside 0..4" in message
+
+
+def test_existing_output_with_another_config(runs, tmp_path):
+    out = tmp_path / "o.zarr"
+    _ok(_sample_args(runs, out, "--n", "4"))
+    again = _ok(_sample_args(runs, out, "--n", "4"))  # identical: nothing left to do
+    assert json.loads((tmp_path / "o-summary.json").read_text())["sampled now"] == 0
+    assert "sampled now" in again.output
+    message = _error(_sample_args(runs, out, "--n", "4", "--seed", "3"))
+    assert "pass --overwrite" in message
+    _ok(_sample_args(runs, out, "--n", "4", "--seed", "3", "--overwrite"))
+    assert DatasetStore(out).info["provenance"]["seed"] == 3
