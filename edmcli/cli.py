@@ -307,6 +307,7 @@ def _vae_quality(run: Path, settings, device) -> dict:
         f"{split} masked SSIM": quality["ssim"],
         "identity-to-mean PSNR (dB)": quality["baseline_psnr"],
         "identity-to-mean SSIM": quality["baseline_ssim"],
+        "latent-image correlation": quality["latent_correlation"],
         f"{split} images": quality["images"],
     }
 

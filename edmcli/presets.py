@@ -19,10 +19,14 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 2000, "log_every": 50, "grid_every": 2000, "num_workers": 2,
     },
     "tiny": {
-        # 64² phantom images on a 2-core CPU in a few minutes
+        # 64² phantom images on a 2-core CPU in a few minutes. The latent term weighs 1.0, not
+        # the authors' 1e-2: over 600 steps 1e-2 leaves the latent inverted (correlation −0.75
+        # with the downsampled image on phantom data), 1.0 ties it to the image (+0.94) for
+        # 0.16 dB of reconstruction PSNR.
         "base_channels": 16, "num_res_blocks": 1, "norm_groups": 8,
         "epochs": 60, "batch": 16, "lr": 2e-3, "weight_decay": 0.0, "warmup_steps": 20,
         "grad_clip": 1.0, "ema_decay": 0.95, "perceptual": "none", "warmup_epochs": 3,
+        "w_latent": 1.0,
         "checkpoint_every": 100, "log_every": 20, "grid_every": 200, "num_workers": 0,
     },
 }  # fmt: skip
