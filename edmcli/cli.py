@@ -36,6 +36,21 @@ ConfigOption = Annotated[
 ]
 
 
+# Options shared by the training commands (the engine's settings); None: the preset decides.
+BatchOpt = Annotated[int | None, typer.Option(help="Global batch size.")]
+BatchGpuOpt = Annotated[
+    int | None, typer.Option(help="Per-process micro-batch (gradient accumulation).")
+]
+LrOpt = Annotated[float | None, typer.Option(help="AdamW learning rate.")]
+EmaOpt = Annotated[float | None, typer.Option(help="EMA decay per step.")]
+CheckpointEveryOpt = Annotated[int | None, typer.Option(help="Steps between checkpoints.")]
+LogEveryOpt = Annotated[int | None, typer.Option(help="Steps between log lines.")]
+GridEveryOpt = Annotated[int | None, typer.Option(help="Steps between image grids.")]
+WorkersOpt = Annotated[int | None, typer.Option(help="DataLoader workers.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed.")]
+
+
 def user_errors(fn):
     """Turn EchoSynthError into one line on stderr and exit code 2; Ctrl-C into exit 130."""
 
@@ -174,8 +189,7 @@ def info(
 RunOption = typer.Option(
     "--run",
     "--run-dir",
-    help="Run folder (default runs/<model>). Under torchrun write --run-dir: torchrun's own "
-    "parser mistakes --run for its --run-path.",
+    help="Run folder (default runs/<model>).",
 )
 
 
@@ -197,9 +211,9 @@ def train_vae(
     ),
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (overrides --epochs).")] = None,
-    batch: Annotated[int | None, typer.Option(help="Global batch size.")] = None,
-    batch_gpu: Annotated[int | None, typer.Option(help="Per-process micro-batch.")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    batch: BatchOpt = None,
+    batch_gpu: BatchGpuOpt = None,
+    lr: LrOpt = None,
     perceptual: Annotated[
         str | None, typer.Option(help="lpips (AlexNet), lpips-vgg, or none.")
     ] = None,
@@ -216,16 +230,16 @@ def train_vae(
     augment: Annotated[bool | None, typer.Option(help="Geometric + intensity augmentation.")] = (
         None
     ),
-    ema_decay: Annotated[float | None, typer.Option(help="EMA decay per step.")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Steps between log lines.")] = None,
-    grid_every: Annotated[int | None, typer.Option(help="Steps between grids.")] = None,
-    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    ema_decay: EmaOpt = None,
+    checkpoint_every: CheckpointEveryOpt = None,
+    log_every: LogEveryOpt = None,
+    grid_every: GridEveryOpt = None,
+    num_workers: WorkersOpt = None,
     precision: Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = (
         Precision.auto
     ),
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
     config: ConfigOption = None,
 ) -> None:
     """Train the Γ-VAE of the latent models; rerun the same command to resume."""
@@ -324,30 +338,28 @@ def train_diffusion(
     kimg: Annotated[float | None, typer.Option(help="Training length in 1000s of images.")] = (
         None
     ),
-    batch: Annotated[int | None, typer.Option(help="Global batch size.")] = None,
-    batch_gpu: Annotated[
-        int | None, typer.Option(help="Per-process micro-batch (gradient accumulation).")
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    batch: BatchOpt = None,
+    batch_gpu: BatchGpuOpt = None,
+    lr: LrOpt = None,
     dropout: Annotated[float | None, typer.Option(help="UNet dropout.")] = None,
     spade_placement: Annotated[
         str | None, typer.Option(help="decoder (as the authors) or all.")
     ] = None,
     model_channels: Annotated[int | None, typer.Option(help="UNet base channels.")] = None,
     augment: Annotated[bool | None, typer.Option(help="Geometric augmentation.")] = None,
-    ema_decay: Annotated[float | None, typer.Option(help="EMA decay per step.")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Steps between log lines.")] = None,
-    grid_every: Annotated[int | None, typer.Option(help="Steps between sample grids.")] = None,
+    ema_decay: EmaOpt = None,
+    checkpoint_every: CheckpointEveryOpt = None,
+    log_every: LogEveryOpt = None,
+    grid_every: GridEveryOpt = None,
     validate_every: Annotated[
         int | None, typer.Option(help="Steps between denoising checks.")
     ] = None,
-    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    num_workers: WorkersOpt = None,
     precision: Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = (
         Precision.auto
     ),
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
     config: ConfigOption = None,
 ) -> None:
     """Train a SPADE diffusion model; rerun the same command to resume."""
@@ -366,6 +378,7 @@ def train_diffusion(
     overrides = {k: v for k, v in locals().items() if k in _DIFFUSION_TRAIN_KEYS}
     values = resolve(DIFFUSION_PRESETS, preset, overrides)
     values.setdefault("batch", PAPER_BATCH[model])
+    values["batch"] = batch_size = int(values["batch"])
     unet = {
         k: v
         for k, v in {
@@ -378,17 +391,8 @@ def train_diffusion(
     settings, loaded_vae = diffusion_settings(model, data, preset, vae, unet)
     if augment is not None:
         settings.augment = augment
-    batch_size = int(values["batch"])
     n_steps = int(values.get("steps") or max(1, round(values["kimg"] * 1000 / batch_size)))
-    train_config = TrainConfig(
-        steps=n_steps, batch=batch_size, batch_gpu=values.get("batch_gpu"),
-        lr=float(values["lr"]), weight_decay=float(values["weight_decay"]),
-        warmup_steps=int(values["warmup_steps"]), grad_clip=values["grad_clip"],
-        ema_decay=float(values["ema_decay"]), precision=precision.value,
-        checkpoint_every=int(values["checkpoint_every"]), log_every=int(values["log_every"]),
-        grid_every=int(values["grid_every"]), validate_every=int(values["validate_every"]),
-        num_workers=int(values["num_workers"]), seed=seed,
-    )  # fmt: skip
+    train_config = TrainConfig.from_values(values, n_steps, precision.value, seed)
     run = run or Path("runs") / model
     env = init_distributed(device)
     try:
@@ -484,7 +488,7 @@ def sample(
     precision: Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = (
         Precision.auto
     ),
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     config: ConfigOption = None,
 ) -> None:
     """Generate a synthetic dataset store from label maps with a trained model."""
@@ -547,7 +551,7 @@ def demo(
     ),
     n_patients: Annotated[int, typer.Option(help="Phantom patients.")] = 20,
     size: Annotated[int, typer.Option(help="Image size.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    seed: SeedOpt = 0,
     overwrite: Annotated[bool, typer.Option(help="Rebuild what exists.")] = False,
 ) -> None:
     """Run the main path on built-in phantom data with tiny settings (CPU minutes)."""

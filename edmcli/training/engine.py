@@ -73,6 +73,18 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
 
+    @classmethod
+    def from_values(
+        cls, values: dict[str, Any], steps: int, precision: str, seed: int
+    ) -> TrainConfig:
+        """A config from resolved preset values (extra keys are ignored; missing optional
+        keys keep their defaults)."""
+        from dataclasses import fields
+
+        known = {f.name for f in fields(cls)} - {"steps", "precision", "seed"}
+        picked = {k: values[k] for k in known if values.get(k) is not None}
+        return cls(steps=int(steps), precision=precision, seed=seed, **picked)
+
     def validate(self, world_size: int) -> None:
         if self.steps < 1:
             raise EchoSynthError(f"training needs at least one step (got {self.steps})")

@@ -187,22 +187,7 @@ def vae_settings_and_config(
     batch = int(values["batch"])
     per_epoch = max(1, n_train // batch)
     steps = int(values.get("steps") or values["epochs"] * per_epoch)
-    config = TrainConfig(
-        steps=steps,
-        batch=batch,
-        batch_gpu=values.get("batch_gpu"),
-        lr=float(values["lr"]),
-        weight_decay=float(values["weight_decay"]),
-        warmup_steps=int(values["warmup_steps"]),
-        grad_clip=values["grad_clip"],
-        ema_decay=float(values["ema_decay"]),
-        precision=precision,
-        checkpoint_every=int(values["checkpoint_every"]),
-        log_every=int(values["log_every"]),
-        grid_every=int(values["grid_every"]),
-        num_workers=int(values["num_workers"]),
-        seed=seed,
-    )
+    config = TrainConfig.from_values(values, steps, precision, seed)
     return settings, config
 
 
