@@ -298,15 +298,16 @@ def _vae_quality(run: Path, settings, device) -> dict:
     from torch.utils.data import DataLoader
 
     from edmcli.data.dataset import EchoDataset
+    from edmcli.data.store import DatasetStore
     from edmcli.evaluation.reconstruction import reconstruction_quality
     from edmcli.models.gamma_vae import GammaVAE
     from edmcli.training.checkpoint import latest_checkpoint, load_checkpoint
     from edmcli.training.grids import save_image_grid
-    from edmcli.training.vae import _eval_split, sector_of
+    from edmcli.training.vae import sector_of
 
     model = GammaVAE(settings.model_config()).to(device)
     model.load_state_dict(load_checkpoint(latest_checkpoint(run), device)["ema"])
-    split = _eval_split(settings.data)
+    split = DatasetStore(settings.data).monitoring_split()
     dataset = EchoDataset(settings.data, splits=split)
     quality = reconstruction_quality(model, DataLoader(dataset, batch_size=32), device)
     items = [dataset[i] for i in range(min(8, len(dataset)))]

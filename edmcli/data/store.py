@@ -234,6 +234,10 @@ class DatasetStore:
                 keep &= np.isin(self.column(name), wanted)
         return np.flatnonzero(keep)
 
+    def monitoring_split(self) -> str:
+        """The split to monitor training on: ``val``, or ``train`` for stores without one."""
+        return "val" if len(self.indices("val")) else "train"
+
     def patients(self, splits: str | Sequence[str] | None = None) -> list[str]:
         """Sorted unique patient ids of the given splits."""
         return sorted(set(self.column("patient")[self.indices(splits)].tolist()))

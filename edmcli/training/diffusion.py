@@ -174,8 +174,7 @@ class DiffusionTask(TrainingTask):
 
     def _val_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
         if self._val is None:
-            store = DatasetStore(self.settings.data)
-            split = "val" if len(store.indices("val")) else "train"
+            split = DatasetStore(self.settings.data).monitoring_split()
             data = EchoDataset(self.settings.data, splits=split)
             items = [data[i] for i in range(min(16, len(data)))]
             self._val = {

@@ -137,7 +137,8 @@ class GammaVAETask(TrainingTask):
 
     def report(self, ema_model: nn.Module, step: int, run_dir: Path) -> dict[str, float]:
         if self._preview is None:
-            val = EchoDataset(self.settings.data, splits=_eval_split(self.settings.data))
+            split = DatasetStore(self.settings.data).monitoring_split()
+            val = EchoDataset(self.settings.data, splits=split)
             items = [val[i] for i in range(min(8, len(val)))]
             self._preview = {
                 "image": torch.stack([it["image"] for it in items]),
@@ -150,12 +151,6 @@ class GammaVAETask(TrainingTask):
             recon = ema_model(image, sector, sample=False).recon
         save_image_grid([image, recon], run_dir / "grids" / f"recon-{step:08d}.png")
         return {}
-
-
-def _eval_split(store: str) -> str:
-    """The validation split, or the training split for stores without one."""
-    reader = DatasetStore(store)
-    return "val" if len(reader.indices("val")) else "train"
 
 
 def settings_dict(settings: VAESettings) -> dict[str, Any]:
