@@ -72,7 +72,7 @@ def measure(name, args, labels, device, pixels, dtype) -> dict:
             "cached_over_uncached_speedup": t_uncached / t_cached,
             "compiled_over_eager_speedup": t_cached / t_compiled,
         }  # fmt: skip
-        best = compiled or net
+        best = compiled if compiled is not None else net
         for nfe in args.nfe:
 
             def run(steps=nfe):
