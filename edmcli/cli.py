@@ -544,6 +544,15 @@ def sample(
         shutdown_distributed()
 
 
+def _register_evaluate() -> None:
+    from edmcli.evaluation.command import evaluate_command
+
+    app.command("evaluate")(user_errors(evaluate_command))
+
+
+_register_evaluate()
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
@@ -556,6 +565,8 @@ def demo(
     """The main path on built-in phantom data with tiny settings (CPU minutes): prepare 64²
     phantom echoes, train a Γ-VAE L64 and EDM-L64, sample a synthetic store, and evaluate it
     against real-trained segmentation and view classification. Rerunning resumes every step."""
+    from edmcli.evaluation.command import PresetChoice, evaluate_command
+
     store = out / "phantom64.zarr"
     steps = [
         ("prepare", lambda: prepare(
@@ -572,6 +583,10 @@ def demo(
         ("sample", lambda: sample(
             model="edm-l64", run=out / "runs" / "edm-l64", nfe=35, compile=False,
             out=out / "synthetic" / "edm-l64-nfe35.zarr", device=device, seed=seed,
+        )),
+        ("evaluate", lambda: evaluate_command(
+            train=[str(store), str(out / "synthetic" / "edm-l64-nfe35.zarr")], test=store,
+            out=out / "evaluation", preset=PresetChoice.tiny, device=device, seed=seed,
         )),
     ]  # fmt: skip
     for name, step in steps:

@@ -1,0 +1,517 @@
+"""``echo-synth evaluate``: is a (synthetic) dataset good for training? (paper III.C–D)
+
+Each ``--train`` value trains one segmenter and/or one view classifier (``--task``) on the train
+split of that store (``a.zarr,b.zarr``: one run on the union of several stores), picks the best
+validation checkpoint and scores it on the *test* split of the ``--test`` store, which must be
+real and held out. Runs live in ``OUT/runs/<task>-<stores>-<hash>/`` and resume when the same
+command is run again; ``OUT/report.json``, ``OUT/report.md`` and ``OUT/plots/*.png`` are
+rewritten at the end of every call.
+
+* Real-trained reference: a train store whose provenance is not ``synthetic`` (typically the
+  test store itself: its train split) is a *real* run; the first real run is the reference line
+  of the report and of the gap (synthetic − real, paired bootstrap over the same test images).
+* Validation split: a run validates on the val split of its own store(s); a store without one
+  (a synthetic store sampled from train label maps only) falls back to the val split of the
+  first real train store, then to the val split of the test store. Which one was used is in
+  the report.
+* Held-out check: the test split's patients must not appear in the train split of any train
+  store, in the validation split used, nor among the patients the generator of a synthetic
+  store was trained or validated on (its provenance ``generator_patients``, and the
+  ``training_patients.json`` of its ``run`` folder when that exists). A synthetic store that
+  records neither is refused: the check cannot be made.
+* Image sizes: stores whose images differ from the networks' input size (``--size``, preset
+  ``paper`` 256, ``tiny`` 64) are resampled with a notice; test predictions are resampled back
+  and scored at the test store's resolution (HD in its pixels, and in mm from its spacing).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edmcli.config import apply_config
+from edmcli.console import console
+from edmcli.data.labels import VIEWS
+from edmcli.data.store import DatasetStore, code_version
+from edmcli.errors import EchoSynthError
+
+SYNTHETIC = "synthetic"
+
+
+class TaskChoice(str, enum.Enum):
+    seg = "seg"
+    cls = "cls"
+    both = "both"
+
+
+class PresetChoice(str, enum.Enum):
+    paper = "paper"
+    tiny = "tiny"
+
+
+_ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="YAML file of option: value; flags on the command line override it.",
+        is_eager=True,
+        callback=apply_config,
+        dir_okay=False,
+    ),
+]
+
+
+def evaluate_command(
+    train: Annotated[
+        list[str],
+        typer.Option(
+            "--train",
+            help="Dataset store whose train split trains one run; repeat for several runs "
+            "(one per synthetic dataset, and the real store for the reference line); "
+            "'a.zarr,b.zarr' trains one run on the union.",
+        ),
+    ],
+    test: Annotated[
+        Path, typer.Option("--test", help="Real dataset store; its test split is scored.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the runs, report.json/.md and plots.")
+    ] = Path("evaluation"),
+    preset: Annotated[
+        PresetChoice, typer.Option(help="paper (256², 250 epochs) or tiny (CPU minutes, 64²).")
+    ] = PresetChoice.paper,
+    task: Annotated[
+        TaskChoice, typer.Option(help="seg (DynUNet), cls (EfficientNetV2-S A2C/A4C) or both.")
+    ] = TaskChoice.both,
+    size: Annotated[int | None, typer.Option(help="Network input side (resamples).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps per run.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per run (if no --steps).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Global batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam(W) learning rate.")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="EMA decay (0: none).")] = None,
+    validate_every: Annotated[
+        int | None, typer.Option(help="Steps between validations (best checkpoint).")
+    ] = None,
+    deep_supervision: Annotated[
+        bool | None, typer.Option(help="DynUNet deep-supervision heads.")
+    ] = None,
+    augment: Annotated[
+        bool | None, typer.Option(help="Geometric + intensity augmentation.")
+    ] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap iterations.")] = 1000,
+    bootstrap_fraction: Annotated[
+        float, typer.Option(help="Fraction of the test set per bootstrap subset.")
+    ] = 0.8,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of training and of the bootstrap.")] = 0,
+    config: _ConfigOption = None,
+) -> None:
+    """Train a segmenter and a view classifier on each --train store and score them on the
+    held-out real --test split; write report.json, report.md and plots. Rerun to resume."""
+    overrides = {
+        "size": size, "steps": steps, "epochs": epochs, "batch": batch, "lr": lr,
+        "ema_decay": ema_decay, "validate_every": validate_every,
+        "deep_supervision": deep_supervision, "augment": augment, "num_workers": num_workers,
+    }  # fmt: skip
+    tasks = ["seg", "cls"] if task is TaskChoice.both else [task.value]
+    report = run_evaluation(
+        train, test, out, preset.value, tasks, overrides, device=device, seed=seed,
+        precision=precision, bootstrap_iterations=bootstrap,
+        bootstrap_fraction=bootstrap_fraction,
+    )  # fmt: skip
+    if report is not None:
+        from edmcli.evaluation.report import print_summary
+
+        print_summary(report)
+        console.print(
+            f"report: {out / 'report.md'} (numbers: {out / 'report.json'}, plots: {out / 'plots'})",
+            highlight=False,
+        )
+
+
+# --------------------------------------------------------------------------- train stores
+@dataclass
+class TrainSpec:
+    """One ``--train`` value: the store(s) of one run and what they are."""
+
+    text: str
+    stores: list[str]  # resolved paths
+    label: str
+    slug: str
+    kind: str  # "real", "synthetic" or "mixed"
+    provenance: list[dict[str, Any]]
+    model: str | None = None
+    nfe: int | None = None
+    solver: str | None = None
+    generator_patients: set[str] = field(default_factory=set)
+
+
+def _slug(stores: list[str], label: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "_", label)[:60]
+    digest = hashlib.sha1("\n".join(stores).encode()).hexdigest()[:6]
+    return f"{safe}-{digest}"
+
+
+def parse_train_spec(text: str) -> TrainSpec:
+    """``a.zarr`` or ``a.zarr,b.zarr`` → a :class:`TrainSpec` (stores opened and checked)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise EchoSynthError(f"--train {text!r} names no store")
+    stores, provenance, labels = [], [], []
+    generator: set[str] = set()
+    for part in parts:
+        reader = DatasetStore(part)
+        if len(reader.indices("train")) == 0:
+            raise EchoSynthError(
+                f"--train {part} has no samples in its train split (its splits: "
+                f"{', '.join(sorted(set(reader.column('split').tolist())))})"
+            )
+        prov = dict(reader.info.get("provenance") or {})
+        stores.append(str(Path(part).resolve()))
+        provenance.append(prov)
+        labels.append(Path(part).name.removesuffix(".zarr"))
+        if prov.get("source") == SYNTHETIC:
+            generator |= _generator_patients(part, prov)
+    synthetic = [p.get("source") == SYNTHETIC for p in provenance]
+    kind = SYNTHETIC if all(synthetic) else "mixed" if any(synthetic) else "real"
+    label = "+".join(labels)
+    first = next((p for p in provenance if p.get("source") == SYNTHETIC), {})
+    nfe = first.get("nfe")
+    return TrainSpec(
+        text=text,
+        stores=stores,
+        label=label,
+        slug=_slug(stores, label),
+        kind=kind,
+        provenance=provenance,
+        model=first.get("model"),
+        nfe=int(nfe) if isinstance(nfe, int | float) else None,
+        solver=first.get("solver"),
+        generator_patients=generator,
+    )
+
+
+def _generator_patients(store: str, provenance: dict[str, Any]) -> set[str]:
+    """Patients the generator of a synthetic store learnt from: the provenance's list and the
+    ``training_patients.json`` of its run folder (when the folder exists)."""
+    from edmcli.training.run_dir import PATIENTS_FILE, load_training_patients
+
+    patients = {str(p) for p in provenance.get("generator_patients") or []}
+    run = provenance.get("run")
+    recorded = False
+    if run and (Path(run) / PATIENTS_FILE).is_file():
+        patients |= {str(p) for p in load_training_patients(Path(run)).get("patients", [])}
+        recorded = True
+    if not patients and not recorded:
+        raise EchoSynthError(
+            f"synthetic store {store} does not record the patients its generator was trained on "
+            "(provenance generator_patients, or a run folder with training_patients.json), so "
+            "the test split cannot be checked to be held out"
+        )
+    return patients
+
+
+def check_held_out(
+    spec: TrainSpec, validation: tuple[str, str], test_store: str, test_patients: set[str]
+) -> None:
+    """Refuse a test split that shares patients with a run's training data, its validation
+    split or the generator behind a synthetic store."""
+    sources: list[tuple[str, set[str]]] = []
+    for store in spec.stores:
+        sources.append((f"the train split of {store}", set(DatasetStore(store).patients("train"))))
+    val_store, val_split = validation
+    sources.append(
+        (f"the {val_split} split of {val_store}", set(DatasetStore(val_store).patients(val_split)))
+    )
+    if spec.generator_patients:
+        sources.append(
+            (f"the patients the generator of {spec.label} was trained on", spec.generator_patients)
+        )
+    for what, patients in sources:
+        shared = sorted(patients & test_patients)
+        if shared:
+            shown = ", ".join(shared[:3]) + (", ..." if len(shared) > 3 else "")
+            raise EchoSynthError(
+                f"the test split of {test_store} shares {len(shared)} patient(s) with {what} "
+                f"({shown}); test patients must be held out from the generator and from "
+                "training, so use a test store whose test split none of them has seen"
+            )
+
+
+def choose_validation(
+    spec: TrainSpec, specs: list[TrainSpec], test_store: str, task: str
+) -> tuple[str, str, str | None]:
+    """(store, split, note): the run's own val split, else the first real train store's, else
+    the test store's val split (note says which fallback was taken)."""
+
+    def usable(store: str) -> bool:
+        reader = DatasetStore(store)
+        views = VIEWS if task == "cls" else None
+        return len(reader.indices("val", views)) > 0
+
+    for store in spec.stores:
+        if usable(store):
+            return store, "val", None
+    for other in specs:
+        for store, prov in zip(other.stores, other.provenance, strict=True):
+            if prov.get("source") != SYNTHETIC and usable(store):
+                note = (
+                    f"{', '.join(spec.stores)} has no val split; validating on the val split "
+                    f"of {store} (the first real train store)"
+                )
+                return store, "val", note
+    if usable(test_store):
+        note = (
+            f"{', '.join(spec.stores)} has no val split and no real train store has one; "
+            f"validating on the val split of the test store {test_store}"
+        )
+        return test_store, "val", note
+    raise EchoSynthError(
+        f"--train {spec.text} has no val split and neither a real --train store nor the test "
+        "store has one to validate on (the best checkpoint needs a validation split)"
+    )
+
+
+def check_views(store: str, split: str, role: str) -> None:
+    """View classification needs both A2C and A4C images in the split."""
+    from edmcli.evaluation.downstream import views_present
+
+    counts = views_present(DatasetStore(store), split)
+    missing = [v for v, n in counts.items() if n == 0]
+    if missing:
+        raise EchoSynthError(
+            f"{role} {store} has no {' or '.join(missing)} images in its {split} split; view "
+            "classification needs both A2C and A4C (use --task seg)"
+        )
+
+
+# --------------------------------------------------------------------------- the stage
+def resolve_task_values(preset: str, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Preset values of one task with the command's non-None overrides applied."""
+    from edmcli.presets import EVAL_PRESETS, resolve
+
+    values = resolve({name: p[task] for name, p in EVAL_PRESETS.items()}, preset, overrides)
+    if overrides.get("epochs") is not None and overrides.get("steps") is None:
+        values["steps"] = None
+    if task == "cls":
+        values.pop("deep_supervision", None)
+    return values
+
+
+def run_evaluation(
+    train: list[str],
+    test: Path,
+    out: Path,
+    preset: str = "paper",
+    tasks: list[str] | tuple[str, ...] = ("seg", "cls"),
+    overrides: dict[str, Any] | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    precision: str = "auto",
+    bootstrap_iterations: int = 1000,
+    bootstrap_fraction: float = 0.8,
+) -> dict[str, Any] | None:
+    """Train, test and report (the body of ``echo-synth evaluate``). Returns the report on the
+    main process (None on the other ranks of a ``torchrun`` launch)."""
+    from edmcli.evaluation.downstream import (
+        DownstreamSettings,
+        count_train,
+        load_split,
+        make_task,
+        steps_per_epoch,
+        test_run,
+    )
+    from edmcli.evaluation.report import build_report, write_report
+    from edmcli.training.distributed import init_distributed, shutdown_distributed
+    from edmcli.training.engine import TrainConfig, Trainer
+    from edmcli.training.run_dir import prepare_run_dir
+
+    overrides = dict(overrides or {})
+    if not train:
+        raise EchoSynthError("--train is required (a dataset store to train on)")
+    if bootstrap_iterations < 1:
+        raise EchoSynthError(f"--bootstrap {bootstrap_iterations} must be at least 1")
+    if not 0.0 < bootstrap_fraction <= 1.0:
+        raise EchoSynthError(f"--bootstrap-fraction {bootstrap_fraction} must be in (0, 1]")
+    test_reader = DatasetStore(test)
+    test_store = str(Path(test).resolve())
+    if (test_reader.info.get("provenance") or {}).get("source") == SYNTHETIC:
+        raise EchoSynthError(f"--test {test} is a synthetic store; test on real images")
+    if len(test_reader.indices("test")) == 0:
+        raise EchoSynthError(
+            f"--test {test} has no samples in its test split; the test store must hold "
+            "held-out real patients in split 'test'"
+        )
+    test_patients = set(test_reader.patients("test"))
+    specs = [parse_train_spec(text) for text in train]
+    slugs = [s.slug for s in specs]
+    if len(set(slugs)) != len(slugs):
+        raise EchoSynthError("the same --train store(s) are given twice")
+
+    env = init_distributed(device)
+    try:
+        plans: list[dict[str, Any]] = []
+        notes: list[str] = []
+        for task in tasks:
+            values = resolve_task_values(preset, task, overrides)
+            if task == "cls":
+                check_views(test_store, "test", "--test")
+            for spec in specs:
+                if task == "cls":
+                    for store in spec.stores:
+                        check_views(store, "train", "--train")
+                val_store, val_split, note = choose_validation(spec, specs, test_store, task)
+                if note and note not in notes:
+                    notes.append(note)
+                check_held_out(spec, (val_store, val_split), test_store, test_patients)
+                n_train = count_train(spec.stores, task)
+                batch_size = int(values["batch"])
+                if n_train < batch_size:
+                    raise EchoSynthError(
+                        f"--batch {batch_size} is larger than the {n_train} training images of "
+                        f"{spec.label}; lower --batch"
+                    )
+                per_epoch = steps_per_epoch(n_train, batch_size)
+                if values.get("steps"):
+                    total = int(values["steps"])
+                elif values.get("epochs"):
+                    total = int(values["epochs"]) * per_epoch
+                else:
+                    raise EchoSynthError("give --steps or --epochs")
+                settings = DownstreamSettings(
+                    task=task,
+                    train_stores=spec.stores,
+                    val_store=str(Path(val_store).resolve()),
+                    val_split=val_split,
+                    size=int(values["size"]),
+                    augment=bool(values["augment"]),
+                    base_filters=int(values.get("base_filters", 32)),
+                    max_filters=int(values.get("max_filters", 512)),
+                    deep_supervision=bool(values.get("deep_supervision", False)),
+                    eval_batch=int(values["eval_batch"]),
+                )
+                settings.validate()
+                validate_every = values.get("validate_every") or per_epoch
+                ema = float(values["ema_decay"])
+                if not 0.0 <= ema < 1.0:
+                    raise EchoSynthError(f"--ema-decay {ema} must be in [0, 1)")
+                config = TrainConfig(
+                    steps=total,
+                    batch=batch_size,
+                    lr=float(values["lr"]),
+                    weight_decay=float(values["weight_decay"]),
+                    warmup_steps=int(values["warmup_steps"]),
+                    grad_clip=values["grad_clip"],
+                    ema_decay=ema,
+                    precision=precision,
+                    checkpoint_every=int(values["checkpoint_every"]),
+                    log_every=int(values["log_every"]),
+                    validate_every=int(validate_every),
+                    num_workers=int(values["num_workers"]),
+                    seed=seed,
+                )
+                config.validate(env.world_size)
+                plans.append(
+                    {"task": task, "spec": spec, "settings": settings, "config": config,
+                     "n_train": n_train, "run_dir": Path(out) / "runs" / f"{task}-{spec.slug}"}
+                )  # fmt: skip
+        notes += _size_notices(specs, test_store, plans)
+
+        if env.is_main:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            for note in notes:
+                console.print(f"note: {note}", highlight=False)
+        started = time.perf_counter()
+        for plan in plans:
+            settings, config, run_dir = plan["settings"], plan["config"], plan["run_dir"]
+            resolved = {"kind": f"downstream-{settings.task}", "preset": preset,
+                        **settings.as_dict(), **_train_dict(config)}  # fmt: skip
+            resumed = prepare_run_dir(run_dir, resolved, env.is_main)
+            if env.is_main:
+                console.print(
+                    f"{'resuming' if resumed else 'training'} {settings.task} on "
+                    f"{plan['spec'].label} ({plan['n_train']} images, {plan['spec'].kind}) in "
+                    f"{run_dir}: {config.steps} steps of batch {config.batch} on {env.device}",
+                    highlight=False,
+                )
+            t0 = time.perf_counter()
+            result = Trainer(make_task(settings), config, run_dir, env).fit()
+            plan["train_wall_s"] = time.perf_counter() - t0
+            plan["steps_done"] = result.steps
+            plan["resumed_from"] = result.resumed_from
+        if not env.is_main:
+            return None
+        test_data = {task: load_split(test_store, "test") for task in tasks}
+        if "cls" in test_data:
+            data = test_data["cls"]
+            test_data["cls"] = data.select(data.views >= 0)
+        results = []
+        for plan in plans:
+            t0 = time.perf_counter()
+            scored = test_run(
+                plan["settings"], plan["run_dir"], test_data[plan["task"]], env.device
+            )
+            plan["test_wall_s"] = time.perf_counter() - t0
+            results.append((plan, scored))
+        report = build_report(
+            results,
+            test_store=test_store,
+            test_data=test_data,
+            settings={
+                "preset": preset, "tasks": list(tasks), "overrides": {
+                    k: v for k, v in overrides.items() if v is not None},
+                "seed": seed, "device": str(env.device), "world_size": env.world_size,
+                "precision": precision, "bootstrap_iterations": bootstrap_iterations,
+                "bootstrap_fraction": bootstrap_fraction, "bootstrap_confidence": 0.95,
+                "code_version": code_version(),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+            notes=notes,
+            wall_s=time.perf_counter() - started,
+        )  # fmt: skip
+        write_report(report, Path(out), test_data, results)
+        return report
+    finally:
+        shutdown_distributed()
+
+
+def _train_dict(config) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {f"train_{k}" if k == "seed" else k: v for k, v in asdict(config).items()}
+
+
+def _size_notices(specs: list[TrainSpec], test_store: str, plans: list[dict]) -> list[str]:
+    """One notice per store whose images the networks see resampled."""
+    sizes = sorted({p["settings"].size for p in plans})
+    notes = []
+    seen: set[str] = set()
+    stores = [s for spec in specs for s in spec.stores] + [p["settings"].val_store for p in plans]
+    for store in stores:
+        if store in seen:
+            continue
+        seen.add(store)
+        h, w = DatasetStore(store).image_size
+        if any((h, w) != (s, s) for s in sizes):
+            target = " and ".join(f"{s}×{s}" for s in sizes)
+            notes.append(f"{store} has {h}×{w} images; they are resampled to {target}")
+    h, w = DatasetStore(test_store).image_size
+    if any((h, w) != (s, s) for s in sizes):
+        target = " and ".join(f"{s}×{s}" for s in sizes)
+        notes.append(
+            f"test store {test_store} has {h}×{w} images; they are resampled to {target} for "
+            f"the networks and the predictions are scored back at {h}×{w}"
+        )
+    return notes

@@ -1,0 +1,519 @@
+"""The report of ``echo-synth evaluate``: ``report.json`` (every number, every setting, the
+stores' provenance and the per-image metrics), ``report.md`` (one table: each training dataset,
+synthetic or real, with its gap to the real-trained reference) and PNG plots (per-structure
+Dice, accuracy, example predictions on real test images and, with several synthetic datasets,
+Dice / HD / accuracy against NFE per model with the real-trained line, as the paper's Fig. 3).
+
+Numbers are bootstrap estimates (:mod:`edmcli.evaluation.bootstrap`): mean ± std over random
+80 % subsets of the test set, a 95 % percentile interval and the whole-test-set value. Gaps are
+*run − reference* per test image, bootstrapped on the same subsets (a paired bootstrap): a
+negative Dice or accuracy gap means the synthetic data trains worse than the real data, a
+positive HD gap likewise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edmcli.console import console
+from edmcli.data.labels import VIEWS
+from edmcli.evaluation.bootstrap import bootstrap_mean, bootstrap_statistic
+from edmcli.evaluation.metrics import STRUCTURE_SHORT, STRUCTURES, balanced_accuracy
+
+SEG_METRICS = (
+    *(f"dice_{name}" for name in STRUCTURES),
+    "dice_mean", "hd_lv_px", "hd95_lv_px", "hd_lv_mm", "hd95_lv_mm",
+)  # fmt: skip
+CLS_METRICS = ("accuracy", "balanced_accuracy")
+PERCENT = {"dice_mean", "accuracy", "balanced_accuracy", *(f"dice_{n}" for n in STRUCTURES)}
+METRIC_TITLES = {
+    **{f"dice_{n}": f"Dice {STRUCTURE_SHORT[n]}" for n in STRUCTURES},
+    "dice_mean": "mean Dice",
+    "hd_lv_px": "HD LV (px)",
+    "hd95_lv_px": "HD95 LV (px)",
+    "hd_lv_mm": "HD LV (mm)",
+    "hd95_lv_mm": "HD95 LV (mm)",
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+}
+LABEL_COLOURS = {1: (0.95, 0.25, 0.2), 2: (0.2, 0.8, 0.3), 3: (0.25, 0.45, 0.95)}
+
+
+# --------------------------------------------------------------------------- numbers
+def build_report(
+    results: list[tuple[dict[str, Any], dict[str, Any]]],
+    test_store: str,
+    test_data: dict[str, Any],
+    settings: dict[str, Any],
+    notes: list[str],
+    wall_s: float,
+) -> dict[str, Any]:
+    """Bootstrap every run's per-image metrics, pair each run with its task's real-trained
+    reference and gather settings and provenance into one JSON-able dict."""
+    from edmcli.data.store import DatasetStore
+
+    boot = {
+        "fraction": settings["bootstrap_fraction"],
+        "iterations": settings["bootstrap_iterations"],
+        "seed": settings["seed"],
+    }
+    runs: list[dict[str, Any]] = []
+    per_image_of: dict[str, dict[str, np.ndarray]] = {}
+    for plan, scored in results:
+        spec, task = plan["spec"], plan["task"]
+        per_image = {k: np.asarray(v) for k, v in scored["per_image"].items()}
+        metrics: dict[str, Any] = {}
+        if task == "seg":
+            for name in SEG_METRICS:
+                if name in per_image:
+                    metrics[name] = bootstrap_mean(per_image[name], **boot).as_dict()
+        else:
+            truth = test_data["cls"].views
+            pred = np.asarray(scored["predicted_view"])
+            metrics["accuracy"] = bootstrap_mean(per_image["correct"], **boot).as_dict()
+            metrics["balanced_accuracy"] = bootstrap_statistic(
+                lambda idx, p=pred, t=truth: balanced_accuracy(p[idx], t[idx]),
+                len(truth),
+                **boot,
+            ).as_dict()
+        name = plan["run_dir"].name
+        per_image_of[name] = per_image
+        record = {
+            "name": name,
+            "task": task,
+            "label": spec.label,
+            "slug": spec.slug,
+            "kind": spec.kind,
+            "model": spec.model,
+            "nfe": spec.nfe,
+            "solver": spec.solver,
+            "train_stores": [
+                {
+                    "path": store,
+                    "provenance": prov,
+                    "image_size": list(DatasetStore(store).image_size),
+                    "train_patients": len(DatasetStore(store).patients("train")),
+                }
+                for store, prov in zip(spec.stores, spec.provenance, strict=True)
+            ],
+            "train_images": plan["n_train"],
+            "validation": {
+                "store": plan["settings"].val_store,
+                "split": plan["settings"].val_split,
+            },
+            "run_dir": str(plan["run_dir"]),
+            "settings": plan["settings"].as_dict(),
+            "train_config": _jsonable(vars(plan["config"])),
+            "steps": plan.get("steps_done"),
+            "resumed_from": plan.get("resumed_from"),
+            "train_wall_s": plan.get("train_wall_s"),
+            "test_wall_s": plan.get("test_wall_s"),
+            "best_step": scored["best_step"],
+            "best_validation": scored["best_validation"],
+            "metrics": metrics,
+            "per_image": {k: v.tolist() for k, v in per_image.items()},
+        }
+        if task == "seg":
+            record["hd_failures"] = int(per_image["hd_failed"].sum())
+            record["spacing_mm"] = bool(scored.get("spacing_mm"))
+        else:
+            record["confusion_matrix"] = scored["confusion_matrix"]
+        runs.append(record)
+
+    references: dict[str, str | None] = {}
+    for task in settings["tasks"]:
+        real = [r for r in runs if r["task"] == task and r["kind"] == "real"]
+        references[task] = real[0]["name"] if real else None
+    for record in runs:
+        ref = references.get(record["task"])
+        record["reference"] = ref
+        record["gap_to_reference"] = None
+        if ref is None or ref == record["name"]:
+            continue
+        mine, theirs = per_image_of[record["name"]], per_image_of[ref]
+        gaps = {}
+        if record["task"] == "seg":
+            for key in (k for k in SEG_METRICS if k in mine and k in theirs):
+                gaps[key] = bootstrap_mean(mine[key] - theirs[key], **boot).as_dict()
+        else:
+            gaps["accuracy"] = bootstrap_mean(mine["correct"] - theirs["correct"], **boot).as_dict()
+        record["gap_to_reference"] = gaps
+
+    test_reader = DatasetStore(test_store)
+    test_info = {
+        "path": test_store,
+        "split": "test",
+        "image_size": list(test_reader.image_size),
+        "patients": test_reader.patients("test"),
+        "images": {task: len(data) for task, data in test_data.items()},
+        "provenance": test_reader.info.get("provenance", {}),
+    }
+    return {
+        "format": "echo-synth-evaluation",
+        "format_version": 1,
+        "settings": settings,
+        "test": test_info,
+        "references": references,
+        "notes": notes,
+        "wall_s": wall_s,
+        "runs": runs,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+# --------------------------------------------------------------------------- text
+def _fmt(name: str, estimate: dict[str, float] | None) -> str:
+    if not estimate:
+        return "–"
+    scale = 100.0 if name in PERCENT else 1.0
+    return f"{estimate['mean'] * scale:.1f} ± {estimate['std'] * scale:.1f}"
+
+
+def _fmt_gap(name: str, estimate: dict[str, float] | None) -> str:
+    if not estimate:
+        return "–"
+    scale = 100.0 if name in PERCENT else 1.0
+    m, lo, hi = (estimate[k] * scale for k in ("mean", "ci_low", "ci_high"))
+    return f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
+def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The one table: a row per training dataset, seg and cls columns side by side."""
+    runs = report["runs"]
+    tasks = report["settings"]["tasks"]
+    seg_mm = any(r.get("spacing_mm") for r in runs if r["task"] == "seg")
+    header = ["training data", "kind", "model", "NFE"]
+    columns: list[tuple[str, str, bool]] = []  # (task, metric, is_gap)
+    if "seg" in tasks:
+        columns += [("seg", f"dice_{n}", False) for n in STRUCTURES]
+        columns += [("seg", "dice_mean", False), ("seg", "dice_mean", True)]
+        columns += [("seg", "hd_lv_px", False), ("seg", "hd95_lv_px", False)]
+        if seg_mm:
+            columns += [("seg", "hd_lv_mm", False), ("seg", "hd95_lv_mm", False)]
+    if "cls" in tasks:
+        columns += [("cls", "accuracy", False), ("cls", "balanced_accuracy", False)]
+        columns += [("cls", "accuracy", True)]
+    for _task, metric, gap in columns:
+        title = METRIC_TITLES[metric] + (" (%)" if metric in PERCENT and not gap else "")
+        header.append(f"Δ {METRIC_TITLES[metric]} vs real" if gap else title)
+    rows = []
+    slugs = list(dict.fromkeys(r["slug"] for r in runs))
+    for slug in slugs:
+        mine = {r["task"]: r for r in runs if r["slug"] == slug}
+        first = next(iter(mine.values()))
+        row = [first["label"], first["kind"], first["model"] or "–", str(first["nfe"] or "–")]
+        for task, metric, gap in columns:
+            record = mine.get(task)
+            if record is None:
+                row.append("–")
+            elif gap:
+                if record["reference"] == record["name"]:
+                    row.append("reference")
+                else:
+                    row.append(_fmt_gap(metric, (record["gap_to_reference"] or {}).get(metric)))
+            else:
+                row.append(_fmt(metric, record["metrics"].get(metric)))
+        rows.append(row)
+    return header, rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``report.md``: the table, then the settings, validation choices and notes."""
+    s, t = report["settings"], report["test"]
+    header, rows = _rows(report)
+    lines = [
+        "# echo-synth evaluation",
+        "",
+        f"Test set: the test split of `{t['path']}` ({len(t['patients'])} held-out patients, "
+        + ", ".join(f"{n} images for {task}" for task, n in t["images"].items())
+        + f", {t['image_size'][0]}×{t['image_size'][1]}).",
+        f"Preset `{s['preset']}`, seed {s['seed']}, device {s['device']}; bootstrap: "
+        f"{s['bootstrap_iterations']} random {s['bootstrap_fraction']:.0%} subsets of the test "
+        "set, mean ± std; gaps are run − real-trained reference per test image on the same "
+        "subsets, mean [95 % interval].",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+        "## Runs",
+        "",
+    ]
+    for r in report["runs"]:
+        extra = ""
+        if r["task"] == "seg":
+            extra = f"; LV Hausdorff failures (an empty mask): {r['hd_failures']}"
+        else:
+            extra = f"; confusion matrix (rows true {'/'.join(VIEWS)}): {r['confusion_matrix']}"
+        lines.append(
+            f"- `{r['name']}` ({r['task']}, {r['kind']}): {r['train_images']} training images, "
+            f"validation on the {r['validation']['split']} split of `{r['validation']['store']}`,"
+            f" best step {r['best_step']} of {r['steps']}{extra}."
+        )
+    if report["notes"]:
+        lines += ["", "## Notes", "", *(f"- {n}" for n in report["notes"])]
+    if report.get("plots"):
+        lines += ["", "## Plots", "", *(f"![{Path(p).stem}]({p})" for p in report["plots"])]
+    wall = f"Wall time of this call (training, testing, report): {report['wall_s']:.0f} s."
+    lines += ["", wall, ""]
+    return "\n".join(lines)
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """The report's table on the terminal, transposed (a column per training dataset) so that
+    it fits a narrow terminal."""
+    from rich.table import Table
+
+    header, rows = _rows(report)
+    table = Table("", *(row[0] for row in rows), title="downstream utility on real test images")
+    for k, name in enumerate(header[1:], start=1):
+        table.add_row(name, *(row[k] for row in rows))
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_dice(report: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: Dice per structure and mean Dice per run (± bootstrap std)."""
+    plt = _pyplot()
+    runs = [r for r in report["runs"] if r["task"] == "seg"]
+    metrics = [*(f"dice_{n}" for n in STRUCTURES), "dice_mean"]
+    width = 0.8 / max(len(runs), 1)
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(metrics), 3.6))
+    for k, r in enumerate(runs):
+        est = [r["metrics"].get(m, {"mean": np.nan, "std": np.nan}) for m in metrics]
+        means = [100 * e["mean"] for e in est]
+        stds = [100 * e["std"] for e in est]
+        x = np.arange(len(metrics)) + (k - (len(runs) - 1) / 2) * width
+        ax.bar(x, means, width, yerr=stds, capsize=2, label=_run_label(r))
+    ax.set_xticks(np.arange(len(metrics)), [METRIC_TITLES[m] for m in metrics])
+    ax.set_ylabel("Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Segmentation on real test images")
+    return _save(fig, path)
+
+
+def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
+    """Bars: view-classification accuracy per run (± bootstrap std), chance at 50 %."""
+    plt = _pyplot()
+    runs = [r for r in report["runs"] if r["task"] == "cls"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 2 + 1.2 * len(runs)), 3.6))
+    means = [100 * r["metrics"]["accuracy"]["mean"] for r in runs]
+    stds = [100 * r["metrics"]["accuracy"]["std"] for r in runs]
+    colours = ["tab:red" if r["kind"] == "real" else "tab:blue" for r in runs]
+    ax.bar(np.arange(len(runs)), means, 0.6, yerr=stds, capsize=3, color=colours)
+    ax.axhline(50, color="grey", linestyle=":", label="chance")
+    ax.set_xticks(np.arange(len(runs)), [_run_label(r) for r in runs], fontsize=7, rotation=15)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    ax.set_title("A2C/A4C view classification on real test images", fontsize=10)
+    return _save(fig, path)
+
+
+def _overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    rgb = np.repeat(image[..., None], 3, axis=2)
+    for value, colour in LABEL_COLOURS.items():
+        mask = labels == value
+        rgb[mask] = 0.55 * rgb[mask] + 0.45 * np.asarray(colour)
+    return rgb.clip(0, 1)
+
+
+def example_indices(n: int, k: int = 6) -> np.ndarray:
+    """``k`` test images spread evenly over the test split (deterministic)."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
+
+
+def plot_seg_examples(test, predictions: list[tuple[str, np.ndarray]], path: Path) -> Path:
+    """Rows: real test image, ground truth, then each run's prediction (LV red, myocardium
+    green, LA blue)."""
+    plt = _pyplot()
+    idx = example_indices(len(test))
+    rows = 2 + len(predictions)
+    fig, axes = plt.subplots(rows, len(idx), figsize=(1.6 * len(idx), 1.7 * rows), squeeze=False)
+    images = test.images[:, 0].numpy()
+    truth = test.labels.numpy()
+    truth = np.where(truth == 4, 0, truth)
+    panels = [("image", None), ("ground truth", truth), *predictions]
+    for r, (title, labels) in enumerate(panels):
+        for c, i in enumerate(idx):
+            ax = axes[r, c]
+            shown = images[i] if labels is None else _overlay(images[i], labels[i])
+            ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(title, fontsize=7)
+    fig.suptitle("Segmentations of real test images", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_cls_examples(test, predictions: list[tuple[str, np.ndarray, np.ndarray]], path: Path):
+    """Rows: each run; a cell shows the test image with the predicted view and its probability
+    (green when right, red when wrong)."""
+    plt = _pyplot()
+    idx = example_indices(len(test))
+    rows = max(1, len(predictions))
+    fig, axes = plt.subplots(rows, len(idx), figsize=(1.6 * len(idx), 1.9 * rows), squeeze=False)
+    images = test.images[:, 0].numpy()
+    for r, (title, views, prob) in enumerate(predictions):
+        for c, i in enumerate(idx):
+            ax = axes[r, c]
+            ax.imshow(images[i], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            p = prob[i] if views[i] == 1 else 1 - prob[i]
+            right = views[i] == test.views[i]
+            ax.set_title(
+                f"{VIEWS[views[i]]} {p:.2f} (true {VIEWS[test.views[i]]})",
+                fontsize=6,
+                color="green" if right else "red",
+            )
+            if c == 0:
+                ax.set_ylabel(title, fontsize=7)
+    fig.suptitle("View predictions on real test images", fontsize=9)
+    return _save(fig, path)
+
+
+def nfe_series(report: dict[str, Any], task: str, metric: str) -> dict[str, list[tuple]]:
+    """model → [(nfe, mean, std), ...] sorted by NFE, from the synthetic runs of a task."""
+    series: dict[str, list[tuple]] = {}
+    for r in report["runs"]:
+        if r["task"] == task and r["kind"] == "synthetic" and r["nfe"] is not None:
+            est = r["metrics"].get(metric)
+            if est:
+                series.setdefault(r["model"] or "synthetic", []).append(
+                    (r["nfe"], est["mean"], est["std"])
+                )
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def plot_vs_nfe(report: dict[str, Any], path: Path) -> Path | None:
+    """The paper's Fig. 3: mean Dice, LV Hausdorff distance and accuracy against NFE, one line
+    per generative model, the real-trained reference as a dashed line (± std band). None when
+    fewer than two synthetic runs carry an NFE."""
+    panels = []
+    runs = report["runs"]
+    mm = any(r.get("spacing_mm") for r in runs if r["task"] == "seg")
+    for task, metric in (("seg", "dice_mean"), ("seg", "hd_lv_mm" if mm else "hd_lv_px"),
+                         ("cls", "accuracy")):  # fmt: skip
+        series = nfe_series(report, task, metric)
+        if sum(len(v) for v in series.values()) >= 2:
+            panels.append((task, metric, series))
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (task, metric, series) in zip(axes[0], panels, strict=True):
+        scale = 100.0 if metric in PERCENT else 1.0
+        nfes = sorted({n for v in series.values() for n, _, _ in v})
+        for model, points in series.items():
+            n, m, s = (np.array(a, dtype=float) for a in zip(*points, strict=True))
+            ax.errorbar(n, m * scale, yerr=s * scale, marker="o", capsize=2, label=model)
+        ref = report["references"].get(task)
+        ref_run = next((r for r in runs if r["name"] == ref), None)
+        if ref_run is not None and metric in ref_run["metrics"]:
+            est = ref_run["metrics"][metric]
+            ax.axhline(est["mean"] * scale, color="red", linestyle="--", label="real")
+            ax.axhspan(
+                (est["mean"] - est["std"]) * scale, (est["mean"] + est["std"]) * scale,
+                color="red", alpha=0.1,
+            )  # fmt: skip
+        if nfes and nfes[-1] / max(nfes[0], 1) >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(METRIC_TITLES[metric] + (" (%)" if metric in PERCENT else ""))
+        ax.legend(fontsize=7)
+    fig.suptitle("Downstream performance on real test images against NFE", fontsize=9)
+    return _save(fig, path)
+
+
+def _run_label(record: dict[str, Any]) -> str:
+    if record["kind"] == "synthetic" and record["model"]:
+        nfe = f" {record['nfe']} NFE" if record["nfe"] is not None else ""
+        return f"{record['model']}{nfe}"
+    return f"{record['label']} ({record['kind']})"
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- files
+def write_report(
+    report: dict[str, Any],
+    out: Path,
+    test_data: dict[str, Any] | None = None,
+    results: list[tuple[dict[str, Any], dict[str, Any]]] | None = None,
+) -> list[Path]:
+    """Plots, then ``report.json`` and ``report.md`` (each written to a temporary file and
+    renamed). Returns the paths written."""
+    out = Path(out)
+    plots_dir = out / "plots"
+    written: list[Path] = []
+    tasks = report["settings"]["tasks"]
+    if "seg" in tasks:
+        written.append(plot_dice(report, plots_dir / "dice.png"))
+    if "cls" in tasks:
+        written.append(plot_accuracy(report, plots_dir / "accuracy.png"))
+    if test_data is not None and results is not None:
+        seg = [
+            (_run_label(r), s["predictions"]["labels"])
+            for r, (plan, s) in zip(report["runs"], results, strict=True)
+            if plan["task"] == "seg"
+        ]
+        if seg:
+            written.append(plot_seg_examples(test_data["seg"], seg, plots_dir / "examples_seg.png"))
+        cls = [
+            (_run_label(r), s["predicted_view"], s["prob_a4c"])
+            for r, (plan, s) in zip(report["runs"], results, strict=True)
+            if plan["task"] == "cls"
+        ]
+        if cls:
+            written.append(plot_cls_examples(test_data["cls"], cls, plots_dir / "examples_cls.png"))
+    nfe = plot_vs_nfe(report, plots_dir / "vs_nfe.png")
+    if nfe is not None:
+        written.append(nfe)
+    report["plots"] = [str(p.relative_to(out)) for p in written]
+    _write_text(out / "report.json", json.dumps(_jsonable(report), indent=2))
+    _write_text(out / "report.md", markdown(report))
+    return [*written, out / "report.json", out / "report.md"]
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
