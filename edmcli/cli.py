@@ -186,18 +186,19 @@ def info(
     )
 
 
-RunOption = typer.Option(
-    "--run",
-    "--run-dir",
-    help="Run folder (default runs/<model>).",
-)
-
-
 class Precision(str, enum.Enum):
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+PrecisionOpt = Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")]
+RunOption = typer.Option(
+    "--run",
+    "--run-dir",
+    help="Run folder (default runs/<model>).",
+)
 
 
 @app.command("train-vae")
@@ -235,9 +236,7 @@ def train_vae(
     log_every: LogEveryOpt = None,
     grid_every: GridEveryOpt = None,
     num_workers: WorkersOpt = None,
-    precision: Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = (
-        Precision.auto
-    ),
+    precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     config: ConfigOption = None,
@@ -356,9 +355,7 @@ def train_diffusion(
         int | None, typer.Option(help="Steps between denoising checks.")
     ] = None,
     num_workers: WorkersOpt = None,
-    precision: Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = (
-        Precision.auto
-    ),
+    precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     config: ConfigOption = None,
@@ -486,9 +483,7 @@ def sample(
     overwrite: Annotated[bool, typer.Option(help="Replace an output store of another config.")] = (
         False
     ),
-    precision: Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = (
-        Precision.auto
-    ),
+    precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     config: ConfigOption = None,
 ) -> None:

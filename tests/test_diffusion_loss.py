@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny_nets import small_config
 from torch import nn
 from torch.distributions import LogNormal, Uniform
 
@@ -19,7 +20,7 @@ from edmcli.models.preconditioning import (
 )
 from edmcli.models.presets import MODEL_NAMES, build_loss, build_model
 from edmcli.models.spade import SPADE
-from edmcli.models.unet import SpadeUNet, SpadeUNetConfig
+from edmcli.models.unet import SpadeUNet
 
 SIGMAS = torch.tensor([0.002, 0.05, 0.5, 1.0, 4.0, 80.0])
 
@@ -191,16 +192,7 @@ def test_every_model_loss_is_reproducible_with_a_generator(name):
 
 def test_gradient_of_the_loss_reaches_every_spade_mlp():
     torch.manual_seed(0)
-    config = SpadeUNetConfig(
-        image_size=8,
-        model_channels=16,
-        channel_mult=(1, 2),
-        num_blocks=1,
-        attention_resolutions=(),
-        dropout=0.0,
-        attention_head_channels=16,
-        spade_hidden=8,
-    )
+    config = small_config(image_size=8, spade_hidden=8)
     model = EDMPrecond(randomize_zero_init(SpadeUNet(config)))
     images, labels, sector = batch(size=8)
     loss, _ = EDMLoss()(model, images, labels, sector, torch.Generator().manual_seed(0))

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tiny_nets import small_config
 from torch import nn
 
 from edmcli.models.preconditioning import (
@@ -22,25 +23,14 @@ from edmcli.models.preconditioning import (
     vp_sigma_deriv,
     vp_sigma_inv,
 )
-from edmcli.models.unet import SpadeUNet, SpadeUNetConfig
+from edmcli.models.unet import SpadeUNet
 
 SIGMAS = [0.002, 0.03, 0.5, 1.0, 7.3, 80.0]
 
 
 def small_net(seed: int = 0) -> SpadeUNet:
     torch.manual_seed(seed)
-    net = SpadeUNet(
-        SpadeUNetConfig(
-            image_size=8,
-            model_channels=16,
-            channel_mult=(1, 2),
-            num_blocks=1,
-            attention_resolutions=(),
-            dropout=0.0,
-            attention_head_channels=16,
-            spade_hidden=8,
-        )
-    )
+    net = SpadeUNet(small_config(image_size=8, spade_hidden=8))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # random weights where the init is zero, as a trained network
         for p in net.parameters():

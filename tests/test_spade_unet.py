@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_nets import small_config
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -27,21 +28,6 @@ from edmcli.models.unet import (
     _Modulations,
     labels_to_onehot,
 )
-
-
-def small_config(**overrides) -> SpadeUNetConfig:
-    values = dict(
-        image_size=16,
-        model_channels=16,
-        channel_mult=(1, 2),
-        num_blocks=1,
-        attention_resolutions=(),
-        dropout=0.0,
-        attention_head_channels=16,
-        spade_hidden=16,
-    )
-    values.update(overrides)
-    return SpadeUNetConfig(**values)
 
 
 def randomize_zero_init(module: nn.Module, seed: int = 0) -> nn.Module:

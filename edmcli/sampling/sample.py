@@ -65,7 +65,7 @@ class SampleRequest:
     def identity(self, loaded: LoadedDiffusion) -> dict[str, Any]:
         """What the output store's content depends on (resume only when it is identical)."""
         out = asdict(self)
-        for key in ("batch", "compile", "precision"):
+        for key in ("batch", "compile", "precision", "spade_cache"):
             out.pop(key)  # change floating-point noise at most, not what is sampled
         out.update(run=str(loaded.run), checkpoint_sha256=loaded.sha256)
         return out
