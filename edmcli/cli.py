@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from edmcli.config import apply_config
+from edmcli.config import ConfigOption
 from edmcli.console import console, err_console, progress
 from edmcli.errors import EchoSynthError
 
@@ -23,17 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        help="YAML file of option: value; flags on the command line override it.",
-        is_eager=True,
-        callback=apply_config,
-        dir_okay=False,
-    ),
-]
 
 
 # Options shared by the training commands (the engine's settings); None: the preset decides.

@@ -8,7 +8,7 @@ line wins over the file, and the file wins over the built-in defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -50,3 +50,16 @@ def apply_config(
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="YAML file of option: value; flags on the command line override it.",
+        is_eager=True,
+        callback=apply_config,
+        dir_okay=False,
+    ),
+]
+"""The ``--config FILE.yaml`` option every command takes."""

@@ -118,7 +118,7 @@ def create_store(
         "code_version": code_version(),
         **attrs,
     }
-    group.attrs[ATTRS_KEY] = _jsonable(info)
+    group.attrs[ATTRS_KEY] = jsonable(info)
     return group
 
 
@@ -143,7 +143,7 @@ def write_block(
 def mark_complete(group: zarr.Group, **extra: Any) -> None:
     """Flag a fully written store as complete (the last write of every writer)."""
     info = dict(group.attrs[ATTRS_KEY])
-    info.update(_jsonable(extra))
+    info.update(jsonable(extra))
     info["complete"] = True
     group.attrs[ATTRS_KEY] = info
 
@@ -310,8 +310,9 @@ def directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def _jsonable(value: Any) -> Any:
-    """Round-trip through JSON so attrs hold plain types (paths, numpy scalars → str/float)."""
+def jsonable(value: Any) -> Any:
+    """Round-trip through JSON so attrs and reports hold plain types (numpy → Python numbers
+    and lists, paths and other objects → str)."""
     return json.loads(json.dumps(value, default=_json_default))
 
 

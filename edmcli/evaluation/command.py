@@ -37,7 +37,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edmcli.config import apply_config
+from edmcli.config import ConfigOption
 from edmcli.console import console
 from edmcli.data.labels import VIEWS
 from edmcli.data.store import DatasetStore, code_version
@@ -55,18 +55,6 @@ class TaskChoice(str, enum.Enum):
 class PresetChoice(str, enum.Enum):
     paper = "paper"
     tiny = "tiny"
-
-
-_ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        help="YAML file of option: value; flags on the command line override it.",
-        is_eager=True,
-        callback=apply_config,
-        dir_okay=False,
-    ),
-]
 
 
 def evaluate_command(
@@ -116,7 +104,7 @@ def evaluate_command(
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of training and of the bootstrap.")] = 0,
-    config: _ConfigOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Train a segmenter and a view classifier on each --train store and score them on the
     held-out real --test split; write report.json, report.md and plots. Rerun to resume."""

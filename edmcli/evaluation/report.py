@@ -22,6 +22,7 @@ import numpy as np
 
 from edmcli.console import console
 from edmcli.data.labels import VIEWS
+from edmcli.data.store import jsonable
 from edmcli.evaluation.bootstrap import bootstrap_mean, bootstrap_statistic
 from edmcli.evaluation.metrics import STRUCTURE_SHORT, STRUCTURES, balanced_accuracy
 
@@ -108,7 +109,7 @@ def build_report(
             },
             "run_dir": str(plan["run_dir"]),
             "settings": plan["settings"].as_dict(),
-            "train_config": _jsonable(vars(plan["config"])),
+            "train_config": jsonable(vars(plan["config"])),
             "steps": plan.get("steps_done"),
             "resumed_from": plan.get("resumed_from"),
             "train_wall_s": plan.get("train_wall_s"),
@@ -163,20 +164,6 @@ def build_report(
         "wall_s": wall_s,
         "runs": runs,
     }
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=_json_default))
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 # --------------------------------------------------------------------------- text
@@ -508,7 +495,7 @@ def write_report(
     if nfe is not None:
         written.append(nfe)
     report["plots"] = [str(p.relative_to(out)) for p in written]
-    _write_text(out / "report.json", json.dumps(_jsonable(report), indent=2))
+    _write_text(out / "report.json", json.dumps(jsonable(report), indent=2))
     _write_text(out / "report.md", markdown(report))
     return [*written, out / "report.json", out / "report.md"]
 

@@ -10,7 +10,6 @@ transformation ``i % K`` (seeded by (seed, source index, k)) and start noise see
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from edmcli.data.store import (
     STRING_FIELDS,
     DatasetStore,
     create_store,
+    jsonable,
     mark_complete,
     write_block,
 )
@@ -128,7 +128,7 @@ def open_output(
             saved = group.attrs.get(ATTRS_KEY, {}).get("sample_config")
         except Exception:  # not a zarr store at all
             saved = None
-        if saved == _jsonable(identity) and "shard_done" in group.array_keys():
+        if saved == jsonable(identity) and "shard_done" in group.array_keys():
             return group
         if not overwrite:
             raise EchoSynthError(
@@ -144,10 +144,6 @@ def open_output(
     group.create_array("shard_done", shape=(n_shards,), dtype="bool", chunks=(1,),
                        fill_value=False)  # fmt: skip
     return group
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 @dataclass
