@@ -232,41 +232,67 @@ def train_vae(
 ) -> None:
     """Train the Γ-VAE of the latent models; rerun the same command to resume."""
     from edmcli.presets import VAE_PRESETS, resolve
-    from edmcli.training.distributed import init_distributed, shutdown_distributed
-    from edmcli.training.engine import Trainer, print_summary
-    from edmcli.training.run_dir import prepare_run_dir, record_training_patients
     from edmcli.training.vae import GammaVAETask, settings_dict, vae_settings_and_config
 
     overrides = {k: v for k, v in locals().items() if k not in _NOT_OVERRIDES}
     values = resolve(VAE_PRESETS, preset, overrides)
     settings, train_config = vae_settings_and_config(data, latent, values, seed, precision.value)
-    run = run or Path("runs") / f"vae-l{latent}"
+    resolved = {"kind": "vae", "preset": preset, **settings_dict(settings),
+                **_train_dict(train_config)}  # fmt: skip
+    _train_run(
+        run=run or Path("runs") / f"vae-l{latent}",
+        device=device,
+        resolved=resolved,
+        data=settings.data,
+        train_config=train_config,
+        make_task=lambda env: GammaVAETask(settings),
+        describe=f"Γ-VAE L{latent} ({settings.image_size}² → {settings.latent_size}²)",
+        report=lambda run, env: _vae_quality(run, settings, env.device),
+        title=f"Γ-VAE L{latent}",
+    )
+
+
+def _train_run(
+    run: Path,
+    device: str,
+    resolved: dict,
+    data: str,
+    train_config,
+    make_task,
+    describe: str,
+    report,
+    title: str,
+    head: dict | None = None,
+) -> None:
+    """The flow every training command shares: join the process group, create or check the run
+    folder, record the training patients, train, then summarise on the main rank."""
+    from edmcli.training.distributed import init_distributed, shutdown_distributed
+    from edmcli.training.engine import Trainer, print_summary
+    from edmcli.training.run_dir import prepare_run_dir, record_training_patients
+
     env = init_distributed(device)
     try:
-        resolved = {"kind": "vae", "preset": preset, **settings_dict(settings),
-                    **_train_dict(train_config)}  # fmt: skip
         resumed = prepare_run_dir(run, resolved, env.is_main)
         if env.is_main:
-            record_training_patients(run, settings.data)
+            record_training_patients(run, data)
             console.print(
-                f"{'resuming' if resumed else 'training'} Γ-VAE L{latent} "
-                f"({settings.image_size}² → {settings.latent_size}²) in {run} on {env.device}"
+                f"{'resuming' if resumed else 'training'} {describe} in {run} on {env.device}"
                 f" × {env.world_size}: {train_config.steps} steps of batch {train_config.batch}",
                 highlight=False,
             )
-        result = Trainer(GammaVAETask(settings), train_config, run, env).fit()
+        result = Trainer(make_task(env), train_config, run, env).fit()
         if env.is_main:
-            quality = _vae_quality(run, settings, env.device)
             summary = {
+                **(head or {}),
                 "steps": result.steps,
                 "resumed from step": result.resumed_from,
                 "train images/s": result.images_per_second,
                 **{f"final {k}": v for k, v in result.last_metrics.items()},
-                **quality,
+                **report(run, env),
                 "checkpoint": str(result.checkpoint),
             }
             (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-            print_summary(f"Γ-VAE L{latent}: {run}", summary)
+            print_summary(f"{title}: {run}", summary)
     finally:
         shutdown_distributed()
 
@@ -357,9 +383,7 @@ def train_diffusion(
         diffusion_settings,
         settings_dict,
     )
-    from edmcli.training.distributed import init_distributed, shutdown_distributed
-    from edmcli.training.engine import TrainConfig, Trainer, print_summary
-    from edmcli.training.run_dir import prepare_run_dir, record_training_patients
+    from edmcli.training.engine import TrainConfig
 
     check_model_name(model)
     overrides = {k: v for k, v in locals().items() if k in _DIFFUSION_TRAIN_KEYS}
@@ -380,37 +404,26 @@ def train_diffusion(
         settings.augment = augment
     n_steps = int(values.get("steps") or max(1, round(values["kimg"] * 1000 / batch_size)))
     train_config = TrainConfig.from_values(values, n_steps, precision.value, seed)
-    run = run or Path("runs") / model
-    env = init_distributed(device)
-    try:
-        resolved = {"kind": "diffusion", **settings_dict(settings), **_train_dict(train_config)}
-        resumed = prepare_run_dir(run, resolved, env.is_main)
-        if env.is_main:
-            record_training_patients(run, settings.data)
-            console.print(
-                f"{'resuming' if resumed else 'training'} {model} ({preset}; "
-                f"{settings.net_size}² {'latent' if loaded_vae else 'pixels'}) in {run} on "
-                f"{env.device} × {env.world_size}: {n_steps} steps of batch {batch_size}",
-                highlight=False,
-            )
+    resolved = {"kind": "diffusion", **settings_dict(settings), **_train_dict(train_config)}
+
+    def make_task(env):
         if loaded_vae is not None:
             loaded_vae.model.to(env.device)
-        result = Trainer(DiffusionTask(settings, loaded_vae), train_config, run, env).fit()
-        if env.is_main:
-            check = _last_validation(run)
-            summary = {
-                "model": model,
-                "steps": result.steps,
-                "resumed from step": result.resumed_from,
-                "train images/s": result.images_per_second,
-                **{f"final {k}": v for k, v in result.last_metrics.items()},
-                **check,
-                "checkpoint": str(result.checkpoint),
-            }
-            (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-            print_summary(f"{model}: {run}", summary)
-    finally:
-        shutdown_distributed()
+        return DiffusionTask(settings, loaded_vae)
+
+    space = "latent" if loaded_vae else "pixels"
+    _train_run(
+        run=run or Path("runs") / model,
+        device=device,
+        resolved=resolved,
+        data=settings.data,
+        train_config=train_config,
+        make_task=make_task,
+        describe=f"{model} ({preset}; {settings.net_size}² {space})",
+        report=lambda run, env: _last_validation(run),
+        title=model,
+        head={"model": model},
+    )
 
 
 _DIFFUSION_TRAIN_KEYS = {
