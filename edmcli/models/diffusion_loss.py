@@ -28,6 +28,7 @@ device); dropout inside the network still uses the global RNG.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Protocol
 
 import torch
@@ -104,7 +105,26 @@ def _weighted_denoising_loss(
     return loss, logs
 
 
-class EDMLoss:
+class _SigmaWeightedLoss(ABC):
+    """Weighted denoising loss on x = y + sigma n: subclasses draw sigma and weigh it."""
+
+    @abstractmethod
+    def sample_sigma(self, n: int, like: torch.Tensor, generator=None) -> torch.Tensor:
+        """(n, 1, 1, 1) noise levels."""
+
+    @abstractmethod
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Loss weight lambda(sigma)."""
+
+    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
+        _check_images(images)
+        sigma = self.sample_sigma(images.shape[0], images, generator)
+        return _weighted_denoising_loss(
+            net, images, labels, sector, sigma, self.weight(sigma), generator
+        )
+
+
+class EDMLoss(_SigmaWeightedLoss):
     """EDM loss: ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2."""
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
@@ -124,15 +144,8 @@ class EDMLoss:
         sd = self.sigma_data
         return (sigma**2 + sd**2) / (sigma * sd) ** 2
 
-    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
-        _check_images(images)
-        sigma = self.sample_sigma(images.shape[0], images, generator)
-        return _weighted_denoising_loss(
-            net, images, labels, sector, sigma, self.weight(sigma), generator
-        )
 
-
-class VELoss:
+class VELoss(_SigmaWeightedLoss):
     """VE loss: sigma log-uniform in [sigma_min, sigma_max], weight 1 / sigma^2."""
 
     def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0):
@@ -151,15 +164,8 @@ class VELoss:
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return 1 / sigma**2
 
-    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
-        _check_images(images)
-        sigma = self.sample_sigma(images.shape[0], images, generator)
-        return _weighted_denoising_loss(
-            net, images, labels, sector, sigma, self.weight(sigma), generator
-        )
 
-
-class VPLoss:
+class VPLoss(_SigmaWeightedLoss):
     """VP loss: t ~ U(epsilon_t, 1), sigma = sigma_VP(t), weight 1 / sigma^2."""
 
     def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5):
@@ -179,13 +185,6 @@ class VPLoss:
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return 1 / sigma**2
-
-    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
-        _check_images(images)
-        sigma = self.sample_sigma(images.shape[0], images, generator)
-        return _weighted_denoising_loss(
-            net, images, labels, sector, sigma, self.weight(sigma), generator
-        )
 
 
 class DDPMLoss:
