@@ -266,12 +266,20 @@ class GammaVAE(nn.Module):
         """:func:`latent_sector_mask` at this model's latent size."""
         return latent_sector_mask(sector, self.config.latent_size)
 
-    def _check_pair(self, image: torch.Tensor, sector: torch.Tensor) -> None:
-        _check_nchw("image", image, self.config.image_size)
+    def _check_pair(
+        self,
+        image: torch.Tensor,
+        sector: torch.Tensor,
+        name: str = "image",
+        size: int | None = None,
+    ) -> None:
+        """``image`` (called ``name``) at ``size`` (default: the image size) and a pixel-size
+        ``sector`` of the same batch size."""
+        _check_nchw(name, image, self.config.image_size if size is None else size)
         _check_nchw("sector", sector, self.config.image_size)
         if sector.shape[0] != image.shape[0]:
             raise ValueError(
-                f"sector batch size {sector.shape[0]} differs from image batch size "
+                f"sector batch size {sector.shape[0]} differs from {name} batch size "
                 f"{image.shape[0]}."
             )
 
@@ -353,13 +361,7 @@ class GammaVAE(nn.Module):
         Returns:
             (N, 1, S, S) float32 image.
         """
-        _check_nchw("latent", latent, self.config.latent_size)
-        _check_nchw("sector", sector, self.config.image_size)
-        if sector.shape[0] != latent.shape[0]:
-            raise ValueError(
-                f"sector batch size {sector.shape[0]} differs from latent batch size "
-                f"{latent.shape[0]}."
-            )
+        self._check_pair(latent, sector, "latent", self.config.latent_size)
         latent_sector = self.latent_sector(sector).to(latent.dtype)
         z = ((latent + 1.0) / 2.0).clamp_min(Z_MIN) * latent_sector
         return self._decode_z(z, sector)
