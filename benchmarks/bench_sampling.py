@@ -18,10 +18,8 @@ import torch
 
 from edmcli.data.phantom import generate_patient
 from edmcli.models.gamma_vae import GammaVAE, GammaVAEConfig
-from edmcli.models.presets import build_model, is_latent
+from edmcli.models.registry import build_model, get_spec
 from edmcli.sampling.pipeline import generate
-
-LATENT = {"edm-l64": 64, "edm-l128": 128}
 
 
 def labels_for(batch: int, size: int, device: torch.device) -> torch.Tensor:
@@ -47,8 +45,9 @@ def timed(fn, device, repeats: int) -> float:
 def measure(name, args, labels, device, pixels, dtype) -> dict:
     """Per-NFE times (eager uncached/cached, compiled cached) and images/s per NFE."""
     decode, size = None, pixels
-    if is_latent(name):
-        size = pixels * LATENT[name] // 256
+    spec = get_spec(name)
+    if spec.is_latent:
+        size = spec.net_size(pixels)
         base = 64 if args.preset == "paper" else 16
         vae = GammaVAE(GammaVAEConfig(pixels, size, base, 2 if base == 64 else 1,
                                       32 if base == 64 else 8))  # fmt: skip

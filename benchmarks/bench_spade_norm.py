@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    import kernels
+    import echo_synth_kernels as kernels
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import kernels
+    import echo_synth_kernels as kernels
 
 # (name, channels, resolution) of SPADE-normalised activations: the ADM-style UNet of the pixel
 # models (192 channels, multipliers 1-2-3-4 at 256² … 32²) and the top level of the latent ones.

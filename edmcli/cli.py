@@ -7,12 +7,12 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from edmcli.config import ConfigOption
-from edmcli.console import console, err_console, progress
+from edmcli.console import console, err_console
 from edmcli.errors import EchoSynthError
 
 app = typer.Typer(
@@ -41,20 +41,41 @@ SeedOpt = Annotated[int, typer.Option(help="Seed.")]
 
 
 def user_errors(fn):
-    """Turn EchoSynthError into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+    """Turn EchoSynthError (and a file-system refusal: permission, a file where a folder is
+    needed, a full disk) into one line on stderr and exit code 2; Ctrl-C into exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EchoSynthError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _error_line(str(exc))
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            _error_line(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _error_line(message: str) -> None:
+    """``error: MESSAGE`` on stderr, the message printed as it is (no rich markup)."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _options(values: dict[str, Any], *drop: str) -> dict[str, Any]:
+    """A command's parsed options as the stage function's keyword arguments: the one path from
+    flags (and ``--config`` YAML, which arrives as the options' defaults) to settings. Enums
+    become their values; ``config`` and ``drop`` are left out."""
+    skip = {"config", *drop}
+    return {
+        k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items() if k not in skip
+    }
 
 
 class SourceKind(str, enum.Enum):
@@ -97,40 +118,16 @@ def prepare(
     config: ConfigOption = None,
 ) -> None:
     """Build a dataset store from phantom data, a CAMUS copy or a folder of image/label pairs."""
-    from edmcli.data import prepare as stage
-    from edmcli.data.sources import DEFAULT_META_PATTERN, camus_source, folder_source
+    options = _options(locals())
+    from edmcli.data.prepare import prepare as stage
 
-    ratio = stage.parse_split_ratio(split_ratio)
-    if source is SourceKind.phantom:
-        total, label = 4 * n_patients, "phantom"
-        with progress(total, "prepare (phantom)") as advance:
-            result = stage.prepare_phantom(
-                out, n_patients, size, seed, ratio, overwrite=overwrite, progress=advance
-            )
-    else:
-        if source is SourceKind.camus:
-            if camus_dir is None:
-                raise EchoSynthError("--source camus needs --camus-dir DIR")
-            root, src = camus_dir, camus_source(camus_dir)
-        else:
-            if folder is None:
-                raise EchoSynthError("--source folder needs --folder DIR")
-            pattern = meta_pattern or DEFAULT_META_PATTERN
-            root = folder
-            src = folder_source(folder, image_glob, label_template, pattern)
-        if out.exists() and not overwrite:
-            raise EchoSynthError(f"{out} already exists; pass --overwrite to replace it")
-        label = src.layout
-        with progress(len(src.items), f"prepare ({label})") as advance:
-            result = stage.prepare_from_source(
-                src, out, size, seed, ratio, keep_aspect, root, overwrite, advance
-            )
+    result = stage(**options)
     for line in result.skipped:
         console.print(f"skipped {line}", highlight=False)
     counts = ", ".join(f"{k} {v}" for k, v in result.split_counts.items())
     console.print(
         f"wrote {result.path}: {result.samples} images of {result.patients} patients "
-        f"({label}, {size}×{size}; {counts})",
+        f"({result.layout}, {size}×{size}; {counts})",
         highlight=False,
     )
 
@@ -231,114 +228,10 @@ def train_vae(
     config: ConfigOption = None,
 ) -> None:
     """Train the Γ-VAE of the latent models; rerun the same command to resume."""
-    from edmcli.presets import VAE_PRESETS, resolve
-    from edmcli.training.vae import GammaVAETask, settings_dict, vae_settings_and_config
+    options = _options(locals())
+    from edmcli.training.vae import train_vae as stage
 
-    overrides = {k: v for k, v in locals().items() if k not in _NOT_OVERRIDES}
-    values = resolve(VAE_PRESETS, preset, overrides)
-    settings, train_config = vae_settings_and_config(data, latent, values, seed, precision.value)
-    resolved = {"kind": "vae", "preset": preset, **settings_dict(settings),
-                **_train_dict(train_config)}  # fmt: skip
-    _train_run(
-        run=run or Path("runs") / f"vae-l{latent}",
-        device=device,
-        resolved=resolved,
-        data=settings.data,
-        train_config=train_config,
-        make_task=lambda env: GammaVAETask(settings),
-        describe=f"Γ-VAE L{latent} ({settings.image_size}² → {settings.latent_size}²)",
-        report=lambda run, env: _vae_quality(run, settings, env.device),
-        title=f"Γ-VAE L{latent}",
-    )
-
-
-def _train_run(
-    run: Path,
-    device: str,
-    resolved: dict,
-    data: str,
-    train_config,
-    make_task,
-    describe: str,
-    report,
-    title: str,
-    head: dict | None = None,
-) -> None:
-    """The flow every training command shares: join the process group, create or check the run
-    folder, record the training patients, train, then summarise on the main rank."""
-    from edmcli.training.distributed import init_distributed, shutdown_distributed
-    from edmcli.training.engine import Trainer, print_summary
-    from edmcli.training.run_dir import prepare_run_dir, record_training_patients
-
-    env = init_distributed(device)
-    try:
-        resumed = prepare_run_dir(run, resolved, env.is_main)
-        if env.is_main:
-            record_training_patients(run, data)
-            console.print(
-                f"{'resuming' if resumed else 'training'} {describe} in {run} on {env.device}"
-                f" × {env.world_size}: {train_config.steps} steps of batch {train_config.batch}",
-                highlight=False,
-            )
-        result = Trainer(make_task(env), train_config, run, env).fit()
-        if env.is_main:
-            summary = {
-                **(head or {}),
-                "steps": result.steps,
-                "resumed from step": result.resumed_from,
-                "train images/s": result.images_per_second,
-                **{f"final {k}": v for k, v in result.last_metrics.items()},
-                **report(run, env),
-                "checkpoint": str(result.checkpoint),
-            }
-            (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-            print_summary(f"{title}: {run}", summary)
-    finally:
-        shutdown_distributed()
-
-
-_NOT_OVERRIDES = {"data", "latent", "run", "preset", "precision", "device", "seed", "config"}
-
-
-def _train_dict(config) -> dict:
-    from dataclasses import asdict
-
-    return {f"train_{k}" if k in ("seed",) else k: v for k, v in asdict(config).items()}
-
-
-def _vae_quality(run: Path, settings, device) -> dict:
-    """Masked PSNR/SSIM of the EMA model on the validation split, and a comparison grid."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from edmcli.data.dataset import EchoDataset
-    from edmcli.data.store import DatasetStore
-    from edmcli.evaluation.reconstruction import reconstruction_quality
-    from edmcli.models.gamma_vae import GammaVAE
-    from edmcli.training.checkpoint import latest_checkpoint, load_checkpoint
-    from edmcli.training.grids import save_image_grid
-    from edmcli.training.vae import sector_of
-
-    model = GammaVAE(settings.model_config()).to(device)
-    model.load_state_dict(load_checkpoint(latest_checkpoint(run), device)["ema"])
-    split = DatasetStore(settings.data).monitoring_split()
-    dataset = EchoDataset(settings.data, splits=split)
-    quality = reconstruction_quality(model, DataLoader(dataset, batch_size=32), device)
-    items = [dataset[i] for i in range(min(8, len(dataset)))]
-    image = torch.stack([it["image"] for it in items]).to(device)
-    sector = sector_of(torch.stack([it["labels"] for it in items]).to(device))
-    with torch.no_grad():
-        out = model(image, sector, sample=False)
-    latent = torch.nn.functional.interpolate(out.z, size=image.shape[-2:], mode="nearest")
-    save_image_grid([image, out.recon, latent.clamp(0, 1)], run / "comparison.png")
-    return {
-        f"{split} masked PSNR (dB)": quality["psnr"],
-        f"{split} masked SSIM": quality["ssim"],
-        "identity-to-mean PSNR (dB)": quality["baseline_psnr"],
-        "identity-to-mean SSIM": quality["baseline_ssim"],
-        "latent-image correlation": quality["latent_correlation"],
-        f"{split} images": quality["images"],
-    }
+    stage(**options)
 
 
 @app.command("train-diffusion")
@@ -376,83 +269,20 @@ def train_diffusion(
     config: ConfigOption = None,
 ) -> None:
     """Train a SPADE diffusion model; rerun the same command to resume."""
-    from edmcli.presets import DIFFUSION_PRESETS, PAPER_BATCH, resolve
-    from edmcli.training.diffusion import (
-        DiffusionTask,
-        check_model_name,
-        diffusion_settings,
-        settings_dict,
-    )
-    from edmcli.training.engine import TrainConfig
+    options = _options(locals())
+    from edmcli.sampling.preview import preview_samples
+    from edmcli.training.diffusion import train_diffusion as stage
 
-    check_model_name(model)
-    overrides = {k: v for k, v in locals().items() if k in _DIFFUSION_TRAIN_KEYS}
-    values = resolve(DIFFUSION_PRESETS, preset, overrides)
-    values.setdefault("batch", PAPER_BATCH[model])
-    values["batch"] = batch_size = int(values["batch"])
-    unet = {
-        k: v
-        for k, v in {
-            "dropout": dropout,
-            "spade_placement": spade_placement,
-            "model_channels": model_channels,
-        }.items()  # fmt: skip
-        if v is not None
-    }
-    settings, loaded_vae = diffusion_settings(model, data, preset, vae, unet)
-    if augment is not None:
-        settings.augment = augment
-    n_steps = int(values.get("steps") or max(1, round(values["kimg"] * 1000 / batch_size)))
-    train_config = TrainConfig.from_values(values, n_steps, precision.value, seed)
-    resolved = {"kind": "diffusion", **settings_dict(settings), **_train_dict(train_config)}
-
-    def make_task(env):
-        if loaded_vae is not None:
-            loaded_vae.model.to(env.device)
-        return DiffusionTask(settings, loaded_vae)
-
-    space = "latent" if loaded_vae else "pixels"
-    _train_run(
-        run=run or Path("runs") / model,
-        device=device,
-        resolved=resolved,
-        data=settings.data,
-        train_config=train_config,
-        make_task=make_task,
-        describe=f"{model} ({preset}; {settings.net_size}² {space})",
-        report=lambda run, env: _last_validation(run),
-        title=model,
-        head={"model": model},
-    )
-
-
-_DIFFUSION_TRAIN_KEYS = {
-    "steps", "kimg", "batch", "batch_gpu", "lr", "ema_decay", "checkpoint_every", "log_every",
-    "grid_every", "validate_every", "num_workers",
-}  # fmt: skip
-
-
-def _last_validation(run: Path) -> dict:
-    """The last denoising check of a run's metrics log."""
-    last = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "val/denoised_mse" in record:
-            last = record
-    if not last:
-        return {}
-    return {
-        f"denoising check at σ=0.5 (step {last['step']}): denoised masked MSE": last[
-            "val/denoised_mse"
-        ],
-        "noisy input masked MSE": last["val/noisy_mse"],
-    }
+    stage(**options, preview=preview_samples)
 
 
 @app.command()
 @user_errors
 def sample(
-    model: Annotated[str, typer.Option(help="sdm, edm, ve, vp, edm-l128 or edm-l64.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="sdm, edm, ve, vp, edm-l128 or edm-l64 (default: the --run's model)."),
+    ] = None,
     run: Annotated[Path | None, RunOption] = None,
     runs_root: Annotated[Path, typer.Option(help="Where --model looks for runs/<model>.")] = Path(
         "runs"
@@ -490,67 +320,87 @@ def sample(
     config: ConfigOption = None,
 ) -> None:
     """Generate a synthetic dataset store from label maps with a trained model."""
-    from edmcli.sampling.runs import load_diffusion_run, resolve_run
-    from edmcli.sampling.sample import SampleRequest, run_sampling
-    from edmcli.sampling.solvers import DEFAULT_SOLVER, SOLVERS
-    from edmcli.training.distributed import init_distributed, shutdown_distributed
-    from edmcli.training.engine import print_summary
+    options = _options(locals())
+    from edmcli.sampling.sample import sample as stage
 
-    run_dir = resolve_run(model, run, runs_root)
-    solver = solver or DEFAULT_SOLVER[model]
-    if solver not in SOLVERS:
-        raise EchoSynthError(f"--solver {solver!r} is unknown; choose from {', '.join(SOLVERS)}")
-    nfe = nfe if nfe is not None else (1000 if model == "sdm" else 35)
-    if k < 1 or batch < 1 or chunk < 1:
-        raise EchoSynthError("--k, --batch and --chunk must be at least 1")
-    env = init_distributed(device)
-    try:
-        loaded = load_diffusion_run(model, run_dir, env.device)
-        request = SampleRequest(
-            model=model, label_store=str(labels or loaded.settings.data),
-            splits=[s.strip() for s in splits.split(",") if s.strip()], k=k, n=n, nfe=nfe,
-            solver=solver, churn=churn, seed=seed, batch=batch, chunk=chunk, compile=compile,
-            spade_cache=spade_cache, precision=precision.value,
-        )  # fmt: skip
-        out = out or Path("synthetic") / f"{model}-nfe{nfe}.zarr"
-        from edmcli.sampling.nfe import plan
-
-        step_plan = plan(solver, nfe)
-        if env.is_main:
-            console.print(
-                f"sampling {model} ({run_dir}, step {loaded.step}) with {solver}: "
-                f"{step_plan.note} → {out}",
-                highlight=False,
-            )
-        result = run_sampling(request, loaded, out, env, overwrite)
-        if env.is_main:
-            summary = {
-                "store": str(result.out),
-                "samples": result.samples,
-                "sampled now": result.sampled_now,
-                "solver": solver,
-                "steps": result.steps,
-                "NFE": result.nfe,
-                "seconds": result.seconds,
-                "images/s": result.images_per_second,
-                "grid": str(result.grid),
-            }
-            (out.parent / f"{out.stem}-summary.json").write_text(json.dumps(summary, indent=2))
-            print_summary(f"{model} samples", summary)
-    finally:
-        shutdown_distributed()
+    stage(**options)
 
 
-def _register_evaluate() -> None:
-    from edmcli.evaluation.command import evaluate_command
+class TaskChoice(str, enum.Enum):
+    seg = "seg"
+    cls = "cls"
+    both = "both"
 
-    app.command("evaluate")(user_errors(evaluate_command))
 
-
-_register_evaluate()
+class PresetChoice(str, enum.Enum):
+    paper = "paper"
+    tiny = "tiny"
 
 
 @app.command()
+@user_errors
+def evaluate(
+    train: Annotated[
+        list[str],
+        typer.Option(
+            "--train",
+            help="Dataset store whose train split trains one run; repeat for several runs "
+            "(one per synthetic dataset, and the real store for the reference line); "
+            "'a.zarr,b.zarr' trains one run on the union.",
+        ),
+    ],
+    test: Annotated[
+        Path, typer.Option("--test", help="Real dataset store; its test split is scored.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the runs, report.json/.md and plots.")
+    ] = Path("evaluation"),
+    preset: Annotated[
+        PresetChoice, typer.Option(help="paper (256², 250 epochs) or tiny (CPU minutes, 64²).")
+    ] = PresetChoice.paper,
+    task: Annotated[
+        TaskChoice, typer.Option(help="seg (DynUNet), cls (EfficientNetV2-S A2C/A4C) or both.")
+    ] = TaskChoice.both,
+    size: Annotated[int | None, typer.Option(help="Network input side (resamples).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps per run.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per run (if no --steps).")] = None,
+    batch: BatchOpt = None,
+    lr: Annotated[float | None, typer.Option(help="Adam(W) learning rate.")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="EMA decay (0: none).")] = None,
+    validate_every: Annotated[
+        int | None, typer.Option(help="Steps between validations (best checkpoint).")
+    ] = None,
+    deep_supervision: Annotated[
+        bool | None, typer.Option(help="DynUNet deep-supervision heads.")
+    ] = None,
+    augment: Annotated[
+        bool | None, typer.Option(help="Geometric + intensity augmentation.")
+    ] = None,
+    num_workers: WorkersOpt = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap iterations.")] = 1000,
+    bootstrap_fraction: Annotated[
+        float, typer.Option(help="Fraction of the test set per bootstrap subset.")
+    ] = 0.8,
+    precision: PrecisionOpt = Precision.auto,
+    device: DeviceOpt = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of training and of the bootstrap.")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Train a segmenter and a view classifier on each --train store and score them on the
+    held-out real --test split; write report.json, report.md and plots. Rerun to resume."""
+    options = _options(locals(), "train", "test", "out", "preset", "task", "bootstrap",
+                       "bootstrap_fraction", "precision", "device", "seed")  # fmt: skip
+    from edmcli.evaluation.evaluate import evaluate as stage
+
+    stage(
+        train, test, out, preset.value, ["seg", "cls"] if task is TaskChoice.both else [task.value],
+        options, device=device, seed=seed, precision=precision.value,
+        bootstrap_iterations=bootstrap, bootstrap_fraction=bootstrap_fraction,
+    )  # fmt: skip
+
+
+@app.command()
+@user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
         "demo"
@@ -562,35 +412,10 @@ def demo(
     """The main path on built-in phantom data with tiny settings (CPU minutes): prepare 64²
     phantom echoes, train a Γ-VAE L64 and EDM-L64, sample a synthetic store, and evaluate it
     against real-trained segmentation and view classification. Rerunning resumes every step."""
-    from edmcli.evaluation.command import PresetChoice, evaluate_command
+    options = _options(locals())
+    from edmcli.demo import run_demo
 
-    store = out / "phantom64.zarr"
-    steps = [
-        ("prepare", lambda: prepare(
-            out=store, source=SourceKind.phantom, size=64, n_patients=n_patients, seed=seed,
-        ) if not store.exists() else console.print(f"using {store}")),
-        ("train-vae", lambda: train_vae(
-            data=store, latent=64, run=out / "runs" / "vae-l64", preset="tiny", device=device,
-            seed=seed,
-        )),
-        ("train-diffusion", lambda: train_diffusion(
-            model="edm-l64", data=store, vae=out / "runs" / "vae-l64",
-            run=out / "runs" / "edm-l64", preset="tiny", device=device, seed=seed,
-        )),
-        ("sample", lambda: sample(
-            model="edm-l64", run=out / "runs" / "edm-l64", nfe=35, compile=False,
-            out=out / "synthetic" / "edm-l64-nfe35.zarr", device=device, seed=seed,
-        )),
-        ("evaluate", lambda: evaluate_command(
-            train=[str(store), str(out / "synthetic" / "edm-l64-nfe35.zarr")], test=store,
-            out=out / "evaluation", preset=PresetChoice.tiny, device=device, seed=seed,
-        )),
-    ]  # fmt: skip
-    for name, step in steps:
-        console.rule(f"[bold]demo: {name}")
-        step()
-    console.rule("[bold]demo: done")
-    console.print(f"everything is under {out}", highlight=False)
+    run_demo(**options)
 
 
 def _view_phase_columns(summary: dict) -> list[str]:

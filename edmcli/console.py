@@ -6,11 +6,12 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from rich.console import Console
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+console = Console(soft_wrap=True, emoji=False)
+err_console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 class Reporter:
@@ -78,3 +79,13 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator[Rep
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield Reporter(total, description, bar, task)
+
+
+def print_summary(title: str, rows: dict[str, Any]) -> None:
+    """A one-screen summary table at the end of a stage."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)

@@ -7,8 +7,8 @@ elsewhere. :func:`set_spade_backend` / :func:`spade_backend` or the environment 
 imported when a kernel first runs.
 """
 
-from kernels.reference import spade_group_norm_reference
-from kernels.spade_norm_op import (
+from .reference import spade_group_norm_reference
+from .spade_norm_op import (
     BACKENDS,
     ENV_BACKEND,
     TRITON_AVAILABLE,

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.reference import spade_group_norm_reference
+from .reference import spade_group_norm_reference
 
 __all__ = [
     "BACKENDS",
@@ -126,7 +126,7 @@ def _use_fused(x: Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Triton kernel modules: a compiled and an interpreted copy, loaded on first use
 
-_KERNEL_MODULE = "kernels.spade_norm_triton"
+_KERNEL_MODULE = f"{__package__}.spade_norm_triton"
 _kernel_copies: dict[bool, ModuleType] = {}
 _kernel_lock = threading.Lock()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class PrepareResult:
     patients: int
     split_counts: dict[str, int]
     skipped: list[str]
+    layout: str = "phantom"  # the source's layout (phantom, CAMUS release, folder)
 
 
 def parse_split_ratio(text: str) -> tuple[float, float, float]:
@@ -234,3 +236,56 @@ def _flush(group, start: int, buffer: list) -> None:
     images = np.stack([b[0] for b in buffer])
     labels = np.stack([b[1] for b in buffer])
     write_block(group, start, images, labels, meta_columns([b[2] for b in buffer]))
+
+
+SOURCES = ("phantom", "camus", "folder")
+
+
+def prepare(
+    out: Path,
+    *,
+    source: str = "phantom",
+    size: int = 256,
+    n_patients: int = 50,
+    seed: int = 0,
+    split_ratio: str | tuple[float, float, float] = "8:1:1",
+    camus_dir: Path | None = None,
+    folder: Path | None = None,
+    image_glob: str = "images/*.png",
+    label_template: str = "labels/{stem}.png",
+    meta_pattern: str | None = None,
+    keep_aspect: bool = False,
+    overwrite: bool = False,
+) -> PrepareResult:
+    """Build the dataset store ``out`` from the phantom generator, a CAMUS copy
+    (``camus_dir``) or a folder of image/label pairs (``folder``) — the body of ``echo-synth
+    prepare``, with a progress bar."""
+    from edmcli.console import progress
+    from edmcli.data.sources import DEFAULT_META_PATTERN, camus_source, folder_source
+
+    if source not in SOURCES:
+        raise DataError(f"source {source!r} is unknown; choose from {', '.join(SOURCES)}")
+    ratio = parse_split_ratio(split_ratio) if isinstance(split_ratio, str) else split_ratio
+    if source == "phantom":
+        with progress(4 * n_patients, "prepare (phantom)") as advance:
+            return prepare_phantom(
+                out, n_patients, size, seed, ratio, overwrite=overwrite, progress=advance
+            )
+    if source == "camus":
+        if camus_dir is None:
+            raise DataError("the camus source needs its folder (--camus-dir DIR)")
+        root, src = Path(camus_dir), camus_source(camus_dir)
+    else:
+        if folder is None:
+            raise DataError("the folder source needs its root (--folder DIR)")
+        root = Path(folder)
+        src = folder_source(
+            folder, image_glob, label_template, meta_pattern or DEFAULT_META_PATTERN
+        )
+    if Path(out).exists() and not overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it")
+    with progress(len(src.items), f"prepare ({src.layout})") as advance:
+        result = prepare_from_source(
+            src, out, size, seed, ratio, keep_aspect, root, overwrite, advance
+        )
+    return dataclasses.replace(result, layout=src.layout)

@@ -33,7 +33,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from edmcli.data.augment import AugmentConfig, PairedAugment
 from edmcli.data.dataset import EchoDataset
-from edmcli.data.labels import OUTSIDE, SECTOR, VIEWS
+from edmcli.data.labels import OUTSIDE, SECTOR, VIEWS, resize_label_map
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.evaluation.metrics import (
@@ -45,7 +45,7 @@ from edmcli.evaluation.metrics import (
     dice_per_structure,
     segmentation_metrics,
 )
-from edmcli.training.checkpoint import load_checkpoint
+from edmcli.runs.checkpoint import load_checkpoint
 from edmcli.training.engine import TrainingTask
 
 TASKS = ("seg", "cls")
@@ -167,11 +167,9 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def resize_labels(labels: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, H, W) integer label maps → (N, size, size), nearest."""
-    if tuple(labels.shape[-2:]) == (size, size):
-        return labels
-    out = F.interpolate(labels[:, None].float(), (size, size), mode="nearest-exact")
-    return out[:, 0].round().long()
+    """(N, H, W) integer label maps → (N, size, size): the majority class of each target pixel
+    (the one resize rule, :func:`edmcli.data.labels.resize_label_map`)."""
+    return resize_label_map(labels, size).long()
 
 
 class ResizeItem:

@@ -7,7 +7,8 @@ per-pixel squared error over the sector:
     loss = sum_{n, c, h, w} w(sigma_n) (D(y_n + sigma_n e; sigma_n) - y_n)^2 sector_n
            / sum_{n, c, h, w} sector_n
 
-i.e. one mean over all in-sector pixels of the batch (DESIGN.md), not a mean of per-sample means.
+i.e. one mean over all in-sector pixels of the batch (docs/design.md), not a mean of per-sample
+means.
 
 | loss | noise level | weight |
 |---|---|---|
@@ -32,9 +33,9 @@ from abc import ABC, abstractmethod
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from edmcli.data.labels import mask_at
 from edmcli.models.masked import masked_mean
 from edmcli.models.preconditioning import DDPMEpsModel, vp_sigma
 
@@ -56,7 +57,8 @@ class DiffusionLoss(Protocol):
 
 def sector_mask_like(sector: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Sector mask (N, H, W) or (N, 1, H, W), bool or {0, 1}, as an (N, 1, h, w) float mask at
-    the images' spatial size (resized nearest, e.g. to a latent size)."""
+    the images' spatial size (e.g. a latent size) under the one rule of
+    :func:`edmcli.data.labels.mask_at` (in when at least half of a pixel is)."""
     if sector.ndim == 3:
         sector = sector[:, None]
     if sector.ndim != 4 or sector.shape[1] != 1 or sector.shape[0] != images.shape[0]:
@@ -65,9 +67,7 @@ def sector_mask_like(sector: torch.Tensor, images: torch.Tensor) -> torch.Tensor
             f"{tuple(sector.shape)}."
         )
     sector = sector.to(device=images.device, dtype=torch.float32)
-    if sector.shape[-2:] != images.shape[-2:]:
-        sector = F.interpolate(sector, size=tuple(images.shape[-2:]), mode="nearest")
-    return sector
+    return mask_at(sector, tuple(images.shape[-2:]))
 
 
 def _check_images(images: torch.Tensor) -> None:

@@ -23,8 +23,9 @@ the latent term of the loss ties z to the image downsampled to latent size, so z
 posterior mean.
 
 Latent-size sector mask (:func:`latent_sector_mask`): the area fraction of the sector inside each
-latent pixel's footprint (average pooling by H/h), kept where it is >= 0.5. The same rule serves
-encoding, decoding and the loss; :func:`area_downsample` is the matching image downsampling.
+latent pixel's footprint, kept where it is >= 0.5 (:func:`edmcli.data.labels.mask_at`, the one
+resize rule of label-derived maps). The same rule serves encoding, decoding and the loss;
+:func:`area_downsample` is the matching image downsampling.
 
 Decoder output: ``sigmoid`` of the last convolution, times the pixel sector mask. A sigmoid keeps
 the image in [0, 1] (the range LPIPS and the data store expect) with a gradient everywhere; a
@@ -34,7 +35,7 @@ stuck.
 Attention. ``GammaVAEConfig.attention`` adds MONAI's bottleneck block (residual block,
 single-head self-attention, residual block) to encoder and decoder. It is off by default: at a
 128^2 latent it attends over 16384 tokens and costs 417 of the reference L128 decoder's 501 GFLOP
-(REFERENCE.md), for a one-channel latent whose content is local (the latent term ties it
+(docs/reference.md), for a one-channel latent whose content is local (the latent term ties it
 pixel-wise to the image).
 """
 
@@ -48,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets.autoencoderkl import Decoder, Encoder
 from torch import nn
+
+from edmcli.data.labels import mask_at
 
 __all__ = [
     "GammaVAE",
@@ -196,11 +199,8 @@ def latent_sector_mask(sector: torch.Tensor, latent_size: int) -> torch.Tensor:
         ValueError: for a wrongly shaped mask or sizes that are not multiples of ``latent_size``.
     """
     _check_nchw("sector", sector)
-    factors = _pool_factors(sector, latent_size, "sector")
-    mask = sector if sector.is_floating_point() else sector.float()
-    if factors == (1, 1):
-        return (mask >= 0.5).to(mask.dtype)
-    return (F.avg_pool2d(mask, factors) >= 0.5).to(mask.dtype)
+    _pool_factors(sector, latent_size, "sector")
+    return mask_at(sector, latent_size)
 
 
 def area_downsample(image: torch.Tensor, latent_size: int) -> torch.Tensor:

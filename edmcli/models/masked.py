@@ -1,6 +1,6 @@
 """Means restricted to the ultrasound sector.
 
-Every loss of a generative model is computed inside the sector only (DESIGN.md): the per-pixel
+Every loss of a generative model is computed inside the sector only (docs/design.md): the per-pixel
 loss is multiplied by the sector mask, summed, and divided by the number of in-sector elements.
 Dividing by the in-sector count (and not by the whole image size) keeps a loss independent of how
 much of the frame the sector covers, so that images with small and large sectors weigh alike

@@ -7,13 +7,13 @@ per-pixel scale and shift come from the semantic label map m:
 
 ``gamma``/``beta`` are produced by a small conv MLP from the one-hot label map resized (nearest)
 to the feature size: 3x3 conv to ``hidden`` channels + ReLU, then one 3x3 conv for each of gamma
-and beta (REFERENCE.md). They depend on the label map only, so :meth:`SPADE.modulation` is kept
+and beta (docs/reference.md). They depend on the label map only, so :meth:`SPADE.modulation` is kept
 apart from :meth:`SPADE.forward`: a network can compute them once per label map and reuse them at
 every noise level.
 
-The normalisation itself goes through :func:`kernels.spade_group_norm`, the single entry point
-shared by the torch reference (CPU) and the fused Triton kernel (CUDA), which also fuses the SiLU
-that follows the norm in a residual block.
+The normalisation itself goes through :func:`echo_synth_kernels.spade_group_norm` (the repository's
+``kernels/``), the single entry point shared by the torch reference (CPU) and the fused Triton
+kernel (CUDA), which also fuses the SiLU that follows the norm in a residual block.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import spade_group_norm
+from echo_synth_kernels import spade_group_norm
 
 __all__ = ["SPADE", "GroupNormAct", "resolve_num_groups"]
 
@@ -47,7 +47,7 @@ class SPADE(nn.Module):
     Args:
         num_channels: channels of the normalised features.
         num_groups: group-norm groups; must divide ``num_channels``.
-        label_classes: channels of the one-hot label map (5 in this project, DESIGN.md).
+        label_classes: channels of the one-hot label map (5 in this project, docs/design.md).
         hidden: channels of the shared hidden layer of the modulation MLP (128 as the authors).
         eps: group-norm epsilon.
 

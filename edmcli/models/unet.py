@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edmcli.data.labels import label_onehot
 from edmcli.models.spade import SPADE, GroupNormAct, resolve_num_groups
 
 __all__ = [
@@ -220,16 +221,9 @@ class SpadeCache:
 def labels_to_onehot(
     labels: torch.Tensor, size: int, num_classes: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """One-hot (N, K, size, size) of an integer label map (N, H, W) resized nearest to ``size``.
-
-    Resizing the integer map first and one-hot encoding after is the same as resizing the one-hot
-    map (nearest picks whole pixels) and cheaper.
-    """
-    lab = labels
-    if tuple(lab.shape[-2:]) != (size, size):
-        lab = F.interpolate(lab[:, None].float(), size=(size, size), mode="nearest")[:, 0]
-    classes = torch.arange(num_classes, device=labels.device, dtype=lab.dtype)
-    return (lab[:, None] == classes[None, :, None, None]).to(dtype)
+    """SPADE's input (N, K, size, size) for an integer label map (N, H, W): the one resize rule
+    of :mod:`edmcli.data.labels` (area-averaged one-hot, i.e. class fractions per pixel)."""
+    return label_onehot(labels, size, num_classes, dtype)
 
 
 class PositionalEmbedding(nn.Module):

@@ -11,7 +11,7 @@
 - ``latent``: squared error between the latent z and the image downsampled to latent size x
   (:func:`~edmcli.models.gamma_vae.area_downsample`), averaged over the in-sector latent pixels.
 
-Default weights are the authors' (REFERENCE.md, EDMLX code): 10, 1e-3, 1e-3, 1e-2, with the
+Default weights are the authors' (docs/reference.md, EDMLX code): 10, 1e-3, 1e-3, 1e-2, with the
 perceptual and latent terms switched on after 5 epochs (``warmup_epochs``). The engine passes the
 0-based epoch; the two terms count from epoch ``warmup_epochs`` on.
 """
@@ -36,7 +36,7 @@ LOSS_TERMS: tuple[str, ...] = ("recon", "perceptual", "kl", "latent")
 
 @dataclass(frozen=True)
 class GammaVAELossWeights:
-    """Weights lambda_1..lambda_4 of the loss; defaults from the authors' code (REFERENCE.md).
+    """Weights lambda_1..lambda_4 of the loss; defaults from the authors' code (docs/reference.md).
 
     Args:
         recon: lambda_1, image L2 (10).

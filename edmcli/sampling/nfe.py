@@ -1,6 +1,6 @@
 """From a budget of network evaluations (``--nfe``) to a number of solver steps.
 
-``--nfe`` always counts network evaluations (DESIGN.md). Most solvers spend one per step, so
+``--nfe`` always counts network evaluations (docs/design.md). Most solvers spend one per step, so
 N = NFE. Heun spends two per step except on its last step (to sigma = 0, an Euler step), so N
 steps cost 2N - 1: only odd budgets are reachable, and an even one is refused with the two
 nearest reachable budgets rather than silently rounded. NFE = 1 with Heun is one step, which is

@@ -13,14 +13,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from edmcli.data.labels import OUTSIDE
-from edmcli.sampling.schedules import DEFAULT_SCHEDULE, SCHEDULES
+from edmcli.data.labels import sector_mask
+from edmcli.models.registry import get_spec
+from edmcli.sampling.schedules import SCHEDULES
 from edmcli.sampling.solvers import SOLVERS
 
 
 def model_sigmas(model_name: str, net: nn.Module, steps: int) -> torch.Tensor:
     """The model's default σ schedule with ``steps`` levels (+ final 0), float64 on the CPU."""
-    schedule = DEFAULT_SCHEDULE[model_name]
+    schedule = get_spec(model_name).schedule
     if schedule == "ddpm":
         return SCHEDULES["ddpm"](steps, sigmas=net.sigmas)
     return SCHEDULES[schedule](steps, round_sigma=getattr(net, "round_sigma", None))
@@ -44,13 +45,14 @@ class SampleNoise:
 def start_scale(model_name: str, sigma0: float) -> float:
     """x_T = scale · z: σ₀ for the continuous models; √(1 + σ₀²) for DDPM, whose textbook start
     x_T ~ N(0, I) in its own scaling is x_T/√ᾱ_T in the σ parameterisation."""
-    return (1.0 + sigma0**2) ** 0.5 if model_name == "sdm" else sigma0
+    discrete = get_spec(model_name).schedule == "ddpm"
+    return (1.0 + sigma0**2) ** 0.5 if discrete else sigma0
 
 
 def to_image(x: torch.Tensor, labels: torch.Tensor, decode: Callable | None = None) -> torch.Tensor:
     """Model space → images in [0, 1], zero outside the sector: pixels from [−1, 1], latents
     through the Γ-VAE decoder (``decode(latent, sector)``)."""
-    sector = (labels != OUTSIDE).unsqueeze(1).to(torch.float32)
+    sector = sector_mask(labels)
     if decode is None:
         image = (x.float() + 1) / 2
     else:

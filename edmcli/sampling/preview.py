@@ -1,15 +1,21 @@
-"""Quick sample grids while a diffusion model trains (a few Euler/DDIM steps)."""
+"""Quick sample grids while a diffusion model trains: the preview callback that the training
+stage takes (``train_diffusion(..., preview=preview_samples)``); training never imports
+sampling."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from edmcli.models.registry import get_spec
 from edmcli.sampling.pipeline import generate
 
+PREVIEW_STEPS = 8
 
-def preview_samples(net: nn.Module, labels: torch.Tensor, settings, vae, steps: int = 8):
-    """Images in [0, 1] for ``labels`` with fixed seeds 0..N−1: 8 Euler steps (DDIM for SDM)."""
+
+def preview_samples(net: nn.Module, labels: torch.Tensor, settings, vae) -> torch.Tensor:
+    """Images in [0, 1] for ``labels`` with fixed seeds 0..N−1: :data:`PREVIEW_STEPS` steps of
+    the model's preview solver (Euler; DDIM for DDPM models)."""
     was_training = net.training
     net.eval()
     try:
@@ -19,8 +25,8 @@ def preview_samples(net: nn.Module, labels: torch.Tensor, settings, vae, steps: 
             labels,
             seeds=range(labels.shape[0]),
             net_size=settings.net_size,
-            solver="ddim" if settings.model == "sdm" else "euler",
-            steps=steps,
+            solver=get_spec(settings.model).preview_solver,
+            steps=PREVIEW_STEPS,
             decode=vae.model.decode if vae is not None else None,
         )
     finally:

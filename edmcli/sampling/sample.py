@@ -10,6 +10,7 @@ transformation ``i % K`` (seeded by (seed, source index, k)) and start noise see
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import zarr
 
-from edmcli.console import progress
+from edmcli.console import console, print_summary, progress
 from edmcli.data.label_transforms import LabelMapTransform
 from edmcli.data.labels import NUM_CLASSES
 from edmcli.data.store import (
@@ -34,12 +35,12 @@ from edmcli.data.store import (
 )
 from edmcli.errors import EchoSynthError
 from edmcli.faults import maybe_kill
+from edmcli.runs.diffusion_run import LoadedDiffusion
+from edmcli.runs.distributed import DistEnv
+from edmcli.runs.folder import load_training_patients
+from edmcli.runs.grids import save_image_grid
 from edmcli.sampling.nfe import plan
 from edmcli.sampling.pipeline import generate
-from edmcli.sampling.runs import LoadedDiffusion
-from edmcli.training.distributed import DistEnv
-from edmcli.training.grids import save_image_grid
-from edmcli.training.run_dir import load_training_patients
 
 EXTRA_FIELDS = {"source_index": np.dtype("int64"), "transform": np.dtype("int16"),
                 "seed": np.dtype("int64")}  # fmt: skip
@@ -294,3 +295,81 @@ def _grid(out: Path) -> Path:
     images = torch.from_numpy(group["images"][:count].astype(np.float32) / 255)
     labels = torch.from_numpy(group["labels"][:count].astype(np.float32) / 4).unsqueeze(1)
     return save_image_grid([labels, images], out.with_name(f"{out.stem}-grid.png"))
+
+
+def sample(
+    model: str | None = None,
+    *,
+    run: Path | None = None,
+    runs_root: Path = Path("runs"),
+    labels: Path | None = None,
+    splits: str | list[str] = "train,val",
+    k: int = 5,
+    n: int | None = None,
+    nfe: int | None = None,
+    solver: str | None = None,
+    churn: float = 0.0,
+    seed: int = 0,
+    batch: int = 16,
+    chunk: int = 64,
+    compile: bool = True,
+    spade_cache: bool = True,
+    out: Path | None = None,
+    overwrite: bool = False,
+    precision: str = "auto",
+    device: str = "auto",
+) -> dict[str, Any] | None:
+    """Generate a synthetic dataset store with a trained diffusion run (the body of
+    ``echo-synth sample``). The run is ``run`` or ``runs_root/model``; with ``run`` the model is
+    read from the run. Solver and NFE default to the model's spec. Returns the summary (also
+    written next to the store) on the main rank."""
+    from edmcli.models.registry import get_spec
+    from edmcli.runs.diffusion_run import load_diffusion_run, resolve_run
+    from edmcli.runs.distributed import init_distributed, shutdown_distributed
+    from edmcli.sampling.solvers import SOLVERS
+
+    model, run_dir = resolve_run(model, run, runs_root)
+    spec = get_spec(model)
+    solver = solver or spec.solver
+    if solver not in SOLVERS:
+        raise EchoSynthError(f"solver {solver!r} is unknown; choose from {', '.join(SOLVERS)}")
+    nfe = spec.nfe if nfe is None else nfe
+    if k < 1 or batch < 1 or chunk < 1:
+        raise EchoSynthError("k, batch and chunk must each be at least 1")
+    split_list = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else splits
+    step_plan = plan(solver, nfe)
+    env = init_distributed(device)
+    try:
+        loaded = load_diffusion_run(model, run_dir, env.device)
+        request = SampleRequest(
+            model=model, label_store=str(labels or loaded.settings.data),
+            splits=[s for s in split_list if s], k=k, n=n, nfe=nfe, solver=solver, churn=churn,
+            seed=seed, batch=batch, chunk=chunk, compile=compile, spade_cache=spade_cache,
+            precision=precision,
+        )  # fmt: skip
+        out = Path(out) if out is not None else Path("synthetic") / f"{model}-nfe{nfe}.zarr"
+        if env.is_main:
+            console.print(
+                f"sampling {model} ({run_dir}, step {loaded.step}) with {solver}: "
+                f"{step_plan.note} → {out}",
+                highlight=False,
+            )
+        result = run_sampling(request, loaded, out, env, overwrite)
+        if not env.is_main:
+            return None
+        summary = {
+            "store": str(result.out),
+            "samples": result.samples,
+            "sampled now": result.sampled_now,
+            "solver": solver,
+            "steps": result.steps,
+            "NFE": result.nfe,
+            "seconds": result.seconds,
+            "images/s": result.images_per_second,
+            "grid": str(result.grid),
+        }
+        (out.parent / f"{out.stem}-summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(f"{model} samples", summary)
+        return summary
+    finally:
+        shutdown_distributed()

@@ -13,14 +13,9 @@ of :mod:`edmcli.sampling.solvers`. The formulas follow Karras et al. 2022, Table
 | ``ddpm`` | sigma_t = sqrt((1 - abar_t) / abar_t) of the model, t strided T-1..0 | T 1000 |
 
 with sigma_vp(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1). With N = 1 the single level is
-the largest one. Which schedule each model uses by default (DESIGN.md, :data:`DEFAULT_SCHEDULE`):
-
-| model | schedule |
-|---|---|
-| ``edm``, ``edm-l64``, ``edm-l128`` | ``edm`` |
-| ``ve`` | ``ve`` |
-| ``vp`` | ``vp`` |
-| ``sdm`` | ``ddpm`` (all 1000 timesteps for 1000 steps, an even stride for fewer) |
+the largest one. Which schedule each model uses by default is part of its spec
+(:attr:`edmcli.models.registry.ModelSpec.schedule`); ``ddpm`` visits all 1000 timesteps for 1000
+steps and an even stride for fewer.
 
 Every schedule takes a ``round_sigma`` hook (e.g. ``model.round_sigma``) that snaps the positive
 levels to the ones a model can represent; it runs once, on the host, before sampling.
@@ -36,7 +31,6 @@ import torch
 from edmcli.models.preconditioning import ddpm_alphas_cumprod
 
 __all__ = [
-    "DEFAULT_SCHEDULE",
     "SCHEDULES",
     "check_sigmas",
     "ddpm_sigmas",
@@ -232,13 +226,3 @@ SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": ddpm_sigmas,
 }
 """Schedule name -> function ``(n, ..., round_sigma=None) -> sigmas``."""
-
-DEFAULT_SCHEDULE: dict[str, str] = {
-    "sdm": "ddpm",
-    "edm": "edm",
-    "ve": "ve",
-    "vp": "vp",
-    "edm-l128": "edm",
-    "edm-l64": "edm",
-}
-"""Model name (CLI value) -> the name of its default schedule in :data:`SCHEDULES`."""

@@ -32,7 +32,8 @@ synchronisation: it only launches kernels. Solvers do not switch autograd off; c
 | ``ddpm_ancestral`` | exact DDPM posterior step (= DDIM with eta = 1) | N |
 
 The Heun correction evaluates the network at the Euler prediction (x', sigma_{i+1}); the
-authors' code evaluates it at the old point (REFERENCE.md), which costs a full order of accuracy.
+authors' code evaluates it at the old point (docs/reference.md), which costs a full order of
+accuracy.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ import torch
 from edmcli.sampling.schedules import check_sigmas
 
 __all__ = [
-    "DEFAULT_SOLVER",
     "SOLVERS",
     "Denoise",
     "Noise",
@@ -240,16 +240,6 @@ SOLVERS: dict[str, Solver] = {
     "ddpm_ancestral": ddpm_ancestral,
 }
 """Solver name -> function ``(denoise, x, sigmas, *, noise=None, **options) -> x_0``."""
-
-DEFAULT_SOLVER: dict[str, str] = {
-    "sdm": "ddpm_ancestral",
-    "edm": "heun",
-    "ve": "heun",
-    "vp": "heun",
-    "edm-l128": "heun",
-    "edm-l64": "heun",
-}
-"""Model name (CLI value) -> the name of its default solver in :data:`SOLVERS`."""
 
 
 def nfe_cost(solver: str, steps: int) -> int:

@@ -1,15 +1,22 @@
-"""Training the six SPADE diffusion models (``echo-synth train-diffusion``).
+"""Training the SPADE diffusion models (``echo-synth train-diffusion``).
 
 Pixel models see images mapped to [−1, 1] (black outside the sector = −1); latent models see the
 Γ-VAE encoding ``2·E[z] − 1`` of the same (geometrically augmented) images, computed on the fly
-with the frozen VAE of the run named by ``--vae``, so the augmentation stays consistent between
-image and label map. Label maps stay at pixel resolution: the UNet resizes them (nearest) to each
-feature size, and the loss resizes the sector mask to the latent size.
+with the frozen VAE of the run's ``vae``, so the augmentation stays consistent between image and
+label map. Label maps stay at pixel resolution; the UNet and the loss bring them to each size by
+the one rule of :mod:`edmcli.data.labels` (area fractions; a sector pixel is one at least half
+inside).
+
+Sample grids while training come from a *preview callback* (``preview(net, labels, settings,
+vae) → images``) that the caller passes in, as k-diffusion's samplers take one: training never
+imports sampling (the CLI hands in :func:`edmcli.sampling.preview.preview_samples`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,44 +26,22 @@ from torch import nn
 
 from edmcli.data.augment import AugmentConfig, PairedAugment
 from edmcli.data.dataset import EchoDataset
-from edmcli.data.labels import NUM_CLASSES, OUTSIDE
+from edmcli.data.labels import NUM_CLASSES, sector_mask
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
-from edmcli.models.diffusion_loss import sector_mask_like
 from edmcli.models.masked import masked_mean
-from edmcli.models.presets import MODEL_NAMES, build_loss, build_precond, is_latent, unet_config
+from edmcli.models.registry import build_loss, get_spec, unet_config
 from edmcli.models.unet import SpadeUNetConfig
-from edmcli.training.engine import TrainingTask
-from edmcli.training.grids import save_image_grid
-from edmcli.training.vae import LoadedVAE, load_vae_run
+from edmcli.runs.diffusion_run import DiffusionSettings, build_network, check_model_name
+from edmcli.runs.grids import save_image_grid
+from edmcli.runs.vae_run import LoadedVAE, load_vae_run
+from edmcli.settings import resolve, training_steps
+from edmcli.training.engine import TrainConfig, TrainingTask
+from edmcli.training.run import train_config_dict, train_run
 
 CHECK_SIGMA = 0.5  # the denoising check's noise level (σ_data of EDM: a "moderate" σ)
-LATENT_OF_MODEL = {"edm-l64": 64, "edm-l128": 128}
-
-
-@dataclass
-class DiffusionSettings:
-    """Everything that defines a diffusion run (written to the run's config.yaml)."""
-
-    model: str
-    data: str
-    preset: str
-    image_size: int  # pixels of the store
-    net_size: int  # the UNet's input size: pixels, or the Γ-VAE latent size
-    unet: dict[str, Any] = field(default_factory=dict)
-    vae_run: str | None = None
-    vae_checkpoint: str | None = None
-    vae_sha256: str | None = None
-    augment: bool = True
-    in_memory: bool = True
-
-    def unet_config(self) -> SpadeUNetConfig:
-        return SpadeUNetConfig(**self.unet)
-
-
-def check_model_name(model: str) -> None:
-    if model not in MODEL_NAMES:
-        raise EchoSynthError(f"--model {model!r} does not exist; valid: {', '.join(MODEL_NAMES)}")
+UNET_SETTINGS = ("dropout", "spade_placement", "model_channels")
+PreviewFn = Callable[[nn.Module, torch.Tensor, DiffusionSettings, "LoadedVAE | None"], torch.Tensor]
 
 
 def diffusion_settings(
@@ -64,6 +49,7 @@ def diffusion_settings(
 ) -> tuple[DiffusionSettings, LoadedVAE | None]:
     """Validate the model, the store and (for latent models) the Γ-VAE run; build the settings."""
     check_model_name(model)
+    spec = get_spec(model)
     store = DatasetStore(data)
     height, width = store.image_size
     if height != width:
@@ -83,22 +69,22 @@ def diffusion_settings(
         )
     loaded = None
     net_size = height
-    if is_latent(model):
+    if spec.is_latent:
         if vae is None:
             raise EchoSynthError(
-                f"--model {model} runs in the Γ-VAE latent space: pass --vae RUN (train one with "
-                f"echo-synth train-vae --latent {LATENT_OF_MODEL[model]})"
+                f"{model} runs in the Γ-VAE latent space: it needs a Γ-VAE run (vae; train one "
+                f"with echo-synth train-vae --latent {spec.latent})"
             )
         loaded = load_vae_run(vae, torch.device("cpu"))
-        if loaded.settings.latent != LATENT_OF_MODEL[model]:
+        if loaded.settings.latent != spec.latent:
             raise EchoSynthError(
-                f"--vae {vae} is a Γ-VAE L{loaded.settings.latent} but {model} needs an "
-                f"L{LATENT_OF_MODEL[model]} (train-vae --latent {LATENT_OF_MODEL[model]})"
+                f"the Γ-VAE run {vae} is an L{loaded.settings.latent} but {model} needs an "
+                f"L{spec.latent} (train-vae --latent {spec.latent})"
             )
         if loaded.settings.image_size != height:
             raise EchoSynthError(
-                f"--vae {vae} was trained on {loaded.settings.image_size}² images but {data} "
-                f"holds {height}² images"
+                f"the Γ-VAE run {vae} was trained on {loaded.settings.image_size}² images but "
+                f"{data} holds {height}² images"
             )
         net_size = loaded.settings.latent_size
     try:
@@ -130,17 +116,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def build_network(settings: DiffusionSettings) -> nn.Module:
-    config = settings.unet_config()
-    return build_precond(settings.model, config)
-
-
 class DiffusionTask(TrainingTask):
     """One of the six models: geometric augmentation only, loss masked to the sector."""
 
-    def __init__(self, settings: DiffusionSettings, vae: LoadedVAE | None) -> None:
+    def __init__(
+        self,
+        settings: DiffusionSettings,
+        vae: LoadedVAE | None,
+        preview: PreviewFn | None = None,
+    ) -> None:
         self.settings = settings
         self.vae = vae
+        self.preview = preview
         self.loss_fn = build_loss(settings.model)
         self._val: dict[str, torch.Tensor] | None = None
 
@@ -159,7 +146,7 @@ class DiffusionTask(TrainingTask):
 
     def to_model_space(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] → the diffusion space: pixels in [−1, 1] or Γ-VAE latents."""
-        sector = (labels != OUTSIDE).unsqueeze(1).float()
+        sector = sector_mask(labels)
         if self.vae is None:
             return image * 2 - 1
         vae = self.vae.model.to(image.device)
@@ -169,7 +156,7 @@ class DiffusionTask(TrainingTask):
     def loss(self, model, batch, step, epoch):
         labels = batch["labels"]
         target = self.to_model_space(batch["image"], labels)
-        loss, logs = self.loss_fn(model, target, labels, labels != OUTSIDE)
+        loss, logs = self.loss_fn(model, target, labels, sector_mask(labels))
         return loss, {"mse": logs["mse"]}
 
     def _val_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -190,7 +177,7 @@ class DiffusionTask(TrainingTask):
         device = next(ema_model.parameters()).device
         batch = self._val_batch(device)
         y = self.to_model_space(batch["image"], batch["labels"])
-        mask = sector_mask_like(batch["labels"] != OUTSIDE, y)
+        mask = sector_mask(batch["labels"], tuple(y.shape[-2:]))
         g = torch.Generator(device=device).manual_seed(1234)
         noisy = y + CHECK_SIGMA * torch.randn(y.shape, generator=g, device=device)
         sigma = torch.full((y.shape[0],), CHECK_SIGMA, device=device)
@@ -200,13 +187,14 @@ class DiffusionTask(TrainingTask):
         return {"score": -mse, "denoised_mse": mse, "noisy_mse": noisy_mse}
 
     def report(self, ema_model: nn.Module, step: int, run_dir: Path) -> dict[str, float]:
-        """A grid of label maps and quick samples (Euler, 8 steps) on validation label maps."""
-        from edmcli.sampling.preview import preview_samples
-
+        """A grid of validation images, their label maps and quick samples of the preview
+        callback (none without one)."""
+        if self.preview is None:
+            return {}
         device = next(ema_model.parameters()).device
         batch = self._val_batch(device)
         labels = batch["labels"][:8]
-        samples = preview_samples(ema_model, labels, self.settings, self.vae, steps=8)
+        samples = self.preview(ema_model, labels, self.settings, self.vae)
         save_image_grid(
             [batch["image"][:8], labels.unsqueeze(1).float() / 4, samples],
             run_dir / "grids" / f"samples-{step:08d}.png",
@@ -216,3 +204,70 @@ class DiffusionTask(TrainingTask):
 
 def settings_dict(settings: DiffusionSettings) -> dict[str, Any]:
     return asdict(settings)
+
+
+def train_diffusion(
+    model: str,
+    data: Path,
+    *,
+    vae: Path | None = None,
+    run: Path | None = None,
+    preset: str = "paper",
+    precision: str = "auto",
+    device: str = "auto",
+    seed: int = 0,
+    preview: PreviewFn | None = None,
+    **overrides: Any,
+) -> dict[str, Any] | None:
+    """Train (or resume) diffusion model ``model`` on the train split of ``data`` (latent
+    models: with the Γ-VAE run ``vae``). ``overrides`` are settings of
+    :data:`edmcli.settings.PRESETS` ``["diffusion"]`` (None: the preset decides; ``dropout``,
+    ``spade_placement`` and ``model_channels`` change the model's UNet). ``preview`` draws the
+    sample grids. Returns the run's summary on the main rank."""
+    check_model_name(model)
+    spec = get_spec(model)
+    values = resolve("diffusion", preset, overrides, defaults={"batch": spec.paper_batch})
+    unet = {k: values[k] for k in UNET_SETTINGS if values.get(k) is not None}
+    settings, loaded_vae = diffusion_settings(model, data, preset, vae, unet)
+    if values.get("augment") is not None:
+        settings.augment = bool(values["augment"])
+    n_train = len(DatasetStore(data).indices("train"))
+    train_config = TrainConfig.from_values(values, training_steps(values, n_train), precision, seed)
+    resolved = {"kind": "diffusion", **settings_dict(settings),
+                **train_config_dict(train_config)}  # fmt: skip
+
+    def make_task(env):
+        if loaded_vae is not None:
+            loaded_vae.model.to(env.device)
+        return DiffusionTask(settings, loaded_vae, preview)
+
+    space = "latent" if loaded_vae else "pixels"
+    return train_run(
+        run=Path(run) if run is not None else Path("runs") / model,
+        device=device,
+        resolved=resolved,
+        data=settings.data,
+        train_config=train_config,
+        make_task=make_task,
+        describe=f"{model} ({preset}; {settings.net_size}² {space})",
+        report=lambda run, env: last_validation(run),
+        title=model,
+        head={"model": model},
+    )
+
+
+def last_validation(run: Path) -> dict[str, Any]:
+    """The last denoising check of a run's metrics log."""
+    last: dict[str, Any] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "val/denoised_mse" in record:
+            last = record
+    if not last:
+        return {}
+    return {
+        f"denoising check at σ=0.5 (step {last['step']}): denoised masked MSE": last[
+            "val/denoised_mse"
+        ],
+        "noisy input masked MSE": last["val/noisy_mse"],
+    }

@@ -31,18 +31,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from edmcli.console import console, progress
+from edmcli.console import progress
 from edmcli.errors import EchoSynthError
 from edmcli.faults import maybe_kill
-from edmcli.training.checkpoint import (
+from edmcli.runs.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from edmcli.training.distributed import DistEnv, all_reduce_mean, broadcast_flag
+from edmcli.runs.distributed import DistEnv, all_reduce_mean, broadcast_flag
+from edmcli.runs.folder import MetricsLog
 from edmcli.training.ema import EMA
-from edmcli.training.run_dir import MetricsLog
 from edmcli.training.sampler import ResumableDistributedSampler
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -89,16 +89,16 @@ class TrainConfig:
         if self.steps < 1:
             raise EchoSynthError(f"training needs at least one step (got {self.steps})")
         if self.precision not in PRECISIONS:
-            raise EchoSynthError(f"--precision {self.precision!r}: choose from {PRECISIONS}")
+            raise EchoSynthError(f"precision {self.precision!r}: choose from {PRECISIONS}")
         per_rank, rest = divmod(self.batch, world_size)
         if self.batch < 1 or rest:
             raise EchoSynthError(
-                f"--batch {self.batch} must be a positive multiple of the {world_size} processes"
+                f"batch {self.batch} must be a positive multiple of the {world_size} processes"
             )
         micro = self.batch_gpu or per_rank
         if micro < 1 or per_rank % micro:
             raise EchoSynthError(
-                f"--batch-gpu {micro} must divide the per-process batch {per_rank}"
+                f"batch_gpu {micro} must divide the per-process batch {per_rank}"
             )
 
 
@@ -267,7 +267,7 @@ class Trainer:
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise EchoSynthError(
                     f"checkpoint {last} does not fit this model "
-                    f"({str(exc).splitlines()[0][:120]}); use another --run"
+                    f"({str(exc).splitlines()[0][:120]}); use another run folder"
                 ) from None
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
@@ -421,8 +421,8 @@ class Trainer:
         kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written"
         values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
         raise EchoSynthError(
-            f"the loss became NaN/Inf at step {step} ({values}); {kept}; lower --lr, use "
-            "--precision fp32 or check the data"
+            f"the loss became NaN/Inf at step {step} ({values}); {kept}; lower the learning "
+            "rate, use fp32 precision or check the data"
         )
 
 
@@ -434,13 +434,3 @@ def _slice_batch(batch: Any, start: int, stop: int, device: torch.device) -> Any
     if isinstance(batch, list | tuple):
         return type(batch)(_slice_batch(v, start, stop, device) for v in batch)
     return batch
-
-
-def print_summary(title: str, rows: dict[str, Any]) -> None:
-    """A one-screen summary table at the end of a stage."""
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False)
-    for key, value in rows.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console.print(table)

@@ -1,100 +1,29 @@
-"""Training the Γ-VAE (``echo-synth train-vae``): settings, presets and the engine task."""
+"""Training the Γ-VAE (``echo-synth train-vae``): the engine task and the stage function."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from edmcli.data.augment import AugmentConfig, PairedAugment
 from edmcli.data.dataset import EchoDataset
-from edmcli.data.labels import OUTSIDE
+from edmcli.data.labels import sector_mask
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
-from edmcli.models.gamma_kl import KL_DIRECTIONS
-from edmcli.models.gamma_vae import GammaVAE, GammaVAEConfig
-from edmcli.models.perceptual import PERCEPTUAL_BACKBONES, MissingWeightsError, build_perceptual
+from edmcli.models.gamma_vae import GammaVAE
+from edmcli.models.perceptual import MissingWeightsError, build_perceptual
 from edmcli.models.vae_loss import GammaVAELoss, GammaVAELossWeights
-from edmcli.training.engine import TrainingTask
-from edmcli.training.grids import save_image_grid
-
-LATENT_CHOICES = (64, 128)
-# ``lpips`` names the perceptual loss by its package: LPIPS on AlexNet (its default) or VGG16.
-PERCEPTUAL_ALIASES = {"lpips": "alex", "lpips-alex": "alex", "lpips-vgg": "vgg"}
-
-
-@dataclass
-class VAESettings:
-    """Everything that defines a Γ-VAE run (written to the run's config.yaml)."""
-
-    data: str
-    latent: int  # the paper's name: latent side at 256² (64 → 4× down, 128 → 2× down)
-    image_size: int = 256
-    base_channels: int = 64
-    num_res_blocks: int = 2
-    norm_groups: int = 32
-    prior_shape: float = 3.75
-    prior_rate: float = 10.8
-    kl_direction: str = "posterior-first"
-    perceptual: str = "alex"
-    w_recon: float = 10.0
-    w_perceptual: float = 1e-3
-    w_kl: float = 1e-3
-    w_latent: float = 1e-2
-    warmup_epochs: int = 5
-    augment: bool = True
-    in_memory: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size * self.latent // 256
-
-    def model_config(self) -> GammaVAEConfig:
-        return GammaVAEConfig(
-            image_size=self.image_size,
-            latent_size=self.latent_size,
-            base_channels=self.base_channels,
-            num_res_blocks=self.num_res_blocks,
-            norm_num_groups=self.norm_groups,
-            prior_shape=self.prior_shape,
-            prior_rate=self.prior_rate,
-        )
-
-    def validate(self) -> None:
-        if self.latent not in LATENT_CHOICES:
-            raise EchoSynthError(
-                f"--latent {self.latent} is not a Γ-VAE size: 64 (EDM-L64, 4× downsampling) "
-                "or 128 (EDM-L128, 2× downsampling)"
-            )
-        factor = 256 // self.latent
-        if self.image_size % factor:
-            raise EchoSynthError(
-                f"--latent {self.latent} downsamples {factor}× but the store's image size "
-                f"{self.image_size} is not divisible by {factor}"
-            )
-        self.perceptual = PERCEPTUAL_ALIASES.get(self.perceptual, self.perceptual)
-        if self.perceptual not in PERCEPTUAL_BACKBONES:
-            raise EchoSynthError(
-                f"--perceptual {self.perceptual!r} is unknown; choose from "
-                + ", ".join([*PERCEPTUAL_BACKBONES, *PERCEPTUAL_ALIASES])
-            )
-        if self.kl_direction not in KL_DIRECTIONS:
-            raise EchoSynthError(
-                f"--kl-direction {self.kl_direction!r}: choose from {', '.join(KL_DIRECTIONS)}"
-            )
-        try:
-            self.model_config().validate()
-        except ValueError as exc:
-            raise EchoSynthError(f"Γ-VAE settings: {exc}") from None
-
-
-def sector_of(labels: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) label maps → (N, 1, H, W) float sector masks."""
-    return (labels != OUTSIDE).unsqueeze(1).float()
+from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
+from edmcli.runs.grids import save_image_grid
+from edmcli.runs.vae_run import VAESettings, settings_dict
+from edmcli.settings import resolve, training_steps
+from edmcli.training.engine import TrainConfig, TrainingTask
+from edmcli.training.reconstruction import reconstruction_quality
+from edmcli.training.run import train_config_dict, train_run
 
 
 class GammaVAETask(TrainingTask):
@@ -129,7 +58,7 @@ class GammaVAETask(TrainingTask):
         return self.augment
 
     def loss(self, model, batch, step, epoch):
-        image, sector = batch["image"], sector_of(batch["labels"])
+        image, sector = batch["image"], sector_mask(batch["labels"])
         output = model(image, sector, sample=True)
         terms = self.loss_fn.to(image.device)(image, sector, output, epoch=epoch)
         total = terms.pop("total")
@@ -146,25 +75,17 @@ class GammaVAETask(TrainingTask):
             }
         device = next(ema_model.parameters()).device
         image = self._preview["image"].to(device)
-        sector = sector_of(self._preview["labels"].to(device))
+        sector = sector_mask(self._preview["labels"].to(device))
         with torch.no_grad():
             recon = ema_model(image, sector, sample=False).recon
         save_image_grid([image, recon], run_dir / "grids" / f"recon-{step:08d}.png")
         return {}
 
 
-def settings_dict(settings: VAESettings) -> dict[str, Any]:
-    out = asdict(settings)
-    out.pop("extra")
-    return out
-
-
 def vae_settings_and_config(
     data: Path, latent: int, values: dict[str, Any], seed: int, precision: str
-) -> tuple[VAESettings, Any]:
-    """Resolved preset values → (VAESettings, TrainConfig), validated against the store."""
-    from edmcli.training.engine import TrainConfig
-
+) -> tuple[VAESettings, TrainConfig]:
+    """Resolved settings → (VAESettings, TrainConfig), validated against the store."""
     store = DatasetStore(data)
     height, width = store.image_size
     if height != width:
@@ -176,14 +97,66 @@ def vae_settings_and_config(
         data=str(Path(data).resolve()),
         latent=latent,
         image_size=height,
-        **{k: values[k] for k in _SETTING_KEYS if k in values},
+        **{k: values[k] for k in _SETTING_KEYS if values.get(k) is not None},
     )
     settings.validate()
-    batch = int(values["batch"])
-    per_epoch = max(1, n_train // batch)
-    steps = int(values.get("steps") or values["epochs"] * per_epoch)
-    config = TrainConfig.from_values(values, steps, precision, seed)
-    return settings, config
+    steps = training_steps(values, n_train)
+    return settings, TrainConfig.from_values(values, steps, precision, seed)
+
+
+def train_vae(
+    data: Path,
+    latent: int,
+    *,
+    run: Path | None = None,
+    preset: str = "paper",
+    precision: str = "auto",
+    device: str = "auto",
+    seed: int = 0,
+    **overrides: Any,
+) -> dict[str, Any] | None:
+    """Train (or resume) a Γ-VAE run on the train split of ``data``; ``overrides`` are settings
+    of :data:`edmcli.settings.PRESETS` ``["vae"]`` (None: the preset decides). Returns the
+    run's summary on the main rank."""
+    values = resolve("vae", preset, overrides)
+    settings, train_config = vae_settings_and_config(data, latent, values, seed, precision)
+    resolved = {"kind": "vae", "preset": preset, **settings_dict(settings),
+                **train_config_dict(train_config)}  # fmt: skip
+    return train_run(
+        run=Path(run) if run is not None else Path("runs") / f"vae-l{latent}",
+        device=device,
+        resolved=resolved,
+        data=settings.data,
+        train_config=train_config,
+        make_task=lambda env: GammaVAETask(settings),
+        describe=f"Γ-VAE L{latent} ({settings.image_size}² → {settings.latent_size}²)",
+        report=lambda run, env: vae_quality(run, settings, env.device),
+        title=f"Γ-VAE L{latent}",
+    )
+
+
+def vae_quality(run: Path, settings: VAESettings, device: torch.device) -> dict[str, Any]:
+    """Masked PSNR/SSIM of the EMA model on the monitoring split, and a comparison grid."""
+    model = GammaVAE(settings.model_config()).to(device)
+    model.load_state_dict(load_checkpoint(latest_checkpoint(run), device)["ema"])
+    split = DatasetStore(settings.data).monitoring_split()
+    dataset = EchoDataset(settings.data, splits=split)
+    quality = reconstruction_quality(model, DataLoader(dataset, batch_size=32), device)
+    items = [dataset[i] for i in range(min(8, len(dataset)))]
+    image = torch.stack([it["image"] for it in items]).to(device)
+    sector = sector_mask(torch.stack([it["labels"] for it in items]).to(device))
+    with torch.no_grad():
+        out = model(image, sector, sample=False)
+    latent = torch.nn.functional.interpolate(out.z, size=image.shape[-2:], mode="nearest")
+    save_image_grid([image, out.recon, latent.clamp(0, 1)], run / "comparison.png")
+    return {
+        f"{split} masked PSNR (dB)": quality["psnr"],
+        f"{split} masked SSIM": quality["ssim"],
+        "identity-to-mean PSNR (dB)": quality["baseline_psnr"],
+        "identity-to-mean SSIM": quality["baseline_ssim"],
+        "latent-image correlation": quality["latent_correlation"],
+        f"{split} images": quality["images"],
+    }
 
 
 _SETTING_KEYS = (
@@ -191,45 +164,3 @@ _SETTING_KEYS = (
     "kl_direction", "perceptual", "w_recon", "w_perceptual", "w_kl", "w_latent",
     "warmup_epochs", "augment",
 )  # fmt: skip
-
-
-@dataclass
-class LoadedVAE:
-    """A trained Γ-VAE run, ready to encode/decode (EMA weights, eval mode, frozen)."""
-
-    model: GammaVAE
-    settings: VAESettings
-    run: Path
-    checkpoint: Path
-    sha256: str
-
-
-def load_vae_run(
-    run: Path, device: torch.device, checkpoint: Path | None = None, sha256: str | None = None
-) -> LoadedVAE:
-    """Load the EMA weights of a ``train-vae`` run: its newest checkpoint, or ``checkpoint``
-    (checked against ``sha256`` when given: a latent model must decode with its own VAE)."""
-    from edmcli.training.checkpoint import file_sha256, latest_checkpoint, load_checkpoint
-    from edmcli.training.run_dir import load_run_config
-
-    run = Path(run)
-    config = load_run_config(run)
-    if config.get("kind") != "vae":
-        raise EchoSynthError(f"{run} is not a Γ-VAE run (it is a {config.get('kind')!r} run)")
-    known = set(VAESettings.__dataclass_fields__) - {"extra"}
-    settings = VAESettings(**{k: v for k, v in config.items() if k in known})
-    checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run)
-    if checkpoint is None:
-        raise EchoSynthError(f"Γ-VAE run {run} has no checkpoint yet; train it first")
-    if not checkpoint.is_file():
-        raise EchoSynthError(f"the Γ-VAE checkpoint {checkpoint} no longer exists")
-    digest = file_sha256(checkpoint)
-    if sha256 is not None and digest != sha256:
-        raise EchoSynthError(
-            f"the Γ-VAE checkpoint {checkpoint} changed since the diffusion model was trained "
-            "(its hash differs)"
-        )
-    model = GammaVAE(settings.model_config())
-    model.load_state_dict(load_checkpoint(checkpoint, "cpu")["ema"])
-    model = model.to(device).eval().requires_grad_(False)
-    return LoadedVAE(model, settings, run.resolve(), checkpoint, digest)

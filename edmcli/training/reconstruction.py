@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from monai.metrics.regression import compute_ssim_and_cs
 
+from edmcli.data.labels import sector_mask
 from edmcli.models.gamma_vae import area_downsample
 
 SSIM_KERNEL = 7
@@ -57,7 +58,7 @@ def reconstruction_quality(model, loader, device: torch.device) -> dict[str, flo
     model.eval()
     for batch in loader:
         image = batch["image"].to(device)
-        sector = (batch["labels"].to(device) != 0).unsqueeze(1).float()
+        sector = sector_mask(batch["labels"].to(device))
         out = model(image, sector, sample=False)
         recon = out.recon
         inside = out.latent_sector.bool()

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from edmcli.cli import app
-from edmcli.training.checkpoint import latest_checkpoint, load_checkpoint
+from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
 
 runner = CliRunner()
 TINY = [
@@ -33,6 +33,7 @@ def _weights(run):
     return state["step"], state["model"], state["ema"]
 
 
+@pytest.mark.slow
 def test_tiny_vae_trains_reports_and_resumes_identically_after_sigkill(phantom_store, tmp_path):
     args = ["train-vae", "--data", str(phantom_store), "--steps", "20", *TINY]
     full = _cli(args + ["--run", str(tmp_path / "full")])
@@ -57,6 +58,7 @@ def test_tiny_vae_trains_reports_and_resumes_identically_after_sigkill(phantom_s
         assert torch.equal(ema_a[name], ema_b[name]), name
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run(phantom_store, tmp_path):
     run = tmp_path / "ddp"
     result = _cli(

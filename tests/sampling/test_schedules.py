@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from edmcli.models.preconditioning import DDPMEpsModel, ddpm_alphas_cumprod, vp_sigma
+from edmcli.models.registry import MODEL_NAMES, get_spec
 from edmcli.models.unet import SpadeUNet, SpadeUNetConfig
 from edmcli.sampling.schedules import (
-    DEFAULT_SCHEDULE,
     SCHEDULES,
     check_sigmas,
     ddpm_sigmas,
@@ -182,7 +182,8 @@ def test_argument_errors():
 
 
 def test_default_schedule_per_model():
-    assert DEFAULT_SCHEDULE == {
+    defaults = {name: get_spec(name).schedule for name in MODEL_NAMES}
+    assert defaults == {
         "sdm": "ddpm",
         "edm": "edm",
         "ve": "ve",
@@ -190,5 +191,5 @@ def test_default_schedule_per_model():
         "edm-l128": "edm",
         "edm-l64": "edm",
     }
-    for name in DEFAULT_SCHEDULE.values():
+    for name in defaults.values():
         assert_schedule(SCHEDULES[name](6), 6)

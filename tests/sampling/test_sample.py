@@ -83,6 +83,7 @@ def test_sample_writes_a_complete_synthetic_store(runs, phantom_store, tmp_path)
     assert len(set(store.column("seed").tolist())) == 20
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_and_two_ranks_give_identical_stores(runs, tmp_path):
     reference = tmp_path / "ref.zarr"
     _ok(_sample_args(runs, reference))
@@ -136,6 +137,7 @@ def test_sdm_ancestral_sampling(runs, tmp_path):
     assert DatasetStore(out).info["provenance"]["steps"] == 10
 
 
+@pytest.mark.slow
 def test_compiled_sampler_matches_eager(runs, tmp_path):
     a, b = tmp_path / "eager.zarr", tmp_path / "compiled.zarr"
     _ok(_sample_args(runs, a, "--n", "4"))

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from edmcli.evaluation.reconstruction import masked_psnr, masked_ssim, mean_image
+from edmcli.training.reconstruction import masked_psnr, masked_ssim, mean_image
 
 
 def test_masked_psnr_hand_computed():

@@ -18,10 +18,10 @@ import torch
 
 from edmcli.errors import EchoSynthError
 from edmcli.models.preconditioning import ddpm_alphas_cumprod
+from edmcli.models.registry import MODEL_NAMES, get_spec
 from edmcli.sampling.nfe import NFEError, StepPlan, plan
 from edmcli.sampling.schedules import ddpm_sigmas, edm_sigmas, ve_sigmas, vp_sigmas
 from edmcli.sampling.solvers import (
-    DEFAULT_SOLVER,
     SOLVERS,
     ddim,
     ddpm_ancestral,
@@ -64,7 +64,7 @@ class Gaussian:
 
 
 def authors_heun(denoise, x, sigmas):
-    """The defect of the authors' sampler (REFERENCE.md), reimplemented for comparison: the
+    """The defect of the authors' sampler (docs/reference.md), reimplemented for comparison: the
     'correction' calls the network again at the old point (x_hat, t_hat) instead of at
     (x', t_{i+1})."""
     s = sigmas.tolist()
@@ -395,6 +395,8 @@ def test_plan_limits():
 
 
 def test_default_solver_per_model():
-    assert DEFAULT_SOLVER["sdm"] == "ddpm_ancestral"
-    assert {DEFAULT_SOLVER[m] for m in ("edm", "ve", "vp", "edm-l64", "edm-l128")} == {"heun"}
-    assert set(DEFAULT_SOLVER.values()) <= set(SOLVERS)
+    default = {name: get_spec(name).solver for name in MODEL_NAMES}
+    assert default["sdm"] == "ddpm_ancestral"
+    assert {default[m] for m in ("edm", "ve", "vp", "edm-l64", "edm-l128")} == {"heun"}
+    assert set(default.values()) <= set(SOLVERS)
+    assert {get_spec(name).preview_solver for name in MODEL_NAMES} <= set(SOLVERS)

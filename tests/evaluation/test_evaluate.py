@@ -8,32 +8,22 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import typer
 import zarr
 from typer.testing import CliRunner
 
-from edmcli.cli import user_errors
+from edmcli.cli import app
 from edmcli.data.prepare import prepare_phantom
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
-from edmcli.evaluation.command import choose_validation, evaluate_command, parse_train_spec
 from edmcli.evaluation.downstream import (
     build_segmenter,
     build_view_classifier,
     segmenter_layout,
 )
+from edmcli.evaluation.evaluate import choose_validation, parse_train_spec
 from edmcli.evaluation.report import nfe_series, plot_vs_nfe, write_report
-from edmcli.training.run_dir import record_training_patients
+from edmcli.runs.folder import record_training_patients
 
-app = typer.Typer(pretty_exceptions_enable=False)
-
-
-@app.callback()
-def _group() -> None:
-    """A local app: the lead registers the command on echo-synth's own."""
-
-
-app.command("evaluate")(user_errors(evaluate_command))
 runner = CliRunner()
 FAST = [
     "--preset", "tiny", "--size", "32", "--steps", "3", "--batch", "4", "--validate-every", "3",
@@ -81,6 +71,7 @@ def _error(args) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_real_and_synthetic_runs_report_and_resume(phantom_store, tmp_path):
     synthetic = _fake_synthetic(tmp_path / "syn.zarr", phantom_store)
     out = tmp_path / "eval"
@@ -210,11 +201,12 @@ def test_empty_splits_and_bad_stores(phantom_store, tmp_path):
     assert "is a synthetic store; test on real images" in _error(
         ["--train", phantom_store, "--test", synthetic_test, *args]
     )
-    assert "--batch 64 is larger than the 24 training images" in _error(
+    assert "batch 64 is larger than the 24 training images" in _error(
         ["--train", phantom_store, "--test", phantom_store, *args, "--batch", "64"]
     )
     ok = ["--train", phantom_store, "--test", phantom_store, *args]
-    assert "--precision 'fp8'" in _error([*ok, "--precision", "fp8"])
+    refused = runner.invoke(app, ["evaluate", *[str(a) for a in ok], "--precision", "fp8"])
+    assert refused.exit_code == 2 and "'fp8' is not one of" in refused.output
     assert "--bootstrap 0 must be at least 1" in _error([*ok, "--bootstrap", "0"])
     assert "--size 20 must be a multiple of 8" in _error([*ok, "--size", "20"])
     assert not (tmp_path / "e").exists()  # refused before anything was written

@@ -11,7 +11,7 @@ from tiny_nets import small_config
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from edmcli.models.presets import (
+from edmcli.models.registry import (
     MODEL_NAMES,
     build_loss,
     build_model,
@@ -59,7 +59,7 @@ def test_spade_forward_is_groupnorm_times_one_plus_gamma_plus_beta():
     expected = x_hat * (1 + gamma) + beta
     torch.testing.assert_close(layer(x, gamma, beta), expected)
     torch.testing.assert_close(layer(x, gamma, beta, silu=True), F.silu(expected))
-    # The MLP: 3x3 conv -> ReLU -> 3x3 convs, as REFERENCE.md.
+    # The MLP: 3x3 conv -> ReLU -> 3x3 convs, as docs/reference.md.
     hidden = F.relu(F.conv2d(onehot, layer.shared.weight, layer.shared.bias, padding=1))
     torch.testing.assert_close(
         gamma, F.conv2d(hidden, layer.to_gamma.weight, layer.to_gamma.bias, padding=1)
@@ -104,15 +104,15 @@ def test_scale_shift_folded_into_spade_equals_modulating_after_the_norm():
     )
 
 
-def test_onehot_resize_equals_resizing_the_onehot_map():
+def test_onehot_resize_is_the_area_average_of_the_onehot_map():
+    """The one resize rule (docs/design.md): class fractions of each block, summing to one."""
     labels = label_map(2, 32)
     for size in (32, 16, 8, 4):
         onehot = labels_to_onehot(labels, size, 5)
-        reference = F.interpolate(
-            F.one_hot(labels, 5).permute(0, 3, 1, 2).float(), size=(size, size), mode="nearest"
-        )
-        assert torch.equal(onehot, reference)
-        assert torch.equal(onehot.sum(1), torch.ones(2, size, size))
+        factor = 32 // size
+        reference = F.avg_pool2d(F.one_hot(labels, 5).permute(0, 3, 1, 2).float(), factor)
+        torch.testing.assert_close(onehot, reference, rtol=0, atol=1e-6)
+        torch.testing.assert_close(onehot.sum(1), torch.ones(2, size, size))
 
 
 def test_positional_embedding_closed_form():
@@ -280,7 +280,7 @@ def test_preset_names_and_errors():
 
 
 # Parameter counts, built on the meta device (nothing allocated). EDM, EDM-L128 and EDM-L64 must
-# reproduce the authors' networks (REFERENCE.md: 359 M, 374 M, 382 M; theirs one-hot 10 label
+# reproduce the authors' networks (docs/reference.md: 359 M, 374 M, 382 M; theirs one-hot 10 label
 # channels, ours 5: a 0.3 M difference); the others are checked for a plausible size only.
 PAPER_PARAMS = {
     "edm": (355e6, 363e6),
@@ -304,8 +304,8 @@ def test_parameter_counts(name):
 
 
 def test_edm_l64_flops_match_the_authors_network():
-    """REFERENCE.md: EDM-L64 = 326 GFLOP per NFE, of which 107 in the SPADE MLPs (FLOPs = 2 MAC,
-    batch 1). Counted here on the meta device."""
+    """docs/reference.md: EDM-L64 = 326 GFLOP per NFE, of which 107 in the SPADE MLPs (FLOPs =
+    2 MAC, batch 1). Counted here on the meta device."""
     with torch.device("meta"):
         model = build_model("edm-l64", "paper")
         x = torch.zeros(1, 1, 64, 64)

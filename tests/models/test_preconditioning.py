@@ -1,4 +1,4 @@
-"""Preconditionings against the closed forms of Karras et al. (REFERENCE.md) and the DDPM
+"""Preconditionings against the closed forms of Karras et al. (docs/reference.md) and the DDPM
 schedule against a hand computation."""
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from edmcli.errors import EchoSynthError
-from edmcli.training.checkpoint import latest_checkpoint, load_checkpoint
-from edmcli.training.distributed import DistEnv
+from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
+from edmcli.runs.distributed import DistEnv
+from edmcli.runs.folder import MetricsLog, prepare_run_dir
 from edmcli.training.ema import EMA
 from edmcli.training.engine import TrainConfig, Trainer, TrainingInterrupted, TrainingTask
-from edmcli.training.run_dir import MetricsLog, prepare_run_dir
 from edmcli.training.sampler import ResumableDistributedSampler
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -142,7 +142,7 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(EchoSynthError, match="--batch-gpu 3 must divide"):
+    with pytest.raises(EchoSynthError, match="batch_gpu 3 must divide"):
         _config(batch_gpu=3).validate(1)
     with pytest.raises(EchoSynthError, match="multiple of the 3 processes"):
         _config().validate(3)

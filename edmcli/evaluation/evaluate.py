@@ -1,4 +1,4 @@
-"""``echo-synth evaluate``: is a (synthetic) dataset good for training? (paper III.C–D)
+"""Evaluation stage: is a (synthetic) dataset good for training? (paper sections III.C–D)
 
 Each ``--train`` value trains one segmenter and/or one view classifier (``--task``) on the train
 split of that store (``a.zarr,b.zarr``: one run on the union of several stores), picks the best
@@ -27,106 +27,19 @@ rewritten at the end of every call.
 from __future__ import annotations
 
 import datetime as _dt
-import enum
 import hashlib
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-
-from edmcli.config import ConfigOption
 from edmcli.console import console
 from edmcli.data.labels import VIEWS
 from edmcli.data.store import DatasetStore, code_version
 from edmcli.errors import EchoSynthError
 
 SYNTHETIC = "synthetic"
-
-
-class TaskChoice(str, enum.Enum):
-    seg = "seg"
-    cls = "cls"
-    both = "both"
-
-
-class PresetChoice(str, enum.Enum):
-    paper = "paper"
-    tiny = "tiny"
-
-
-def evaluate_command(
-    train: Annotated[
-        list[str],
-        typer.Option(
-            "--train",
-            help="Dataset store whose train split trains one run; repeat for several runs "
-            "(one per synthetic dataset, and the real store for the reference line); "
-            "'a.zarr,b.zarr' trains one run on the union.",
-        ),
-    ],
-    test: Annotated[
-        Path, typer.Option("--test", help="Real dataset store; its test split is scored.")
-    ],
-    out: Annotated[
-        Path, typer.Option("--out", help="Folder for the runs, report.json/.md and plots.")
-    ] = Path("evaluation"),
-    preset: Annotated[
-        PresetChoice, typer.Option(help="paper (256², 250 epochs) or tiny (CPU minutes, 64²).")
-    ] = PresetChoice.paper,
-    task: Annotated[
-        TaskChoice, typer.Option(help="seg (DynUNet), cls (EfficientNetV2-S A2C/A4C) or both.")
-    ] = TaskChoice.both,
-    size: Annotated[int | None, typer.Option(help="Network input side (resamples).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps per run.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs per run (if no --steps).")] = None,
-    batch: Annotated[int | None, typer.Option(help="Global batch size.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam(W) learning rate.")] = None,
-    ema_decay: Annotated[float | None, typer.Option(help="EMA decay (0: none).")] = None,
-    validate_every: Annotated[
-        int | None, typer.Option(help="Steps between validations (best checkpoint).")
-    ] = None,
-    deep_supervision: Annotated[
-        bool | None, typer.Option(help="DynUNet deep-supervision heads.")
-    ] = None,
-    augment: Annotated[
-        bool | None, typer.Option(help="Geometric + intensity augmentation.")
-    ] = None,
-    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap iterations.")] = 1000,
-    bootstrap_fraction: Annotated[
-        float, typer.Option(help="Fraction of the test set per bootstrap subset.")
-    ] = 0.8,
-    precision: Annotated[
-        str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")
-    ] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of training and of the bootstrap.")] = 0,
-    config: ConfigOption = None,
-) -> None:
-    """Train a segmenter and a view classifier on each --train store and score them on the
-    held-out real --test split; write report.json, report.md and plots. Rerun to resume."""
-    overrides = {
-        "size": size, "steps": steps, "epochs": epochs, "batch": batch, "lr": lr,
-        "ema_decay": ema_decay, "validate_every": validate_every,
-        "deep_supervision": deep_supervision, "augment": augment, "num_workers": num_workers,
-    }  # fmt: skip
-    tasks = ["seg", "cls"] if task is TaskChoice.both else [task.value]
-    report = run_evaluation(
-        train, test, out, preset.value, tasks, overrides, device=device, seed=seed,
-        precision=precision, bootstrap_iterations=bootstrap,
-        bootstrap_fraction=bootstrap_fraction,
-    )  # fmt: skip
-    if report is not None:
-        from edmcli.evaluation.report import print_summary
-
-        print_summary(report)
-        console.print(
-            f"report: {out / 'report.md'} (numbers: {out / 'report.json'}, plots: {out / 'plots'})",
-            highlight=False,
-        )
 
 
 # --------------------------------------------------------------------------- train stores
@@ -194,7 +107,7 @@ def parse_train_spec(text: str) -> TrainSpec:
 def _generator_patients(store: str, provenance: dict[str, Any]) -> set[str]:
     """Patients the generator of a synthetic store learnt from: the provenance's list and the
     ``training_patients.json`` of its run folder (when the folder exists)."""
-    from edmcli.training.run_dir import PATIENTS_FILE, load_training_patients
+    from edmcli.runs.folder import PATIENTS_FILE, load_training_patients
 
     patients = {str(p) for p in provenance.get("generator_patients") or []}
     run = provenance.get("run")
@@ -287,18 +200,15 @@ def check_views(store: str, split: str, role: str) -> None:
 
 # --------------------------------------------------------------------------- the stage
 def resolve_task_values(preset: str, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Preset values of one task with the command's non-None overrides applied."""
-    from edmcli.presets import EVAL_PRESETS, resolve
+    """Settings of one task (``seg`` or ``cls``): the settings layer's preset row with the
+    command's non-None overrides that the task takes (``deep_supervision`` is the segmenter's)."""
+    from edmcli.settings import known_settings, resolve
 
-    values = resolve({name: p[task] for name, p in EVAL_PRESETS.items()}, preset, overrides)
-    if overrides.get("epochs") is not None and overrides.get("steps") is None:
-        values["steps"] = None
-    if task == "cls":
-        values.pop("deep_supervision", None)
-    return values
+    known = known_settings(task)
+    return resolve(task, preset, {k: v for k, v in overrides.items() if k in known})
 
 
-def run_evaluation(
+def evaluate(
     train: list[str],
     test: Path,
     out: Path,
@@ -311,8 +221,9 @@ def run_evaluation(
     bootstrap_iterations: int = 1000,
     bootstrap_fraction: float = 0.8,
 ) -> dict[str, Any] | None:
-    """Train, test and report (the body of ``echo-synth evaluate``). Returns the report on the
-    main process (None on the other ranks of a ``torchrun`` launch)."""
+    """Train, test and report (the body of ``echo-synth evaluate``): ``overrides`` are settings of
+    :data:`edmcli.settings.PRESETS` ``["seg"]``/``["cls"]`` (None: the preset decides). Returns
+    the report on the main process (None on the other ranks of a ``torchrun`` launch)."""
     from edmcli.evaluation.downstream import (
         DownstreamSettings,
         count_train,
@@ -321,10 +232,12 @@ def run_evaluation(
         steps_per_epoch,
         test_run,
     )
-    from edmcli.evaluation.report import build_report, write_report
-    from edmcli.training.distributed import init_distributed, shutdown_distributed
+    from edmcli.evaluation.report import build_report, print_summary, write_report
+    from edmcli.runs.distributed import init_distributed, shutdown_distributed
+    from edmcli.runs.folder import prepare_run_dir
+    from edmcli.settings import training_steps
     from edmcli.training.engine import TrainConfig, Trainer
-    from edmcli.training.run_dir import prepare_run_dir
+    from edmcli.training.run import train_config_dict
 
     overrides = dict(overrides or {})
     if not train:
@@ -368,16 +281,11 @@ def run_evaluation(
                 batch_size = int(values["batch"])
                 if n_train < batch_size:
                     raise EchoSynthError(
-                        f"--batch {batch_size} is larger than the {n_train} training images of "
-                        f"{spec.label}; lower --batch"
+                        f"batch {batch_size} is larger than the {n_train} training images of "
+                        f"{spec.label}; lower the batch"
                     )
                 per_epoch = steps_per_epoch(n_train, batch_size)
-                if values.get("steps"):
-                    total = int(values["steps"])
-                elif values.get("epochs"):
-                    total = int(values["epochs"]) * per_epoch
-                else:
-                    raise EchoSynthError("give --steps or --epochs")
+                total = training_steps(values, n_train)
                 settings = DownstreamSettings(
                     task=task,
                     train_stores=spec.stores,
@@ -394,7 +302,7 @@ def run_evaluation(
                 validate_every = values.get("validate_every") or per_epoch
                 ema = float(values["ema_decay"])
                 if not 0.0 <= ema < 1.0:
-                    raise EchoSynthError(f"--ema-decay {ema} must be in [0, 1)")
+                    raise EchoSynthError(f"ema_decay {ema} must be in [0, 1)")
                 config = TrainConfig(
                     steps=total,
                     batch=batch_size,
@@ -425,7 +333,7 @@ def run_evaluation(
         for plan in plans:
             settings, config, run_dir = plan["settings"], plan["config"], plan["run_dir"]
             resolved = {"kind": f"downstream-{settings.task}", "preset": preset,
-                        **settings.as_dict(), **_train_dict(config)}  # fmt: skip
+                        **settings.as_dict(), **train_config_dict(config)}  # fmt: skip
             resumed = prepare_run_dir(run_dir, resolved, env.is_main)
             if env.is_main:
                 console.print(
@@ -470,15 +378,15 @@ def run_evaluation(
             wall_s=time.perf_counter() - started,
         )  # fmt: skip
         write_report(report, Path(out), test_data, results)
+        print_summary(report)
+        console.print(
+            f"report: {Path(out) / 'report.md'} (numbers: {Path(out) / 'report.json'}, plots: "
+            f"{Path(out) / 'plots'})",
+            highlight=False,
+        )
         return report
     finally:
         shutdown_distributed()
-
-
-def _train_dict(config) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return {f"train_{k}" if k == "seed" else k: v for k, v in asdict(config).items()}
 
 
 def _size_notices(specs: list[TrainSpec], test_store: str, plans: list[dict]) -> list[str]:

@@ -18,7 +18,7 @@ from edmcli.models.preconditioning import (
     vp_coefficients,
     vp_sigma_inv,
 )
-from edmcli.models.presets import MODEL_NAMES, build_loss, build_model
+from edmcli.models.registry import MODEL_NAMES, build_loss, build_model
 from edmcli.models.spade import SPADE
 from edmcli.models.unet import SpadeUNet
 
@@ -122,7 +122,7 @@ def test_edm_loss_equals_hand_computation_over_in_sector_pixels():
     weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     err = weight * (net(images + noise, sigma) - images) ** 2
     mask = sector[:, None].float()
-    # One mean over every in-sector pixel of the batch (DESIGN.md), not a mean of means.
+    # One mean over every in-sector pixel of the batch (docs/design.md), not a mean of means.
     hand = (err * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, hand)
     assert logs["loss"] == loss.detach()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from edmcli.cli import app
 from edmcli.data.prepare import prepare_phantom
-from edmcli.training.checkpoint import latest_checkpoint, load_checkpoint
+from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
 
 runner = CliRunner()
 FAST = ["--preset", "tiny", "--batch", "8", "--model-channels", "16", "--device", "cpu",
@@ -56,6 +56,7 @@ def _losses(run):
     return train, checks[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["sdm", "edm", "ve", "vp"])
 def test_pixel_models_learn_to_denoise(store16, tmp_path, model):
     run = tmp_path / model
@@ -70,21 +71,26 @@ def test_pixel_models_learn_to_denoise(store16, tmp_path, model):
     assert patients["splits"] == ["train", "val"] and len(patients["patients"]) == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, latent", [("edm-l64", 64), ("edm-l128", 128)])
 def test_latent_models_learn_to_denoise(phantom_store, vae_runs, tmp_path, model, latent):
+    # 120 steps: with the one mask rule the check measures the latent sector itself (area ≥ 0.5),
+    # not nearest-picked pixels that include constant outside latents; at 60 steps the EDM-L64
+    # ratio was 0.59 on those pixels (0.45 under the old nearest mask), at 120 steps 0.48.
     run = tmp_path / model
     _train(["--model", model, "--data", str(phantom_store), "--vae", str(vae_runs[latent]),
-            "--run", str(run), "--steps", "60", "--validate-every", "60", "--grid-every", "60",
+            "--run", str(run), "--steps", "120", "--validate-every", "120", "--grid-every", "120",
             *FAST[:-2]])  # fmt: skip
     train, check = _losses(run)
     assert check["val/denoised_mse"] < 0.5 * check["val/noisy_mse"]
     config = (run / "config.yaml").read_text()
     assert f"vae_run: {vae_runs[latent].resolve()}" in config and "vae_sha256:" in config
-    assert (run / "grids" / "samples-00000060.png").is_file()
+    assert (run / "grids" / "samples-00000120.png").is_file()
     net_size = 32 * latent // 256
     assert f"net_size: {net_size}" in config
 
 
+@pytest.mark.slow
 def test_latent_model_kill_and_resume_is_exact(phantom_store, vae_runs, tmp_path):
     args = [sys.executable, "-m", "edmcli", "train-diffusion", "--model", "edm-l64", "--data",
             str(phantom_store), "--vae", str(vae_runs[64]), "--steps", "12",
@@ -117,11 +123,11 @@ def _error(args):
 def test_bad_inputs(phantom_store, vae_runs, tmp_path):
     data = ["--data", str(phantom_store), "--run", str(tmp_path / "r"), *FAST]
     message = _error(["--model", "edm-l64", *data])
-    assert "pass --vae RUN" in message and "train-vae --latent 64" in message
+    assert "needs a Γ-VAE run" in message and "train-vae --latent 64" in message
     message = _error(["--model", "edm-l64", "--vae", str(vae_runs[128]), *data])
-    assert "is a Γ-VAE L128 but edm-l64 needs an L64" in message
+    assert "is an L128 but edm-l64 needs an L64" in message
     message = _error(["--model", "ddim", *data])
-    assert "--model 'ddim' does not exist; valid: sdm, edm, ve, vp, edm-l128, edm-l64" in message
+    assert "model 'ddim' does not exist; valid: sdm, edm, ve, vp, edm-l128, edm-l64" in message
     message = _error(["--model", "edm-l64", "--vae", str(tmp_path), *data])
     assert "is not a training run" in message
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 import triton
 
-import kernels
-from kernels import spade_group_norm, spade_group_norm_reference
-from kernels import spade_norm_op as op
+import echo_synth_kernels as kernels
+from echo_synth_kernels import spade_group_norm, spade_group_norm_reference
+from echo_synth_kernels import spade_norm_op as op
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # (N, C, H, W, groups): non-power-of-two spatial sizes and channel counts, one channel per
 # group, a single group, odd batch sizes.
@@ -164,6 +164,7 @@ def test_small_batches_fill_the_gpu(interpret, monkeypatch, batch):
     assert block & (block - 1) == 0 and 1 <= warps <= 8
 
 
+@pytest.mark.slow
 def test_compiled_kernels_build_for_sm90():
     """Without a GPU: every kernel of the module compiles for sm_90 through ptxas, in bf16 and
     fp32, and the streamed tensors are read and written with 128-bit accesses."""
@@ -360,6 +361,7 @@ def test_reference_is_groupnorm_then_modulation():
 # benchmark smoke test
 
 
+@pytest.mark.slow
 def test_benchmark_quick_runs_on_cpu(tmp_path):
     """`--quick` on CPU: reference paths only (said so), a table and a JSON file of timings."""
     out = tmp_path / "bench.json"

@@ -1,0 +1,135 @@
+"""A Γ-VAE run: its settings (``config.yaml``) and loading its frozen EMA weights.
+
+Shared by training (the latent diffusion models encode with it), sampling (decoding) and
+evaluation; it knows nothing of the training engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edmcli.errors import EchoSynthError
+from edmcli.models.gamma_kl import KL_DIRECTIONS
+from edmcli.models.gamma_vae import GammaVAE, GammaVAEConfig
+from edmcli.models.perceptual import PERCEPTUAL_BACKBONES
+from edmcli.runs.checkpoint import file_sha256, latest_checkpoint, load_checkpoint
+from edmcli.runs.folder import load_run_config
+
+LATENT_CHOICES = (64, 128)
+# ``lpips`` names the perceptual loss by its package: LPIPS on AlexNet (its default) or VGG16.
+PERCEPTUAL_ALIASES = {"lpips": "alex", "lpips-alex": "alex", "lpips-vgg": "vgg"}
+
+
+@dataclass
+class VAESettings:
+    """Everything that defines a Γ-VAE run (written to the run's config.yaml)."""
+
+    data: str
+    latent: int  # the paper's name: latent side at 256² (64 → 4× down, 128 → 2× down)
+    image_size: int = 256
+    base_channels: int = 64
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    prior_shape: float = 3.75
+    prior_rate: float = 10.8
+    kl_direction: str = "posterior-first"
+    perceptual: str = "alex"
+    w_recon: float = 10.0
+    w_perceptual: float = 1e-3
+    w_kl: float = 1e-3
+    w_latent: float = 1e-2
+    warmup_epochs: int = 5
+    augment: bool = True
+    in_memory: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size * self.latent // 256
+
+    def model_config(self) -> GammaVAEConfig:
+        return GammaVAEConfig(
+            image_size=self.image_size,
+            latent_size=self.latent_size,
+            base_channels=self.base_channels,
+            num_res_blocks=self.num_res_blocks,
+            norm_num_groups=self.norm_groups,
+            prior_shape=self.prior_shape,
+            prior_rate=self.prior_rate,
+        )
+
+    def validate(self) -> None:
+        if self.latent not in LATENT_CHOICES:
+            raise EchoSynthError(
+                f"--latent {self.latent} is not a Γ-VAE size: 64 (EDM-L64, 4× downsampling) "
+                "or 128 (EDM-L128, 2× downsampling)"
+            )
+        factor = 256 // self.latent
+        if self.image_size % factor:
+            raise EchoSynthError(
+                f"--latent {self.latent} downsamples {factor}× but the store's image size "
+                f"{self.image_size} is not divisible by {factor}"
+            )
+        self.perceptual = PERCEPTUAL_ALIASES.get(self.perceptual, self.perceptual)
+        if self.perceptual not in PERCEPTUAL_BACKBONES:
+            raise EchoSynthError(
+                f"--perceptual {self.perceptual!r} is unknown; choose from "
+                + ", ".join([*PERCEPTUAL_BACKBONES, *PERCEPTUAL_ALIASES])
+            )
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise EchoSynthError(
+                f"--kl-direction {self.kl_direction!r}: choose from {', '.join(KL_DIRECTIONS)}"
+            )
+        try:
+            self.model_config().validate()
+        except ValueError as exc:
+            raise EchoSynthError(f"Γ-VAE settings: {exc}") from None
+
+
+def settings_dict(settings: VAESettings) -> dict[str, Any]:
+    out = asdict(settings)
+    out.pop("extra")
+    return out
+
+
+@dataclass
+class LoadedVAE:
+    """A trained Γ-VAE run, ready to encode/decode (EMA weights, eval mode, frozen)."""
+
+    model: GammaVAE
+    settings: VAESettings
+    run: Path
+    checkpoint: Path
+    sha256: str
+
+
+def load_vae_run(
+    run: Path, device: torch.device, checkpoint: Path | None = None, sha256: str | None = None
+) -> LoadedVAE:
+    """Load the EMA weights of a ``train-vae`` run: its newest checkpoint, or ``checkpoint``
+    (checked against ``sha256`` when given: a latent model must decode with its own VAE)."""
+    run = Path(run)
+    config = load_run_config(run)
+    if config.get("kind") != "vae":
+        raise EchoSynthError(f"{run} is not a Γ-VAE run (it is a {config.get('kind')!r} run)")
+    known = set(VAESettings.__dataclass_fields__) - {"extra"}
+    settings = VAESettings(**{k: v for k, v in config.items() if k in known})
+    checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run)
+    if checkpoint is None:
+        raise EchoSynthError(f"Γ-VAE run {run} has no checkpoint yet; train it first")
+    if not checkpoint.is_file():
+        raise EchoSynthError(f"the Γ-VAE checkpoint {checkpoint} no longer exists")
+    digest = file_sha256(checkpoint)
+    if sha256 is not None and digest != sha256:
+        raise EchoSynthError(
+            f"the Γ-VAE checkpoint {checkpoint} changed since the diffusion model was trained "
+            "(its hash differs)"
+        )
+    model = GammaVAE(settings.model_config())
+    model.load_state_dict(load_checkpoint(checkpoint, "cpu")["ema"])
+    model = model.to(device).eval().requires_grad_(False)
+    return LoadedVAE(model, settings, run.resolve(), checkpoint, digest)

@@ -1,0 +1,59 @@
+"""Every command is thin: bad input becomes one line and exit 2, demo included."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from edmcli.cli import app
+
+runner = CliRunner()
+
+
+def _one_line_error(args, *expected):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def test_demo_out_is_a_file(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    _one_line_error(["demo", "--out", target], "is a file")
+    assert target.read_text() == "keep me"
+
+
+def test_demo_too_few_patients(tmp_path):
+    _one_line_error(["demo", "--out", tmp_path / "d", "--n-patients", "2"], "at least 5")
+    assert not (tmp_path / "d").exists()
+
+
+def test_sample_needs_a_model_or_a_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(["sample"], "--model", "--run")
+    _one_line_error(["sample", "--model", "edm-l32"], "edm-l32", "valid: sdm")
+    _one_line_error(["sample", "--run", tmp_path / "none"], "no trained MODEL run")
+
+
+def test_user_text_is_printed_without_markup(tmp_path):
+    odd = tmp_path / "[old] :smile: [/]"
+    line = _one_line_error(["info", odd])
+    assert "[old] :smile: [/]" in line
+
+
+@pytest.mark.parametrize("command", ["train-vae", "train-diffusion", "evaluate"])
+def test_a_store_that_does_not_exist(tmp_path, command):
+    missing = tmp_path / "missing.zarr"
+    args = {
+        "train-vae": ["train-vae", "--data", missing, "--latent", "64", "--run", tmp_path / "r"],
+        "train-diffusion": ["train-diffusion", "--model", "edm", "--data", missing, "--run",
+                            tmp_path / "r"],
+        "evaluate": ["evaluate", "--train", missing, "--test", missing, "--out", tmp_path / "e"],
+    }[command]  # fmt: skip
+    _one_line_error(args, "missing.zarr")
+    assert not (tmp_path / "r").exists()
