@@ -120,8 +120,10 @@ def prepare(
     """Build a dataset store from phantom data, a CAMUS copy or a folder of image/label pairs."""
     options = _options(locals())
     from edmcli.data.prepare import prepare as stage
+    from edmcli.runs.lock import store_lock
 
-    result = stage(**options)
+    with store_lock(out):
+        result = stage(**options)
     for line in result.skipped:
         console.print(f"skipped {line}", highlight=False)
     counts = ", ".join(f"{k} {v}" for k, v in result.split_counts.items())
@@ -137,11 +139,22 @@ def prepare(
 def info(
     store: Annotated[Path, typer.Argument(help="A dataset store.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Read every chunk file and compare the checksums recorded when the store was "
+            "written.",
+        ),
+    ] = False,
 ) -> None:
     """Summarise a dataset store: counts per split/view/phase, labels, size, provenance."""
     from edmcli.data.store import DatasetStore
 
-    summary = DatasetStore(store).summary()
+    reader = DatasetStore(store)
+    summary = reader.summary()
+    if verify:
+        summary["verify"] = reader.verify_report()
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -170,6 +183,8 @@ def info(
         highlight=False,
         soft_wrap=True,
     )
+    if verify:
+        console.print(f"verify: {summary['verify']}", highlight=False)
 
 
 class Precision(str, enum.Enum):
@@ -254,6 +269,23 @@ def train_diffusion(
         str | None, typer.Option(help="decoder (as the authors) or all.")
     ] = None,
     model_channels: Annotated[int | None, typer.Option(help="UNet base channels.")] = None,
+    noise_schedule: Annotated[
+        str | None, typer.Option(help="sdm: cosine (published, default) or linear β.")
+    ] = None,
+    learn_sigma: Annotated[
+        bool | None,
+        typer.Option(help="sdm: learned variance + hybrid loss (published, default) or fixed."),
+    ] = None,
+    clip_denoised: Annotated[
+        bool | None, typer.Option(help="sdm: clip x₀ to [−1, 1] while sampling (default on).")
+    ] = None,
+    sigma_data: Annotated[
+        float | None,
+        typer.Option(
+            help="EDM σ_data (default 0.5; latent models: the std of the Γ-VAE's training "
+            "latents, measured by train-vae)."
+        ),
+    ] = None,
     augment: Annotated[bool | None, typer.Option(help="Geometric augmentation.")] = None,
     ema_decay: EmaOpt = None,
     checkpoint_every: CheckpointEveryOpt = None,
@@ -309,6 +341,21 @@ def sample(
     chunk: Annotated[int, typer.Option(help="Samples per store shard (unit of resume).")] = 64,
     compile: Annotated[bool, typer.Option(help="torch.compile the denoiser.")] = True,
     spade_cache: Annotated[bool, typer.Option(help="Compute SPADE γ/β once per batch.")] = True,
+    schedule: Annotated[
+        str | None,
+        typer.Option(help="σ schedule: edm (ρ = 7), ve, vp or ddpm (default: the model's)."),
+    ] = None,
+    pin_outside: Annotated[
+        bool,
+        typer.Option(help="Reset the denoised estimate outside the sector to −1 at every step."),
+    ] = False,
+    holdout: Annotated[
+        float,
+        typer.Option(
+            help="Fraction of source patients whose samples form split 'val' (a synthetic "
+            "validation set for evaluate --checkpoint synthetic); 0: every sample trains."
+        ),
+    ] = 0.0,
     out: Annotated[
         Path | None, typer.Option(help="Output store (default synthetic/<model>-nfe<NFE>.zarr).")
     ] = None,
@@ -335,6 +382,12 @@ class TaskChoice(str, enum.Enum):
 class PresetChoice(str, enum.Enum):
     paper = "paper"
     tiny = "tiny"
+
+
+class CheckpointChoice(str, enum.Enum):
+    real = "real"
+    synthetic = "synthetic"
+    last = "last"
 
 
 @app.command()
@@ -377,6 +430,18 @@ def evaluate(
         bool | None, typer.Option(help="Geometric + intensity augmentation.")
     ] = None,
     num_workers: WorkersOpt = None,
+    checkpoint: Annotated[
+        CheckpointChoice,
+        typer.Option(
+            help="Which checkpoint of each run is tested: real (best on real validation images: "
+            "--val, else a real --train store's val split, else the test store's), synthetic "
+            "(best on the run's own val split: sample --holdout), or last."
+        ),
+    ] = CheckpointChoice.real,
+    val: Annotated[
+        Path | None,
+        typer.Option(help="Real store whose val split picks the checkpoints (--checkpoint real)."),
+    ] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap iterations.")] = 1000,
     bootstrap_fraction: Annotated[
         float, typer.Option(help="Fraction of the test set per bootstrap subset.")
@@ -389,13 +454,15 @@ def evaluate(
     """Train a segmenter and a view classifier on each --train store and score them on the
     held-out real --test split; write report.json, report.md and plots. Rerun to resume."""
     options = _options(locals(), "train", "test", "out", "preset", "task", "bootstrap",
-                       "bootstrap_fraction", "precision", "device", "seed")  # fmt: skip
+                       "bootstrap_fraction", "precision", "device", "seed", "checkpoint",
+                       "val")  # fmt: skip
     from edmcli.evaluation.evaluate import evaluate as stage
 
     stage(
         train, test, out, preset.value, ["seg", "cls"] if task is TaskChoice.both else [task.value],
         options, device=device, seed=seed, precision=precision.value,
         bootstrap_iterations=bootstrap, bootstrap_fraction=bootstrap_fraction,
+        checkpoint=checkpoint.value, val=val,
     )  # fmt: skip
 
 

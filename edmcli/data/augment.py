@@ -32,7 +32,7 @@ class AugmentConfig:
     affine_prob: float = 0.5
     rotate_deg: float = 10.0
     translate: float = 0.05  # fraction of the image size
-    scale: tuple[float, float] = (0.9, 1.1)
+    scale: tuple[float, float] = (0.9, 1.1)  # the image is resized by s in this range (> 0)
     shear: float = 0.05
     intensity: bool = True
     intensity_prob: float = 0.3
@@ -54,7 +54,9 @@ class PairedAugment:
                 prob=c.affine_prob,
                 rotate_range=(math.radians(c.rotate_deg),),
                 translate_range=(c.translate * h, c.translate * w),
-                scale_range=(c.scale[0] - 1.0, c.scale[1] - 1.0),
+                # MONAI scales the sampling grid, which resizes the image by the reciprocal:
+                # draw grid factors in [1 / high, 1 / low] so the image is resized by s ∈ scale.
+                scale_range=((1.0 / c.scale[1] - 1.0, 1.0 / c.scale[0] - 1.0),) * 2,
                 shear_range=(c.shear, c.shear),
                 mode=("bilinear", "nearest"),
                 padding_mode="zeros",

@@ -17,6 +17,7 @@ from edmcli.data.sources import Source, load_item
 from edmcli.data.store import (
     SampleMeta,
     atomic_store_path,
+    check_replaceable,
     create_store,
     mark_complete,
     meta_columns,
@@ -266,6 +267,10 @@ def prepare(
     if source not in SOURCES:
         raise DataError(f"source {source!r} is unknown; choose from {', '.join(SOURCES)}")
     ratio = parse_split_ratio(split_ratio) if isinstance(split_ratio, str) else split_ratio
+    if Path(out).exists() or Path(out).is_symlink():
+        if not overwrite:
+            raise DataError(f"{out} already exists; pass --overwrite to replace it")
+        check_replaceable(out)  # before reading any source: only a store or an empty folder
     if source == "phantom":
         with progress(4 * n_patients, "prepare (phantom)") as advance:
             return prepare_phantom(
@@ -282,8 +287,6 @@ def prepare(
         src = folder_source(
             folder, image_glob, label_template, meta_pattern or DEFAULT_META_PATTERN
         )
-    if Path(out).exists() and not overwrite:
-        raise DataError(f"{out} already exists; pass --overwrite to replace it")
     with progress(len(src.items), f"prepare ({src.layout})") as advance:
         result = prepare_from_source(
             src, out, size, seed, ratio, keep_aspect, root, overwrite, advance

@@ -45,7 +45,7 @@ from edmcli.evaluation.metrics import (
     dice_per_structure,
     segmentation_metrics,
 )
-from edmcli.runs.checkpoint import load_checkpoint
+from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
 from edmcli.training.engine import TrainingTask
 
 TASKS = ("seg", "cls")
@@ -59,14 +59,15 @@ class DownstreamSettings:
 
     task: str  # "seg" or "cls"
     train_stores: list[str]  # their train splits train
-    val_store: str
-    val_split: str
+    val_store: str | None  # None: no validation (checkpoint "last")
+    val_split: str | None
     size: int  # network input side; other sizes are resampled
     augment: bool = True
     base_filters: int = 32
     max_filters: int = 512
     deep_supervision: bool = True
     eval_batch: int = 32
+    checkpoint: str = "best"  # "best" on the validation split, or "last"
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -82,6 +83,10 @@ class DownstreamSettings:
             )
         if self.eval_batch < 1:
             raise EchoSynthError(f"eval batch {self.eval_batch} must be at least 1")
+        if self.checkpoint not in ("best", "last") or (
+            self.checkpoint == "best" and self.val_store is None
+        ):
+            raise ValueError(f"checkpoint {self.checkpoint!r} needs best+val_store or last")
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -316,6 +321,13 @@ class _DownstreamTask(TrainingTask):
     def augmentation(self):
         return self._augment
 
+    def validate(self, ema_model: nn.Module, step: int) -> dict[str, float] | None:
+        """The validation score that picks ``best.pt``; None when the last checkpoint is tested."""
+        return None if self.settings.checkpoint == "last" else self._score(ema_model)
+
+    def _score(self, ema_model: nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
     def val_data(self) -> SplitData:
         if self._val is None:
             data = load_split(self.settings.val_store, self.settings.val_split)
@@ -346,7 +358,7 @@ class SegmentationTask(_DownstreamTask):
             loss = self.loss_fn(out, target)
         return loss, {"dice_ce": loss.detach()}
 
-    def validate(self, ema_model: nn.Module, step: int) -> dict[str, float]:
+    def _score(self, ema_model: nn.Module) -> dict[str, float]:
         val = self.val_data()
         pred = segment(ema_model, val.images, self.settings.size, self.settings.eval_batch)
         dice = dice_per_structure(pred, val.labels).mean(0)
@@ -369,7 +381,7 @@ class ViewClassificationTask(_DownstreamTask):
         acc = (logits.argmax(1) == batch["view"]).float().mean()
         return loss, {"ce": loss.detach(), "acc": acc.detach()}
 
-    def validate(self, ema_model: nn.Module, step: int) -> dict[str, float]:
+    def _score(self, ema_model: nn.Module) -> dict[str, float]:
         val = self.val_data()
         s = self.settings
         logits = classifier_logits(ema_model, val.images, s.size, s.eval_batch)
@@ -396,6 +408,14 @@ def load_best(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The run's best validation checkpoint (EMA weights) as an eval-mode model, and the
     checkpoint's step and validation metrics."""
+    if settings.checkpoint == "last":
+        last = latest_checkpoint(Path(run_dir))
+        if last is None:
+            raise EchoSynthError(f"{run_dir} has no checkpoint; rerun to finish it")
+        state = load_checkpoint(last, map_location=device)
+        model = build_model(settings).to(device)
+        model.load_state_dict(state["ema"])
+        return model.eval(), {"step": int(state["step"]), "val": {}}
     path = Path(run_dir) / "checkpoints" / "best.pt"
     if not path.is_file():
         raise EchoSynthError(

@@ -9,11 +9,10 @@ rewritten at the end of every call.
 
 * Real-trained reference: a train store whose provenance is not ``synthetic`` (typically the
   test store itself: its train split) is a *real* run; the first real run is the reference line
-  of the report and of the gap (synthetic − real, paired bootstrap over the same test images).
-* Validation split: a run validates on the val split of its own store(s); a store without one
-  (a synthetic store sampled from train label maps only) falls back to the val split of the
-  first real train store, then to the val split of the test store. Which one was used is in
-  the report.
+  of the report and of the gap (synthetic − real, paired patient-level bootstrap).
+* Checkpoint choice (:func:`choose_validation`): by default the best checkpoint on real
+  validation images; or on the synthetic store's held-out val split; or the last one. What
+  chose each run's checkpoint is in the report.
 * Held-out check: the test split's patients must not appear in the train split of any train
   store, in the validation split used, nor among the patients the generator of a synthetic
   store was trained or validated on (its provenance ``generator_patients``, and the
@@ -106,15 +105,16 @@ def parse_train_spec(text: str) -> TrainSpec:
 
 def _generator_patients(store: str, provenance: dict[str, Any]) -> set[str]:
     """Patients the generator of a synthetic store learnt from: the provenance's list and the
-    ``training_patients.json`` of its run folder (when the folder exists)."""
+    ``training_patients.json`` of its diffusion run and of that run's Γ-VAE run (when the
+    folders exist)."""
     from edmcli.runs.folder import PATIENTS_FILE, load_training_patients
 
     patients = {str(p) for p in provenance.get("generator_patients") or []}
-    run = provenance.get("run")
     recorded = False
-    if run and (Path(run) / PATIENTS_FILE).is_file():
-        patients |= {str(p) for p in load_training_patients(Path(run)).get("patients", [])}
-        recorded = True
+    for run in (provenance.get("run"), provenance.get("vae_run")):  # diffusion run, its Γ-VAE
+        if run and (Path(run) / PATIENTS_FILE).is_file():
+            patients |= {str(p) for p in load_training_patients(Path(run)).get("patients", [])}
+            recorded = True
     if not patients and not recorded:
         raise EchoSynthError(
             f"synthetic store {store} does not record the patients its generator was trained on "
@@ -125,7 +125,10 @@ def _generator_patients(store: str, provenance: dict[str, Any]) -> set[str]:
 
 
 def check_held_out(
-    spec: TrainSpec, validation: tuple[str, str], test_store: str, test_patients: set[str]
+    spec: TrainSpec,
+    validation: tuple[str | None, str | None],
+    test_store: str,
+    test_patients: set[str],
 ) -> None:
     """Refuse a test split that shares patients with a run's training data, its validation
     split or the generator behind a synthetic store."""
@@ -133,9 +136,9 @@ def check_held_out(
     for store in spec.stores:
         sources.append((f"the train split of {store}", set(DatasetStore(store).patients("train"))))
     val_store, val_split = validation
-    sources.append(
-        (f"the {val_split} split of {val_store}", set(DatasetStore(val_store).patients(val_split)))
-    )
+    if val_store is not None:
+        val_patients = set(DatasetStore(val_store).patients(val_split))
+        sources.append((f"the {val_split} split of {val_store}", val_patients))
     if spec.generator_patients:
         sources.append(
             (f"the patients the generator of {spec.label} was trained on", spec.generator_patients)
@@ -151,37 +154,67 @@ def check_held_out(
             )
 
 
+CHECKPOINT_CHOICES = ("real", "synthetic", "last")
+
+
 def choose_validation(
-    spec: TrainSpec, specs: list[TrainSpec], test_store: str, task: str
-) -> tuple[str, str, str | None]:
-    """(store, split, note): the run's own val split, else the first real train store's, else
-    the test store's val split (note says which fallback was taken)."""
+    spec: TrainSpec,
+    specs: list[TrainSpec],
+    test_store: str,
+    task: str,
+    choice: str = "real",
+    val: str | None = None,
+) -> tuple[str | None, str | None, str]:
+    """(store, split, how): what picks the run's tested checkpoint.
+
+    * ``real`` (default): the best checkpoint on real validation images — the val split of
+      ``val`` when given, else the run's own store(s) when they are real, else the first real
+      train store's, else the test store's (the held-out check keeps its patients apart from
+      the test split's);
+    * ``synthetic``: the best checkpoint on the run's own stores' val split (a synthetic store
+      written with ``sample --holdout``);
+    * ``last``: no validation; the last checkpoint is tested.
+    """
+    if choice not in CHECKPOINT_CHOICES:
+        raise EchoSynthError(
+            f"checkpoint choice {choice!r} is unknown; choose from {', '.join(CHECKPOINT_CHOICES)}"
+        )
+    if choice == "last":
+        return None, None, "the last checkpoint (no validation)"
+    views = VIEWS if task == "cls" else None
 
     def usable(store: str) -> bool:
-        reader = DatasetStore(store)
-        views = VIEWS if task == "cls" else None
-        return len(reader.indices("val", views)) > 0
+        return len(DatasetStore(store).indices("val", views)) > 0
 
-    for store in spec.stores:
-        if usable(store):
-            return store, "val", None
-    for other in specs:
-        for store, prov in zip(other.stores, other.provenance, strict=True):
-            if prov.get("source") != SYNTHETIC and usable(store):
-                note = (
-                    f"{', '.join(spec.stores)} has no val split; validating on the val split "
-                    f"of {store} (the first real train store)"
-                )
-                return store, "val", note
-    if usable(test_store):
-        note = (
-            f"{', '.join(spec.stores)} has no val split and no real train store has one; "
-            f"validating on the val split of the test store {test_store}"
+    def real(store: str) -> bool:
+        prov = DatasetStore(store).info.get("provenance") or {}
+        return prov.get("source") != SYNTHETIC
+
+    if choice == "synthetic":
+        for store in spec.stores:
+            if usable(store):
+                return store, "val", f"the best checkpoint on the val split of {store}"
+        raise EchoSynthError(
+            f"--train {spec.text} has no val split to choose a checkpoint on; write the "
+            "synthetic store with sample --holdout F, or choose the checkpoint on real "
+            "validation images (checkpoint real) or take the last one (checkpoint last)"
         )
-        return test_store, "val", note
+    if val is not None:
+        store = str(Path(val).resolve())
+        if not real(store):
+            raise EchoSynthError(f"--val {val} is a synthetic store; give real validation images")
+        if not usable(store):
+            raise EchoSynthError(f"--val {val} has no images in its val split")
+        return store, "val", f"the best checkpoint on real images: the val split of {store}"
+    candidates = [s for s in spec.stores if real(s)]
+    candidates += [s for other in specs for s in other.stores if real(s)]
+    candidates.append(test_store)
+    for store in dict.fromkeys(candidates):
+        if usable(store):
+            return store, "val", f"the best checkpoint on real images: the val split of {store}"
     raise EchoSynthError(
-        f"--train {spec.text} has no val split and neither a real --train store nor the test "
-        "store has one to validate on (the best checkpoint needs a validation split)"
+        f"--train {spec.text}: no real store has a val split to choose the checkpoint on; "
+        "give one with --val STORE, or take the last checkpoint (checkpoint last)"
     )
 
 
@@ -220,6 +253,8 @@ def evaluate(
     precision: str = "auto",
     bootstrap_iterations: int = 1000,
     bootstrap_fraction: float = 0.8,
+    checkpoint: str = "real",
+    val: Path | None = None,
 ) -> dict[str, Any] | None:
     """Train, test and report (the body of ``echo-synth evaluate``): ``overrides`` are settings of
     :data:`edmcli.settings.PRESETS` ``["seg"]``/``["cls"]`` (None: the preset decides). Returns
@@ -273,9 +308,9 @@ def evaluate(
                 if task == "cls":
                     for store in spec.stores:
                         check_views(store, "train", "--train")
-                val_store, val_split, note = choose_validation(spec, specs, test_store, task)
-                if note and note not in notes:
-                    notes.append(note)
+                val_store, val_split, chosen_by = choose_validation(
+                    spec, specs, test_store, task, checkpoint, None if val is None else str(val)
+                )
                 check_held_out(spec, (val_store, val_split), test_store, test_patients)
                 n_train = count_train(spec.stores, task)
                 batch_size = int(values["batch"])
@@ -289,8 +324,9 @@ def evaluate(
                 settings = DownstreamSettings(
                     task=task,
                     train_stores=spec.stores,
-                    val_store=str(Path(val_store).resolve()),
+                    val_store=None if val_store is None else str(Path(val_store).resolve()),
                     val_split=val_split,
+                    checkpoint="last" if val_store is None else "best",
                     size=int(values["size"]),
                     augment=bool(values["augment"]),
                     base_filters=int(values.get("base_filters", 32)),
@@ -321,7 +357,8 @@ def evaluate(
                 config.validate(env.world_size)
                 plans.append(
                     {"task": task, "spec": spec, "settings": settings, "config": config,
-                     "n_train": n_train, "run_dir": Path(out) / "runs" / f"{task}-{spec.slug}"}
+                     "n_train": n_train, "run_dir": Path(out) / "runs" / f"{task}-{spec.slug}",
+                     "checkpoint_chosen_by": chosen_by}
                 )  # fmt: skip
         notes += _size_notices(specs, test_store, plans)
 
@@ -339,7 +376,8 @@ def evaluate(
                 console.print(
                     f"{'resuming' if resumed else 'training'} {settings.task} on "
                     f"{plan['spec'].label} ({plan['n_train']} images, {plan['spec'].kind}) in "
-                    f"{run_dir}: {config.steps} steps of batch {config.batch} on {env.device}",
+                    f"{run_dir}: {config.steps} steps of batch {config.batch} on {env.device}; "
+                    f"tested: {plan['checkpoint_chosen_by']}",
                     highlight=False,
                 )
             t0 = time.perf_counter()
@@ -370,6 +408,7 @@ def evaluate(
                     k: v for k, v in overrides.items() if v is not None},
                 "seed": seed, "device": str(env.device), "world_size": env.world_size,
                 "precision": precision, "bootstrap_iterations": bootstrap_iterations,
+                "checkpoint": checkpoint, "val": None if val is None else str(val),
                 "bootstrap_fraction": bootstrap_fraction, "bootstrap_confidence": 0.95,
                 "code_version": code_version(),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -396,7 +435,7 @@ def _size_notices(specs: list[TrainSpec], test_store: str, plans: list[dict]) ->
     seen: set[str] = set()
     stores = [s for spec in specs for s in spec.stores] + [p["settings"].val_store for p in plans]
     for store in stores:
-        if store in seen:
+        if store is None or store in seen:
             continue
         seen.add(store)
         h, w = DatasetStore(store).image_size

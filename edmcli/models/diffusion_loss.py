@@ -15,20 +15,22 @@ means.
 | :class:`EDMLoss` | ln sigma ~ N(-1.2, 1.2^2) (P_mean, P_std) | (sigma^2 + sd^2) / (sigma sd)^2 |
 | :class:`VELoss` | sigma log-uniform in [0.02, 100] | 1 / sigma^2 |
 | :class:`VPLoss` | sigma = sigma_VP(t), t ~ U(eps_t, 1) | 1 / sigma^2 |
-| :class:`DDPMLoss` | t uniform in 0..999 | eps-MSE (1) |
+| :class:`DDPMLoss` | t uniform in 0..999 | eps-MSE (1), + lambda L_vlb with a learned variance |
 
 Each loss is called as ``loss_fn(net, images, labels, sector, generator=None)`` and returns
 ``(loss, logs)``: the scalar to back-propagate and a dict of detached 0-dim tensors for logging
 (``"loss"``, and ``"mse"``: the unweighted in-sector squared error of the denoised images, or of
-the predicted noise for DDPM). ``images`` are (N, C, H, W) floats (pixels or latents in
-[-1, 1]), ``labels`` the (N, H', W') integer label maps handed to the network, ``sector`` an
-(N, H'', W'') or (N, 1, H'', W'') mask resized nearest to the images' size when it differs.
-The noise levels and the noise come from ``generator`` when given (it must live on the images'
-device); dropout inside the network still uses the global RNG.
+the predicted noise for DDPM; :meth:`DDPMLoss.terms` gives its two terms undetached).
+``images`` are (N, C, H, W) floats (pixels or latents in [-1, 1]), ``labels`` the (N, H', W')
+integer label maps handed to the network, ``sector`` an (N, H'', W'') or (N, 1, H'', W'') mask
+resized nearest to the images' size when it differs. The noise levels and the noise come from
+``generator`` when given (it must live on the images' device); dropout inside the network still
+uses the global RNG.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Protocol
 
@@ -39,7 +41,16 @@ from edmcli.data.labels import mask_at
 from edmcli.models.masked import masked_mean
 from edmcli.models.preconditioning import DDPMEpsModel, vp_sigma
 
-__all__ = ["DDPMLoss", "DiffusionLoss", "EDMLoss", "VELoss", "VPLoss", "sector_mask_like"]
+__all__ = [
+    "DDPMLoss",
+    "DiffusionLoss",
+    "EDMLoss",
+    "VELoss",
+    "VPLoss",
+    "discretized_gaussian_log_likelihood",
+    "normal_kl",
+    "sector_mask_like",
+]
 
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -187,16 +198,95 @@ class VPLoss(_SigmaWeightedLoss):
         return 1 / sigma**2
 
 
+LN2 = math.log(2.0)
+
+
+def normal_kl(
+    mean1: torch.Tensor, log_var1: torch.Tensor, mean2: torch.Tensor, log_var2: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))) per element, in nats:
+    (log_var2 - log_var1 + (exp(log_var1) + (mean1 - mean2)^2) / exp(log_var2) - 1) / 2."""
+    return 0.5 * (
+        log_var2
+        - log_var1
+        + torch.exp(log_var1 - log_var2)
+        + (mean1 - mean2) ** 2 * torch.exp(-log_var2)
+        - 1.0
+    )
+
+
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, bins: int = 256
+) -> torch.Tensor:
+    """log P(x) per element, in nats, of data on ``bins`` evenly spaced levels of [-1, 1] under
+    N(mean, exp(log_scale)^2): the Gaussian mass of x's bin [x - h, x + h], h = 1 / (bins - 1),
+    the lowest bin reaching down to -inf and the highest up to +inf. A bin's mass
+    Phi(u) - Phi(l) is computed in log space from the side of the distribution it lies on, so
+    that bins far in a tail keep their tiny mass instead of cancelling to 0."""
+    h = 1.0 / (bins - 1)
+    inv_scale = torch.exp(-log_scale)
+    upper = (x - mean + h) * inv_scale
+    lower = (x - mean - h) * inv_scale
+    log_ndtr = torch.special.log_ndtr
+    right = lower > 0  # the bin lies right of the mean: use 1 - Phi, which does not round to 0
+    big = torch.where(right, log_ndtr(-lower), log_ndtr(upper))
+    small = torch.where(right, log_ndtr(-upper), log_ndtr(lower))
+    inner = big + torch.log((-torch.expm1(small - big)).clamp_min(1e-30))
+    lowest = log_ndtr(upper)  # log Phi(upper)
+    highest = log_ndtr(-lower)  # log (1 - Phi(lower))
+    return torch.where(x < -1 + h, lowest, torch.where(x > 1 - h, highest, inner))
+
+
 class DDPMLoss:
-    """DDPM eps-prediction loss (SDM): t uniform in 0..num_steps-1, MSE between predicted and
-    true noise.
+    """DDPM loss (SDM): t uniform in 0..num_steps-1, the in-sector MSE between predicted and
+    true noise; for a model with ``learn_sigma`` the hybrid loss of Nichol & Dhariwal (2021),
+
+        loss = L_simple + lambda_vlb L_vlb,   L_vlb = T E_t[L_t] (one t per sample),
+
+    with L_t = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the discretised
+    Gaussian decoder NLL -log p(x_0 | x_1) (``bins`` levels of [-1, 1]) at t = 0, in bits per
+    dimension, averaged over the sector like every loss here. p's mean is computed from a
+    detached eps, so L_vlb trains the variance output only and L_simple the eps output only.
+    lambda_vlb = 0.001 and bits match the published configuration.
 
     The noisy input is built in the sigma parameterisation, x = x_0 + sigma_t eps, which
     :class:`DDPMEpsModel` maps to x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps exactly.
     ``net`` is a :class:`DDPMEpsModel`, or a wrapper (DDP, ...) exposing it as ``net.module``.
     """
 
-    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
+    def __init__(self, lambda_vlb: float = 0.001, bins: int = 256):
+        if lambda_vlb < 0 or bins < 2:
+            raise ValueError(
+                f"DDPMLoss needs lambda_vlb >= 0 and bins >= 2, got {lambda_vlb}, {bins}."
+            )
+        self.lambda_vlb = lambda_vlb
+        self.bins = bins
+
+    def vlb_terms(
+        self,
+        model: DDPMEpsModel,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        v: torch.Tensor,
+    ) -> torch.Tensor:
+        """L_t per element in bits: the KL for t > 0, the decoder NLL for t = 0; p has the mean
+        of ``eps`` (pass it detached) and the variance of the output ``v``."""
+        mean_q = model.posterior_mean(x0, x_t, t)
+        log_var_q = model.posterior_log_variance(t, x_t.shape[0])
+        mean_p = model.mean_from_eps(x_t, t, eps)
+        log_var_p = model.log_variance(t, (v + 1) / 2)
+        kl = normal_kl(mean_q, log_var_q, mean_p, log_var_p)
+        nll = -discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * log_var_p, self.bins)
+        first = (t == 0).reshape(-1, 1, 1, 1)
+        return torch.where(first, nll, kl) / LN2
+
+    def terms(
+        self, net, images, labels, sector, generator=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(L_simple, L_vlb) with their graphs; L_vlb is None for a model without
+        ``learn_sigma``."""
         _check_images(images)
         model = getattr(net, "module", net)
         if not isinstance(model, DDPMEpsModel):
@@ -209,6 +299,17 @@ class DDPMLoss:
         )
         sigma = model.sigmas.to(y.device)[t].reshape(n, 1, 1, 1)
         eps = _randn(tuple(y.shape), y, generator)
-        eps_hat = net(y + sigma * eps, sigma.flatten(), labels, return_eps=True)
-        loss = masked_mean((eps_hat - eps) ** 2, mask)
-        return loss, {"loss": loss.detach(), "mse": loss.detach()}
+        x = y + sigma * eps
+        if not model.learn_sigma:
+            eps_hat = net(x, sigma.flatten(), labels, return_eps=True)
+            return masked_mean((eps_hat - eps) ** 2, mask), None
+        eps_hat, v = net(x, sigma.flatten(), labels, return_raw=True)
+        simple = masked_mean((eps_hat - eps) ** 2, mask)
+        x_t = x / (1 + sigma**2).sqrt()  # what the network saw
+        per_pixel = self.vlb_terms(model, y, x_t, t, eps_hat.detach(), v)
+        return simple, model.num_steps * masked_mean(per_pixel, mask)
+
+    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
+        simple, vlb = self.terms(net, images, labels, sector, generator)
+        loss = simple if vlb is None else simple + self.lambda_vlb * vlb
+        return loss, {"loss": loss.detach(), "mse": simple.detach()}

@@ -180,6 +180,12 @@ def _pool_factors(x: torch.Tensor, latent_size: int, name: str) -> tuple[int, in
     return h // latent_size, w // latent_size
 
 
+def _full_precision(x: torch.Tensor):
+    """Autocast off for ``x``'s device: the frozen Γ-VAE encodes and decodes in fp32 even inside
+    a bf16/fp16 autocast region (bf16 latents differ by up to 0.05, far above σ_min = 0.002)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def latent_sector_mask(sector: torch.Tensor, latent_size: int) -> torch.Tensor:
     """Downsample a pixel sector mask to the latent size.
 
@@ -341,11 +347,13 @@ class GammaVAE(nn.Module):
         Returns:
             (N, 1, h, w) float32: -1 outside the latent sector, ``2 alpha / beta - 1`` (> -1)
             inside; nominally within [-1, 1] (the top is not clamped, see the module docstring).
+            Computed in fp32 whatever autocast region it is called in.
         """
-        alpha, beta = self.posterior(image, sector)
-        latent_sector = self.latent_sector(sector).to(alpha.dtype)
-        z = (alpha / beta).clamp_min(Z_MIN) * latent_sector
-        return 2.0 * z - 1.0
+        with _full_precision(image):
+            alpha, beta = self.posterior(image.float(), sector.float())
+            latent_sector = self.latent_sector(sector).to(alpha.dtype)
+            z = (alpha / beta).clamp_min(Z_MIN) * latent_sector
+            return 2.0 * z - 1.0
 
     def decode(self, latent: torch.Tensor, sector: torch.Tensor) -> torch.Tensor:
         """Diffusion latent -> image in [0, 1], zero outside the sector.
@@ -362,6 +370,8 @@ class GammaVAE(nn.Module):
             (N, 1, S, S) float32 image.
         """
         self._check_pair(latent, sector, "latent", self.config.latent_size)
-        latent_sector = self.latent_sector(sector).to(latent.dtype)
-        z = ((latent + 1.0) / 2.0).clamp_min(Z_MIN) * latent_sector
-        return self._decode_z(z, sector)
+        with _full_precision(latent):
+            latent = latent.float()
+            latent_sector = self.latent_sector(sector).to(latent.dtype)
+            z = ((latent + 1.0) / 2.0).clamp_min(Z_MIN) * latent_sector
+            return self._decode_z(z, sector)

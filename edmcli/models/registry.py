@@ -7,12 +7,19 @@ its classes; nothing else in the package names models.
 
 | name | space | precond. | ``paper`` UNet (default size) | solver, schedule, NFE |
 |---|---|---|---|---|
-| ``sdm`` | pixels | DDPM ε | ADM: 256 ch, 1-1-2-2-4-4, 2 blocks, attn 32/16/8 | DDPM, 1000 |
+| ``sdm`` | pixels | DDPM ε, Σ | ADM: 256 ch, 1-1-2-2-4-4, 2 blocks, attn 32/16/8 | DDPM, 1000 |
 | ``edm`` | pixels | EDM | ADM: 192 ch, 1-2-3-4, 3 blocks, attn 32/16/8 (256) | Heun, EDM ρ=7, 35 |
-| ``ve`` | pixels | VE | NCSN++: 128 ch, 2-2-2, 4 blocks, attn 16, Fourier | Heun, VE, 35 |
-| ``vp`` | pixels | VP | DDPM++-style: 128 ch, 2-2-2, 4 blocks, attn 16 (256) | Heun, VP, 35 |
+| ``ve`` | pixels | VE | NCSN++: 128 ch, 2-2-2, 4 blocks, attn 16, Fourier | Heun, EDM ρ=7, 35 |
+| ``vp`` | pixels | VP | DDPM++-style: 128 ch, 2-2-2, 4 blocks, attn 16 (256) | Heun, EDM ρ=7, 35 |
 | ``edm-l128`` | Γ-VAE latent (128 at 256²) | EDM | as ``edm`` (128) | Heun, EDM ρ=7, 35 |
 | ``edm-l64`` | Γ-VAE latent (64 at 256²) | EDM | as ``edm`` (64) | Heun, EDM ρ=7, 35 |
+
+``sdm`` is the published SDM configuration (echo_from_noise): 1000 steps of the cosine schedule,
+learned variance (the UNet outputs ε and v; hybrid loss), x₀ clipped to [−1, 1] while sampling
+(:attr:`ModelSpec.precond_defaults`); ``noise_schedule="linear"``, ``learn_sigma=False``,
+``clip_denoised=False`` give the original DDPM. The EDM ρ = 7 schedule of ``ve`` and ``vp`` is
+EDM's σ range 0.002–80 clipped to the network's (VE 0.02–80, VP 0.002–80), the default of the
+authors' ``generatev2.py``; their native Table-1 schedules stay available by name.
 
 SPADE sits in the middle and decoder blocks in every ``paper`` preset (the authors' code; SDM's
 "middle and output blocks"). The ``paper`` EDM networks reproduce the authors' parameter counts
@@ -50,8 +57,10 @@ __all__ = [
     "build_model",
     "build_precond",
     "default_image_size",
+    "precond_settings",
     "get_spec",
     "is_latent",
+    "loss_settings",
     "model_names",
     "register_model",
     "unet_config",
@@ -79,6 +88,8 @@ class ModelSpec:
         nfe: default network evaluations per sample of ``echo-synth sample``.
         preview_solver: the few-step solver of the training previews.
         paper_batch: global training batch of the paper (section III.E).
+        precond_defaults: preconditioning parameters of the model over the class defaults
+            (what :func:`build_model` and a new training run use; a run records them all).
     """
 
     name: str
@@ -91,6 +102,7 @@ class ModelSpec:
     nfe: int = 35
     preview_solver: str = "euler"
     paper_batch: int = 24
+    precond_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def is_latent(self) -> bool:
@@ -196,6 +208,10 @@ _VE_TINY = dict(
 )
 _VP_TINY = dict(_TINY, adaptive_scale=False, skip_scale=_SQRT_HALF)
 
+# echo_from_noise's semantic_diffusion_model/config.py: NOISE_SCHEDULE="cosine",
+# LEARN_SIGMA=True, CLIP_DENOISED=True, 1000 steps.
+SDM_PRECOND = {"noise_schedule": "cosine", "learn_sigma": True, "clip_denoised": True}
+
 # The paper's six models (DESIGN: sdm, edm, ve, vp, edm-l128, edm-l64).
 register_model(
     ModelSpec(
@@ -208,15 +224,12 @@ register_model(
         nfe=1000,
         preview_solver="ddim",
         paper_batch=24,
+        precond_defaults=SDM_PRECOND,
     )
 )
 register_model(ModelSpec("edm", EDMPrecond, EDMLoss, {"paper": _ADM, "tiny": _TINY}))
-register_model(
-    ModelSpec("ve", VEPrecond, VELoss, {"paper": _NCSNPP, "tiny": _VE_TINY}, schedule="ve")
-)
-register_model(
-    ModelSpec("vp", VPPrecond, VPLoss, {"paper": _DDPMPP, "tiny": _VP_TINY}, schedule="vp")
-)
+register_model(ModelSpec("ve", VEPrecond, VELoss, {"paper": _NCSNPP, "tiny": _VE_TINY}))
+register_model(ModelSpec("vp", VPPrecond, VPLoss, {"paper": _DDPMPP, "tiny": _VP_TINY}))
 register_model(
     ModelSpec(
         "edm-l128", EDMPrecond, EDMLoss, {"paper": _ADM, "tiny": _TINY}, latent=128, paper_batch=54
@@ -242,6 +255,41 @@ def _precond_params(name: str) -> set[str]:
     return _init_params(get_spec(name).precond, skip=("self", "net"))
 
 
+def _check_precond_names(name: str, params: Mapping[str, Any]) -> None:
+    unknown = sorted(set(params) - _precond_params(name))
+    if unknown:
+        raise ValueError(
+            f"Unknown preconditioning parameter(s) {unknown} for model {name!r}; valid: "
+            f"{sorted(_precond_params(name))}."
+        )
+
+
+def precond_settings(name: str, **overrides: Any) -> dict[str, Any]:
+    """Every named preconditioning parameter of model ``name``: the class defaults, then the
+    spec's :attr:`ModelSpec.precond_defaults`, then ``overrides`` (what a run records, so that
+    :func:`build_precond` rebuilds the same model whatever the defaults become)."""
+    spec = get_spec(name)
+    _check_precond_names(name, overrides)
+    params = inspect.signature(spec.precond.__init__).parameters
+    values = {
+        key: params[key].default
+        for key in sorted(_precond_params(name))
+        if params[key].default is not inspect.Parameter.empty
+    }
+    values.update(spec.precond_defaults)
+    values.update(overrides)
+    check = getattr(spec.precond, "check_params", None)
+    if check is not None:  # refuse values the model cannot be built with, before building it
+        names = set(inspect.signature(check).parameters)
+        check(**{k: v for k, v in values.items() if k in names})
+    return values
+
+
+def _net_out_channels(name: str, in_channels: int, precond: Mapping[str, Any]) -> int:
+    rule = getattr(get_spec(name).precond, "net_out_channels", None)
+    return in_channels if rule is None else int(rule(in_channels, **precond))
+
+
 def _split_overrides(name: str, overrides: dict[str, Any]) -> tuple[dict, dict]:
     unet_fields = {f.name for f in dataclasses.fields(SpadeUNetConfig)}
     precond_fields = _precond_params(name)
@@ -257,36 +305,41 @@ def _split_overrides(name: str, overrides: dict[str, Any]) -> tuple[dict, dict]:
 
 
 def unet_config(
-    name: str, preset: str = "tiny", image_size: int | None = None, **overrides: Any
+    name: str,
+    preset: str = "tiny",
+    image_size: int | None = None,
+    *,
+    precond: Mapping[str, Any] | None = None,
+    **overrides: Any,
 ) -> SpadeUNetConfig:
     """The :class:`SpadeUNetConfig` of model ``name`` under ``preset`` (``"paper"`` or
     ``"tiny"``), at ``image_size`` (default :func:`default_image_size`), with UNet field
-    ``overrides``."""
+    ``overrides``. Its output channels are those the preconditioning needs with the parameters
+    ``precond`` (over the spec's defaults; e.g. ε and v for a DDPM with ``learn_sigma``)."""
     spec = get_spec(name)
     _check_preset(preset)
-    unet, precond = _split_overrides(name, overrides)
-    if precond:
+    unet, extra = _split_overrides(name, overrides)
+    if extra:
         raise ValueError(
-            f"unet_config takes UNet fields only; {sorted(precond)} belong to the "
-            f"preconditioning (use build_model)."
+            f"unet_config takes UNet fields only; {sorted(extra)} belong to the "
+            f"preconditioning (use build_model, or unet_config(..., precond=...))."
         )
     size = spec.default_image_size(preset) if image_size is None else image_size
-    values = {**spec.architectures[preset], "image_size": size, "in_channels": 1,
-              "out_channels": 1}  # fmt: skip
+    values = {**spec.architectures[preset], "image_size": size, "in_channels": 1}
     values.update(unet)
+    if "out_channels" not in unet:
+        params = precond_settings(name, **(precond or {}))
+        values["out_channels"] = _net_out_channels(name, values["in_channels"], params)
     return SpadeUNetConfig(**values)
 
 
 def build_precond(name: str, config: SpadeUNetConfig, **precond_kwargs: Any) -> nn.Module:
     """Preconditioned model ``name`` around a new :class:`SpadeUNet` built from ``config`` (e.g.
-    the config stored with a run), with preconditioning parameters ``precond_kwargs``."""
+    the config stored with a run), with exactly the preconditioning parameters
+    ``precond_kwargs`` over the class defaults (a run's record; :func:`build_model` adds the
+    spec's :attr:`ModelSpec.precond_defaults`)."""
     spec = get_spec(name)
-    unknown = sorted(set(precond_kwargs) - _precond_params(name))
-    if unknown:
-        raise ValueError(
-            f"Unknown preconditioning parameter(s) {unknown} for model {name!r}; valid: "
-            f"{sorted(_precond_params(name))}."
-        )
+    _check_precond_names(name, precond_kwargs)
     return spec.precond(SpadeUNet(config), **precond_kwargs)
 
 
@@ -297,13 +350,24 @@ def build_model(
     :class:`VPPrecond` or :class:`DDPMEpsModel`) under ``preset``.
 
     ``overrides`` are :class:`SpadeUNetConfig` fields (``dropout=0.0``, ``spade_placement="all"``)
-    or parameters of the preconditioning (``sigma_data=...``). Build under
-    ``torch.device("meta")`` to inspect a paper-size network without allocating it.
+    or parameters of the preconditioning (``sigma_data=...``; for ``sdm``
+    ``noise_schedule="linear"``, ``learn_sigma=False``, ``clip_denoised=False``), which override
+    the spec's :attr:`ModelSpec.precond_defaults`. Build under ``torch.device("meta")`` to
+    inspect a paper-size network without allocating it.
     """
     get_spec(name)
     _check_preset(preset)
     unet, precond = _split_overrides(name, overrides)
-    return build_precond(name, unet_config(name, preset, image_size, **unet), **precond)
+    params = precond_settings(name, **precond)
+    config = unet_config(name, preset, image_size, precond=params, **unet)
+    return build_precond(name, config, **params)
+
+
+def loss_settings(name: str, precond: Mapping[str, Any]) -> dict[str, Any]:
+    """The preconditioning settings that the loss of ``name`` shares (e.g. EDM's ``sigma_data``,
+    which sets the loss weight), so loss and network agree."""
+    valid = _init_params(get_spec(name).loss)
+    return {k: v for k, v in precond.items() if k in valid}
 
 
 def build_loss(name: str, **kwargs: Any) -> DiffusionLoss:

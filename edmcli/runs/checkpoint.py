@@ -1,10 +1,17 @@
-"""Checkpoints: written atomically (temporary file, fsync, rename), validated on resume."""
+"""Checkpoints: written atomically (temporary file, fsync, rename), validated on resume.
+
+A checkpoint file is never changed in place (a new one is a new file renamed over the name), so
+a hard link to it (:func:`link_or_copy`) is a frozen copy that costs no space: pruning or
+replacing the original only removes a name.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +74,42 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def find_checkpoint(recorded: str | Path, run_dir: Path) -> Path:
+    """The file that a recorded checkpoint path of the run ``run_dir`` names: the path itself
+    (absolute, or relative to the working directory as older runs recorded it) when it exists,
+    else the checkpoint of that name in ``run_dir/checkpoints`` (a run read from another folder
+    than the one it was recorded in). Returns the recorded path when neither exists."""
+    recorded = Path(recorded)
+    if recorded.is_file():
+        return recorded
+    candidate = Path(run_dir) / "checkpoints" / recorded.name
+    return candidate if candidate.is_file() else recorded
+
+
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
+
+
+def link_or_copy(source: Path, dest: Path) -> str:
+    """Make ``dest`` a frozen copy of the checkpoint ``source``: a hard link where the filesystem
+    allows one ("link": no space, no time), else an atomic copy ("copy": another filesystem, or
+    one without hard links). A missing ``source`` raises FileNotFoundError."""
+    source, dest = Path(source), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(source, dest)
+        return "link"
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with open(source, "rb") as src, open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, dest)
+    return "copy"

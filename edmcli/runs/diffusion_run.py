@@ -16,7 +16,7 @@ from edmcli.errors import EchoSynthError
 from edmcli.models.registry import build_precond, get_spec, model_names
 from edmcli.models.unet import SpadeUNetConfig
 from edmcli.runs.checkpoint import file_sha256, latest_checkpoint, load_checkpoint
-from edmcli.runs.folder import load_run_config
+from edmcli.runs.folder import frozen_dependency, load_run_config
 from edmcli.runs.vae_run import LoadedVAE, load_vae_run
 
 
@@ -30,9 +30,14 @@ class DiffusionSettings:
     image_size: int  # pixels of the store
     net_size: int  # the UNet's input size: pixels, or the Γ-VAE latent size
     unet: dict[str, Any] = field(default_factory=dict)
+    # Every preconditioning parameter (registry.precond_settings); {} in runs recorded before
+    # this field existed, which rebuilds the class defaults they were trained with (for sdm the
+    # original DDPM: linear betas, fixed variance, no clipping).
+    precond: dict[str, Any] = field(default_factory=dict)
     vae_run: str | None = None
     vae_checkpoint: str | None = None
     vae_sha256: str | None = None
+    sigma_data_source: str | None = None  # latent models: how σ_data was chosen
     augment: bool = True
     in_memory: bool = True
 
@@ -51,7 +56,8 @@ def check_model_name(model: str) -> None:
 
 
 def build_network(settings: DiffusionSettings) -> nn.Module:
-    return build_precond(settings.model, settings.unet_config())
+    """The run's preconditioned network, with the parameters it recorded."""
+    return build_precond(settings.model, settings.unet_config(), **settings.precond)
 
 
 @dataclass
@@ -109,9 +115,13 @@ def load_diffusion_run(model: str, run: Path, device: torch.device) -> LoadedDif
     net = net.to(device).eval().requires_grad_(False)
     vae = None
     if settings.vae_run is not None:
-        vae = load_vae_run(
-            Path(settings.vae_run), device, Path(settings.vae_checkpoint), settings.vae_sha256
-        )
+        frozen = frozen_dependency(run, "vae")
+        if frozen is not None and frozen.sha256 == settings.vae_sha256:  # the run's own copy
+            vae = load_vae_run(frozen.folder, device, frozen.checkpoint, settings.vae_sha256)
+        else:  # a run trained before runs kept a copy of their Γ-VAE checkpoint
+            vae = load_vae_run(
+                Path(settings.vae_run), device, Path(settings.vae_checkpoint), settings.vae_sha256
+            )
     return LoadedDiffusion(
         net, settings, vae, Path(run).resolve(), checkpoint, file_sha256(checkpoint),
         int(state["step"]),

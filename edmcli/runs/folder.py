@@ -1,54 +1,128 @@
 """A training run folder: ``config.yaml`` (resolved), ``checkpoints/``, ``metrics.jsonl``, grids.
 
-Rerunning the same command on an existing run resumes it; a command whose settings would change
-the training result is refused (settings that only change the length or the logging may change).
+Rerunning the same command on an existing run resumes it; once the run has a checkpoint, a
+command whose settings would change the training result is refused (settings that only change
+the length or the logging may change). A run with no checkpoint yet has nothing to resume: a
+command with other settings (the corrected one after a bad setting) starts it afresh.
+
+A run built on a checkpoint of another run (a latent model on its Γ-VAE) keeps a frozen copy of
+it (:func:`freeze_dependency`, in ``RUN/NAME/``), so the other run may be lengthened (pruning
+its old checkpoints), moved or deleted without breaking this one. Writers hold the run's lock
+(:func:`edmcli.runs.lock.run_lock`, the file ``RUN/.lock``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from edmcli.errors import EchoSynthError
+from edmcli.runs.checkpoint import file_sha256, link_or_copy, list_checkpoints
+from edmcli.runs.lock import RUN_LOCK_NAME
 
 # Keys that may differ between the run's config and a resuming command.
 RESUMABLE_CHANGES = frozenset(
     {"steps", "epochs", "kimg", "checkpoint_every", "log_every", "grid_every", "num_workers",
      "device", "keep_checkpoints", "eval_batches"}
 )  # fmt: skip
+CONFIG_FILE = "config.yaml"
+# What a first attempt that failed before its first checkpoint leaves and a fresh start removes
+# (so nothing of it mixes into the new run's records).
+ATTEMPT_RECORDS = ("metrics.jsonl", "summary.json", "checkpoints/best.pt", "grids")
+# Files that do not make a folder "something else than a training run".
+_HOUSEKEEPING = {RUN_LOCK_NAME, f".{CONFIG_FILE}.tmp"}
 
 
 def prepare_run_dir(run_dir: Path, config: dict[str, Any], is_main: bool = True) -> bool:
-    """Create the run folder or check that ``config`` may resume it. Returns True on resume."""
-    config_path = run_dir / "config.yaml"
+    """Create the run folder, or check that ``config`` may continue it. Returns True when the
+    run resumes from a checkpoint.
+
+    - No ``config.yaml``: a new run; the folder must be missing, empty or a run's leftovers.
+    - A checkpoint in ``checkpoints/``: every setting must equal the recorded one except
+      :data:`RESUMABLE_CHANGES` (whose new values are recorded); a differing one is refused.
+      Paths that name the same file are the same setting.
+    - ``config.yaml`` but no checkpoint yet (a command that failed before its first checkpoint,
+      e.g. on a bad setting or a missing weights file): a differing (or unreadable) config is
+      *replaced*, not refused, and the failed attempt's records (:data:`ATTEMPT_RECORDS`) are
+      removed: the corrected command trains this run from step 0.
+
+    Only the main rank writes; the others check the same way."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    has_checkpoint = bool(list_checkpoints(run_dir / "checkpoints"))
     if config_path.is_file():
         try:
             saved = yaml.safe_load(config_path.read_text()) or {}
+            problem = None
         except yaml.YAMLError as exc:
-            raise EchoSynthError(f"{config_path} is not valid YAML ({exc})") from None
+            saved, problem = {}, f"{config_path} is not valid YAML ({exc})"
         diffs = [
             key
             for key in sorted(set(saved) | set(config))
-            if key not in RESUMABLE_CHANGES and saved.get(key) != config.get(key)
+            if key not in RESUMABLE_CHANGES and not _same_setting(saved.get(key), config.get(key))
         ]
-        if diffs:
+        if has_checkpoint and problem:
+            raise EchoSynthError(f"{problem}; the run has checkpoints, so it cannot be resumed")
+        if has_checkpoint and diffs:
             key = diffs[0]
             raise EchoSynthError(
                 f"run {run_dir} was started with {key}={saved.get(key)!r} but this command asks "
                 f"for {key}={config.get(key)!r}; resume with the same settings or use another --run"
             )
         if is_main:
-            config_path.write_text(yaml.safe_dump(config, sort_keys=True))
-        return True
-    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "checkpoints").exists():
-        raise EchoSynthError(f"{run_dir} exists and is not a training run; choose another --run")
+            if not has_checkpoint and (diffs or problem):
+                _remove_attempt_records(run_dir)
+            _write_config(config_path, config)
+        return has_checkpoint
+    if has_checkpoint:
+        raise EchoSynthError(
+            f"{run_dir} has checkpoints but no {CONFIG_FILE}, so its settings are unknown; "
+            "choose another --run"
+        )
+    if run_dir.exists() and not (run_dir / "checkpoints").exists():
+        if any(p.name not in _HOUSEKEEPING for p in run_dir.iterdir()):
+            raise EchoSynthError(
+                f"{run_dir} exists and is not a training run; choose another --run"
+            )
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(yaml.safe_dump(config, sort_keys=True))
+        _write_config(config_path, config)
     return False
+
+
+def _same_setting(saved: Any, asked: Any) -> bool:
+    """Equal, or two spellings of one existing file (a relative path recorded by older runs
+    and the absolute one recorded now)."""
+    if saved == asked:
+        return True
+    if isinstance(saved, str) and isinstance(asked, str) and os.sep in saved + asked:
+        try:
+            return os.path.samefile(saved, asked)
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def _write_config(path: Path, config: dict[str, Any]) -> None:
+    """Write ``config.yaml`` atomically (other ranks may be reading it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _remove_attempt_records(run_dir: Path) -> None:
+    for name in ATTEMPT_RECORDS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def load_run_config(run_dir: Path) -> dict[str, Any]:
@@ -104,3 +178,99 @@ def load_training_patients(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise EchoSynthError(f"{run_dir} does not record its training patients ({PATIENTS_FILE})")
     return json.loads(path.read_text())
+
+
+SOURCE_FILE = "source.json"
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """A checkpoint of another run that a run is built on (a latent model's Γ-VAE)."""
+
+    name: str  # the frozen copy's folder inside the dependant run, e.g. "vae"
+    run: Path  # the source run
+    checkpoint: Path  # the source run's checkpoint in use
+    sha256: str  # its hash, as the dependant recorded it
+
+
+@dataclass(frozen=True)
+class FrozenDependency:
+    """The frozen copy of a :class:`Dependency`: ``folder`` is a run folder of its own (the
+    source's ``config.yaml`` and JSON records, ``checkpoints/`` with the one checkpoint)."""
+
+    folder: Path
+    checkpoint: Path
+    source_run: Path
+    source_checkpoint: Path
+    sha256: str
+    how: str  # "link" or "copy"
+
+
+def freeze_dependency(run_dir: Path, dependency: Dependency) -> FrozenDependency:
+    """Give ``run_dir`` its own frozen copy of ``dependency`` in ``RUN/NAME/``: the source run's
+    ``config.yaml`` and top-level JSON records (``training_patients.json``,
+    ``latent_stats.json``, ...) copied, its checkpoint hard-linked (same filesystem: no space,
+    no time) or else copied, checked against the recorded hash, and ``source.json`` naming the
+    source. Nothing done when the copy already holds that checkpoint (a resume); a copy of
+    another checkpoint is replaced. Call it on the main rank while holding the run's lock."""
+    run_dir = Path(run_dir)
+    frozen = frozen_dependency(run_dir, dependency.name)
+    if frozen is not None and frozen.sha256 == dependency.sha256 and frozen.checkpoint.is_file():
+        return frozen
+    source_run, source = Path(dependency.run), Path(dependency.checkpoint)
+    tmp = run_dir / f".{dependency.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "checkpoints").mkdir(parents=True)
+        for item in sorted(source_run.iterdir()):
+            if item.is_file() and (item.name == CONFIG_FILE or item.suffix == ".json"):
+                shutil.copy2(item, tmp / item.name)
+        copy = tmp / "checkpoints" / source.name
+        try:
+            how = link_or_copy(source, copy)
+        except FileNotFoundError:
+            raise EchoSynthError(
+                f"the checkpoint {source} of {source_run} no longer exists (pruned or deleted "
+                "since it was chosen); rerun the command"
+            ) from None
+        if file_sha256(copy) != dependency.sha256:
+            raise EchoSynthError(
+                f"the checkpoint {source} of {source_run} changed since it was chosen (its hash "
+                "differs); rerun the command"
+            )
+        record = {"run": str(source_run.resolve()), "checkpoint": str(source.resolve()),
+                  "sha256": dependency.sha256, "how": how}  # fmt: skip
+        (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
+        dest = run_dir / dependency.name
+        if dest.exists():
+            old = run_dir / f".{dependency.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = frozen_dependency(run_dir, dependency.name)
+    assert result is not None
+    return result
+
+
+def frozen_dependency(run_dir: Path, name: str) -> FrozenDependency | None:
+    """The frozen copy ``RUN/NAME/`` written by :func:`freeze_dependency`, or None (a run that
+    predates them, or one without that dependency)."""
+    folder = Path(run_dir) / name
+    try:
+        record = json.loads((folder / SOURCE_FILE).read_text())
+        source_checkpoint = Path(record["checkpoint"])
+        return FrozenDependency(
+            folder=folder.resolve(),
+            checkpoint=folder.resolve() / "checkpoints" / source_checkpoint.name,
+            source_run=Path(record["run"]),
+            source_checkpoint=source_checkpoint,
+            sha256=str(record["sha256"]),
+            how=str(record.get("how", "copy")),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -6,6 +6,7 @@ evaluation; it knows nothing of the training engine.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from edmcli.errors import EchoSynthError
 from edmcli.models.gamma_kl import KL_DIRECTIONS
 from edmcli.models.gamma_vae import GammaVAE, GammaVAEConfig
 from edmcli.models.perceptual import PERCEPTUAL_BACKBONES
-from edmcli.runs.checkpoint import file_sha256, latest_checkpoint, load_checkpoint
+from edmcli.runs.checkpoint import file_sha256, find_checkpoint, latest_checkpoint, load_checkpoint
 from edmcli.runs.folder import load_run_config
 
 LATENT_CHOICES = (64, 128)
@@ -96,6 +97,20 @@ def settings_dict(settings: VAESettings) -> dict[str, Any]:
     return out
 
 
+LATENT_STATS_FILE = "latent_stats.json"
+
+
+def save_latent_stats(run: Path, stats: dict[str, Any]) -> None:
+    """Record the statistics of a Γ-VAE run's encoded training latents."""
+    (Path(run) / LATENT_STATS_FILE).write_text(json.dumps(stats, indent=2))
+
+
+def load_latent_stats(run: Path) -> dict[str, Any] | None:
+    """The recorded latent statistics of a Γ-VAE run, or None for a run that predates them."""
+    path = Path(run) / LATENT_STATS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 @dataclass
 class LoadedVAE:
     """A trained Γ-VAE run, ready to encode/decode (EMA weights, eval mode, frozen)."""
@@ -118,7 +133,9 @@ def load_vae_run(
         raise EchoSynthError(f"{run} is not a Γ-VAE run (it is a {config.get('kind')!r} run)")
     known = set(VAESettings.__dataclass_fields__) - {"extra"}
     settings = VAESettings(**{k: v for k, v in config.items() if k in known})
-    checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run)
+    checkpoint = (
+        find_checkpoint(checkpoint, run) if checkpoint is not None else latest_checkpoint(run)
+    )
     if checkpoint is None:
         raise EchoSynthError(f"Γ-VAE run {run} has no checkpoint yet; train it first")
     if not checkpoint.is_file():
@@ -132,4 +149,4 @@ def load_vae_run(
     model = GammaVAE(settings.model_config())
     model.load_state_dict(load_checkpoint(checkpoint, "cpu")["ema"])
     model = model.to(device).eval().requires_grad_(False)
-    return LoadedVAE(model, settings, run.resolve(), checkpoint, digest)
+    return LoadedVAE(model, settings, run.resolve(), checkpoint.resolve(), digest)

@@ -4,6 +4,9 @@ Randomness is per sample: sample k draws its start noise (and any stochastic ste
 its own ``torch.Generator`` seeded with ``seeds[k]``, on the CPU, so an image depends only on its
 label map and seed, never on the batch it was drawn in (up to floating-point noise of batched
 kernels). SPADE γ/β are computed once per batch and reused at every network evaluation.
+
+A model that learns its variance (SDM, ``learn_sigma``) is sampled by ``ddpm_ancestral`` with
+that variance unless the solver options name another (``variance="small"`` or ``"large"``).
 """
 
 from __future__ import annotations
@@ -15,16 +18,25 @@ from torch import nn
 
 from edmcli.data.labels import sector_mask
 from edmcli.models.registry import get_spec
-from edmcli.sampling.schedules import SCHEDULES
+from edmcli.sampling.schedules import network_sigmas
 from edmcli.sampling.solvers import SOLVERS
 
 
-def model_sigmas(model_name: str, net: nn.Module, steps: int) -> torch.Tensor:
-    """The model's default σ schedule with ``steps`` levels (+ final 0), float64 on the CPU."""
-    schedule = get_spec(model_name).schedule
-    if schedule == "ddpm":
-        return SCHEDULES["ddpm"](steps, sigmas=net.sigmas)
-    return SCHEDULES[schedule](steps, round_sigma=getattr(net, "round_sigma", None))
+def model_sigmas(
+    model_name: str, net: nn.Module, steps: int, schedule: str | None = None
+) -> torch.Tensor:
+    """σ schedule ``schedule`` (default: the model's, :attr:`ModelSpec.schedule`) for ``net``
+    with ``steps`` levels (+ final 0), float64 on the CPU (:func:`network_sigmas`)."""
+    return network_sigmas(schedule or get_spec(model_name).schedule, steps, net)
+
+
+def solver_options_for(net: nn.Module, solver: str, options: dict | None) -> dict:
+    """``options`` plus ``variance="learned"`` for ``ddpm_ancestral`` on a model that learns
+    its variance (unless ``options`` names a variance)."""
+    options = dict(options or {})
+    if solver == "ddpm_ancestral" and getattr(net, "learn_sigma", False):
+        options.setdefault("variance", "learned")
+    return options
 
 
 class SampleNoise:
@@ -60,6 +72,14 @@ def to_image(x: torch.Tensor, labels: torch.Tensor, decode: Callable | None = No
     return image.clamp(0, 1) * sector
 
 
+OUTSIDE_VALUE = -1.0  # model space outside the sector: black pixels, or a zero Γ-VAE latent
+
+
+def pin(denoised: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """``denoised`` with every pixel outside the (N, 1, h, w) ``inside`` mask set to −1."""
+    return torch.where(inside, denoised, torch.full_like(denoised, OUTSIDE_VALUE))
+
+
 def generate(
     net: nn.Module,
     model_name: str,
@@ -72,22 +92,41 @@ def generate(
     decode: Callable | None = None,
     solver_options: dict | None = None,
     use_cache: bool = True,
+    schedule: str | None = None,
+    pin_outside: bool = False,
 ) -> torch.Tensor:
     """Images in [0, 1] (N, 1, H, W) for label maps (N, H, W), one seed per sample.
 
-    ``net`` may be a ``torch.compile``d module (attributes such as ``spade_cache`` and
-    ``round_sigma`` pass through to the original)."""
+    ``pin_outside``: the denoiser's estimate outside the sector (at network size, the one rule of
+    :func:`edmcli.data.labels.sector_mask`) is replaced by the known outside value −1 at every
+    evaluation, so the solver carries the outside to exactly −1 and the network sees there what
+    it saw in training (−1 plus the current noise) instead of its own unconstrained guess (the
+    loss is masked outside, so nothing trains it there).
+
+    ``schedule`` names a σ schedule of :data:`edmcli.sampling.schedules.SCHEDULES` (default: the
+    model's). ``net`` may be a ``torch.compile``d module (attributes such as ``spade_cache``,
+    ``round_sigma`` and ``learn_sigma`` pass through to the original)."""
     device = labels.device
-    sigmas = model_sigmas(model_name, net, steps)
+    sigmas = model_sigmas(model_name, net, steps, schedule)
+    options = solver_options_for(net, solver, solver_options)
+    extra = {"return_variance": True} if options.get("variance") == "learned" else {}
     noise = SampleNoise(seeds, (1, net_size, net_size), device)
     x = noise.draw() * start_scale(model_name, float(sigmas[0]))
     with torch.no_grad():
         cache = net.spade_cache(labels) if use_cache else None
 
+        inside = sector_mask(labels, net_size).to(device) > 0 if pin_outside else None
+
         def denoise(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             if cache is not None:
-                return net(x_t, sigma, spade_cache=cache)
-            return net(x_t, sigma, labels)
+                out = net(x_t, sigma, spade_cache=cache, **extra)
+            else:
+                out = net(x_t, sigma, labels, **extra)
+            if inside is None:
+                return out
+            if isinstance(out, tuple):
+                return (pin(out[0], inside), *out[1:])
+            return pin(out, inside)
 
-        x0 = SOLVERS[solver](denoise, x, sigmas, noise=noise, **(solver_options or {}))
+        x0 = SOLVERS[solver](denoise, x, sigmas, noise=noise, **options)
         return to_image(x0, labels, decode)

@@ -11,7 +11,6 @@ transformation ``i % K`` (seeded by (seed, source index, k)) and start noise see
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,10 +30,12 @@ from edmcli.data.store import (
     create_store,
     jsonable,
     mark_complete,
+    replace_store,
     write_block,
 )
 from edmcli.errors import EchoSynthError
 from edmcli.faults import maybe_kill
+from edmcli.models.registry import get_spec
 from edmcli.runs.diffusion_run import LoadedDiffusion
 from edmcli.runs.distributed import DistEnv
 from edmcli.runs.folder import load_training_patients
@@ -43,7 +44,9 @@ from edmcli.sampling.nfe import plan
 from edmcli.sampling.pipeline import generate
 
 EXTRA_FIELDS = {"source_index": np.dtype("int64"), "transform": np.dtype("int16"),
-                "seed": np.dtype("int64")}  # fmt: skip
+                "seed": np.dtype("int64"), "source_split": str}  # fmt: skip
+PIN_OUTSIDE_DEFAULT = False
+HOLDOUT_STREAM = 7  # seed stream of the held-out patient draw
 
 
 @dataclass
@@ -62,6 +65,9 @@ class SampleRequest:
     compile: bool
     spade_cache: bool
     precision: str
+    holdout: float = 0.0  # fraction of source patients whose synthetic rows form split "val"
+    schedule: str | None = None  # σ schedule (None: the model's)
+    pin_outside: bool = PIN_OUTSIDE_DEFAULT
 
     def identity(self, loaded: LoadedDiffusion) -> dict[str, Any]:
         """What the output store's content depends on (resume only when it is identical)."""
@@ -136,7 +142,7 @@ def open_output(
                 f"{out} exists and was not written by this exact sample command; pass "
                 "--overwrite to replace it (or rerun the original command to resume it)"
             )
-        shutil.rmtree(out)
+        replace_store(out)
     group = create_store(
         out, n, size, size, {"provenance": provenance, "sample_config": identity},
         extra_fields=EXTRA_FIELDS, shard=chunk,
@@ -163,6 +169,7 @@ class _Job:
     steps: int
     transform: LabelMapTransform
     columns: dict[str, np.ndarray]
+    held_out: np.ndarray  # source patients whose rows are written as split "val"
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         chunk = self.request.chunk
@@ -198,11 +205,17 @@ def run_sampling(
         "nfe": step_plan.nfe,
         "steps": step_plan.steps,
         "churn": request.churn,
+        "schedule": request.schedule or get_spec(request.model).schedule,
+        "pin_outside": request.pin_outside,
         "seed": request.seed,
         "k": request.k,
+        "holdout": request.holdout,
+        "splits_written": "val = held-out source patients, train = the rest"
+        if request.holdout
+        else "train (every row; the source map's split is in column source_split)",
         "label_store": str(Path(request.label_store).resolve()),
         "label_splits": request.splits,
-        "generator_patients": load_training_patients(loaded.run)["patients"],
+        "generator_patients": generator_patients(loaded),
         "vae_run": str(loaded.vae.run) if loaded.vae else None,
     }
     size = settings.image_size
@@ -222,6 +235,7 @@ def run_sampling(
         or (request.precision == "auto" and env.device.type == "cuda"),
         steps=step_plan.steps, transform=LabelMapTransform(size),
         columns={name: store.column(name) for name in (*STRING_FIELDS, "ef", "spacing")},
+        held_out=held_out_patients(store, sources, request),
     )  # fmt: skip
     todo = sum(hi - lo for lo, hi in map(job.shard_range, mine))
     start = time.perf_counter()
@@ -242,6 +256,32 @@ def run_sampling(
         out, n, todo, seconds, todo / seconds if todo else 0.0, step_plan.steps, step_plan.nfe,
         step_plan.note, grid,
     )  # fmt: skip
+
+
+def generator_patients(loaded: LoadedDiffusion) -> list[str]:
+    """Every patient the generator learnt from: the diffusion run's and its Γ-VAE run's."""
+    patients = set(load_training_patients(loaded.run)["patients"])
+    if loaded.vae is not None:
+        patients |= set(load_training_patients(loaded.vae.run)["patients"])
+    return sorted(patients)
+
+
+def held_out_patients(
+    store: DatasetStore, sources: np.ndarray, request: SampleRequest
+) -> np.ndarray:
+    """The source patients (a seeded ``holdout`` fraction, at least one when > 0) whose synthetic
+    rows are written as split ``val``: a synthetic validation set for downstream checkpoint
+    choice that shares no source patient with the training rows."""
+    if request.holdout <= 0:
+        return np.array([], dtype=str)
+    patients = np.array(sorted(set(store.column("patient")[sources].tolist())), dtype=str)
+    count = max(1, round(request.holdout * len(patients)))
+    if count >= len(patients):
+        raise EchoSynthError(
+            f"holdout {request.holdout} would hold back all {len(patients)} source patients"
+        )
+    rng = np.random.default_rng([request.seed, HOLDOUT_STREAM])
+    return np.sort(rng.choice(patients, size=count, replace=False))
 
 
 def _sample_shard(job: _Job, shard: int, advance) -> None:
@@ -266,11 +306,17 @@ def _sample_shard(job: _Job, shard: int, advance) -> None:
                 job.net, request.model, labels, seeds[b : b + request.batch], settings.net_size,
                 solver=request.solver, steps=job.steps, decode=decode,
                 solver_options=_solver_options(request), use_cache=request.spade_cache,
+                schedule=request.schedule, pin_outside=request.pin_outside,
             )  # fmt: skip
         pixels = (batch.float() * 255).round().clamp(0, 255).to(torch.uint8)
         images[b : b + len(labels)] = pixels.cpu().numpy()
         advance(len(labels))
     meta = {name: values[src] for name, values in job.columns.items()}
+    # Every synthetic row trains (the paper's 9000 = all maps × 5), unless its source patient is
+    # held back as synthetic validation data; the source map's split stays as a column.
+    meta["source_split"] = meta["split"]
+    held = np.isin(meta["patient"], job.held_out)
+    meta["split"] = np.where(held, "val", "train").astype(meta["split"].dtype)
     meta.update(source_index=src.astype(np.int64), transform=k.astype(np.int16),
                 seed=np.asarray(seeds, dtype=np.int64))  # fmt: skip
     write_block(job.group, lo, images, label_maps, meta)
@@ -314,6 +360,9 @@ def sample(
     chunk: int = 64,
     compile: bool = True,
     spade_cache: bool = True,
+    holdout: float = 0.0,
+    schedule: str | None = None,
+    pin_outside: bool = PIN_OUTSIDE_DEFAULT,
     out: Path | None = None,
     overwrite: bool = False,
     precision: str = "auto",
@@ -323,9 +372,10 @@ def sample(
     ``echo-synth sample``). The run is ``run`` or ``runs_root/model``; with ``run`` the model is
     read from the run. Solver and NFE default to the model's spec. Returns the summary (also
     written next to the store) on the main rank."""
-    from edmcli.models.registry import get_spec
     from edmcli.runs.diffusion_run import load_diffusion_run, resolve_run
-    from edmcli.runs.distributed import init_distributed, shutdown_distributed
+    from edmcli.runs.distributed import broadcast_flag, init_distributed, shutdown_distributed
+    from edmcli.runs.lock import store_lock
+    from edmcli.sampling.schedules import SCHEDULES
     from edmcli.sampling.solvers import SOLVERS
 
     model, run_dir = resolve_run(model, run, runs_root)
@@ -333,9 +383,17 @@ def sample(
     solver = solver or spec.solver
     if solver not in SOLVERS:
         raise EchoSynthError(f"solver {solver!r} is unknown; choose from {', '.join(SOLVERS)}")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise EchoSynthError(
+            f"schedule {schedule!r} is unknown; choose from {', '.join(SCHEDULES)}"
+        )
+    if churn < 0:
+        raise EchoSynthError(f"churn {churn} must be at least 0")
     nfe = spec.nfe if nfe is None else nfe
     if k < 1 or batch < 1 or chunk < 1:
         raise EchoSynthError("k, batch and chunk must each be at least 1")
+    if not 0.0 <= holdout < 1.0:
+        raise EchoSynthError(f"holdout {holdout} must be in [0, 1)")
     split_list = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else splits
     step_plan = plan(solver, nfe)
     env = init_distributed(device)
@@ -345,7 +403,7 @@ def sample(
             model=model, label_store=str(labels or loaded.settings.data),
             splits=[s for s in split_list if s], k=k, n=n, nfe=nfe, solver=solver, churn=churn,
             seed=seed, batch=batch, chunk=chunk, compile=compile, spade_cache=spade_cache,
-            precision=precision,
+            precision=precision, holdout=holdout, schedule=schedule, pin_outside=pin_outside,
         )  # fmt: skip
         out = Path(out) if out is not None else Path("synthetic") / f"{model}-nfe{nfe}.zarr"
         if env.is_main:
@@ -354,7 +412,10 @@ def sample(
                 f"{step_plan.note} → {out}",
                 highlight=False,
             )
-        result = run_sampling(request, loaded, out, env, overwrite)
+        with store_lock(
+            out, enabled=env.is_main, agree=lambda refused: broadcast_flag(refused, env)
+        ):
+            result = run_sampling(request, loaded, out, env, overwrite)
         if not env.is_main:
             return None
         summary = {

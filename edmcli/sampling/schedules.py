@@ -17,6 +17,11 @@ the largest one. Which schedule each model uses by default is part of its spec
 (:attr:`edmcli.models.registry.ModelSpec.schedule`); ``ddpm`` visits all 1000 timesteps for 1000
 steps and an even stride for fewer.
 
+:func:`network_sigmas` gives a named schedule for a given network: ``edm`` over EDM's range
+0.002..80 clipped to the network's [sigma_min, sigma_max] (EDM's and the authors' generation
+default for every model: VE 0.02..80, VP and EDM 0.002..80), ``ve`` and ``vp`` the native
+Table-1 levels (VP with the network's beta_d, beta_min), ``ddpm`` the network's discrete levels.
+
 Every schedule takes a ``round_sigma`` hook (e.g. ``model.round_sigma``) that snaps the positive
 levels to the ones a model can represent; it runs once, on the host, before sampling.
 """
@@ -31,11 +36,14 @@ import torch
 from edmcli.models.preconditioning import ddpm_alphas_cumprod
 
 __all__ = [
+    "EDM_SIGMA_MAX",
+    "EDM_SIGMA_MIN",
     "SCHEDULES",
     "check_sigmas",
     "ddpm_sigmas",
     "ddpm_timesteps",
     "edm_sigmas",
+    "network_sigmas",
     "snap_sigmas",
     "ve_sigmas",
     "vp_sigma64",
@@ -43,6 +51,8 @@ __all__ = [
 ]
 
 RoundSigma = Callable[[torch.Tensor], torch.Tensor]
+EDM_SIGMA_MIN = 0.002  # EDM's sampling range (Karras et al. 2022), clipped to each network's
+EDM_SIGMA_MAX = 80.0
 
 
 def _check_n(n: int) -> None:
@@ -108,8 +118,8 @@ def snap_sigmas(sigmas: torch.Tensor, round_sigma: RoundSigma | None) -> torch.T
 
 def edm_sigmas(
     n: int,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
+    sigma_min: float = EDM_SIGMA_MIN,
+    sigma_max: float = EDM_SIGMA_MAX,
     rho: float = 7.0,
     *,
     round_sigma: RoundSigma | None = None,
@@ -226,3 +236,32 @@ SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": ddpm_sigmas,
 }
 """Schedule name -> function ``(n, ..., round_sigma=None) -> sigmas``."""
+
+
+def network_sigmas(schedule: str, n: int, net: object) -> torch.Tensor:
+    """Schedule ``schedule`` of :data:`SCHEDULES` with ``n`` levels (+ the final 0) for the
+    network ``net`` (a preconditioning, or a module passing its attributes through):
+
+    * ``edm``: rho = 7 over [max(0.002, net.sigma_min), min(80, net.sigma_max)];
+    * ``ve``, ``vp``: the native levels of Table 1 (``vp`` with the network's beta_d, beta_min
+      when it has them);
+    * ``ddpm``: the network's discrete ``sigmas`` at ``n`` strided timesteps.
+
+    Positive levels are snapped with the network's ``round_sigma`` (a DDPM's discrete levels).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+    round_sigma = getattr(net, "round_sigma", None)
+    if schedule == "ddpm":
+        table = getattr(net, "sigmas", None)
+        if table is None:
+            raise ValueError("The ddpm schedule needs a discrete-time model (one with sigmas).")
+        return ddpm_sigmas(n, sigmas=table)
+    if schedule == "edm":
+        lo = max(EDM_SIGMA_MIN, float(getattr(net, "sigma_min", EDM_SIGMA_MIN)))
+        hi = min(EDM_SIGMA_MAX, float(getattr(net, "sigma_max", EDM_SIGMA_MAX)))
+        return edm_sigmas(n, lo, hi, round_sigma=round_sigma)
+    if schedule == "vp":
+        beta = {k: float(getattr(net, k)) for k in ("beta_d", "beta_min") if hasattr(net, k)}
+        return vp_sigmas(n, **beta, round_sigma=round_sigma)
+    return SCHEDULES[schedule](n, round_sigma=round_sigma)

@@ -29,7 +29,7 @@ synchronisation: it only launches kernels. Solvers do not switch autograd off; c
 | ``heun`` | EDM Algorithm 2: Heun, optional churn; last step (to 0) Euler | 2N - 1 |
 | ``dpmpp_2m`` | DPM-Solver++(2M) in log-sigma; first and last step first order | N |
 | ``ddim`` | DDIM, eta = 0 deterministic (= Euler in sigma form) | N |
-| ``ddpm_ancestral`` | exact DDPM posterior step (= DDIM with eta = 1) | N |
+| ``ddpm_ancestral`` | DDPM ancestral step: posterior mean, variance beta~, beta or learned | N |
 
 The Heun correction evaluates the network at the Euler prediction (x', sigma_{i+1}); the
 authors' code evaluates it at the old point (docs/reference.md), which costs a full order of
@@ -48,6 +48,7 @@ from edmcli.sampling.schedules import check_sigmas
 
 __all__ = [
     "SOLVERS",
+    "VARIANCES",
     "Denoise",
     "Noise",
     "Solver",
@@ -212,24 +213,71 @@ def ddim(
     return _ddim_steps(denoise, x, sigmas, noise, eta)
 
 
+VARIANCES = ("small", "large", "learned")
+
+
 def ddpm_ancestral(
-    denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, noise: Noise | None = None
+    denoise: Denoise,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: Noise | None = None,
+    variance: str = "small",
 ) -> torch.Tensor:
-    """Ancestral DDPM sampling (Ho et al. 2020) with the exact posterior q(x_s | x_t, x_0); N NFE.
+    """Ancestral DDPM sampling (Ho et al. 2020; Nichol & Dhariwal 2021); N NFE.
 
-    In x_t space the step from timestep t to s < t draws from the Gaussian posterior with mean
-    sqrt(abar_s) beta_ts / (1 - abar_t) x_0 + sqrt(alpha_ts) (1 - abar_s) / (1 - abar_t) x_t and
-    variance (1 - abar_s) / (1 - abar_t) beta_ts, where alpha_ts = abar_t / abar_s = 1 - beta_ts
-    and x_0 = D. Dividing by sqrt(abar_s) and substituting abar = 1 / (1 + sigma^2) gives
+    In x_t space the step from timestep t to s < t draws from a Gaussian with the mean of the
+    posterior q(x_s | x_t, x_0), sqrt(abar_s) beta_ts / (1 - abar_t) x_0
+    + sqrt(alpha_ts) (1 - abar_s) / (1 - abar_t) x_t, where alpha_ts = abar_t / abar_s
+    = 1 - beta_ts and x_0 = D (clipped when the model clips it), and the variance
 
-        x' = D + (sigma'^2 / sigma^2) (x - D) + sigma' sqrt(1 - sigma'^2 / sigma^2) z,
+    * ``"small"`` (default): the posterior's, beta~_ts = (1 - abar_s) / (1 - abar_t) beta_ts;
+    * ``"large"``: beta_ts;
+    * ``"learned"``: exp(v' log beta_ts + (1 - v') log beta~_ts), where ``denoise`` returns the
+      pair (D, v') (a :class:`~edmcli.models.preconditioning.DDPMEpsModel` with
+      ``learn_sigma`` called with ``return_variance=True``).
 
-    DDIM with eta = 1. On the full 1000-step schedule this is the textbook sampler
-    x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sqrt(beta~_t) z, and the
-    last step (to sigma = 0, abar = 1) returns D without noise. On a strided schedule it is the
-    posterior of the strided chain.
+    beta_ts and beta~_ts are those of the chain of the schedule's own timesteps, so a strided
+    (respaced) schedule recomputes them from abar at its timesteps. Dividing by sqrt(abar_s)
+    and substituting abar = 1 / (1 + sigma^2), the step in the sigma form is
+
+        x' = D + (sigma'^2 / sigma^2) (x - D) + sqrt(V) z,   V = (1 + sigma'^2) Sigma_ts,
+        beta_ts = (sigma^2 - sigma'^2) / (1 + sigma^2),
+        beta~_ts = sigma'^2 (sigma^2 - sigma'^2) / (sigma^2 (1 + sigma'^2)),
+
+    so ``"small"`` is DDIM with eta = 1. On the full 1000-step schedule it is the textbook
+    sampler x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sqrt(Sigma_t) z;
+    the last step (to sigma = 0, abar = 1) returns D without noise.
     """
-    return _ddim_steps(denoise, x, sigmas, noise, 1.0)
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got {variance!r}.")
+    if variance == "small":
+        return _ddim_steps(denoise, x, sigmas, noise, 1.0)
+    s, s_dev, draw = _setup(x, sigmas, noise)
+    for i in range(len(s) - 1):
+        out = denoise(x, s_dev[i])
+        if variance == "learned":
+            if not isinstance(out, tuple) or len(out) != 2:
+                raise ValueError(
+                    'variance="learned" needs denoise(x, sigma) to return (D, v\'), the '
+                    "learned interpolation fraction of the variance."
+                )
+            denoised, frac = out
+        else:
+            denoised = out
+        sig, nxt = s[i], s[i + 1]
+        x = denoised + (nxt**2 / sig**2) * (x - denoised)
+        if nxt == 0:
+            continue
+        log_large = math.log((sig**2 - nxt**2) / (1 + sig**2))
+        log_small = math.log(nxt**2 * (sig**2 - nxt**2) / (sig**2 * (1 + nxt**2)))
+        scale = math.log1p(nxt**2)  # x_t space -> sigma form: V = (1 + sigma'^2) Sigma
+        if variance == "large":
+            x = x + math.exp(0.5 * (log_large + scale)) * draw(i)
+        else:
+            log_var = frac * log_large + (1 - frac) * log_small + scale
+            x = x + torch.exp(0.5 * log_var) * draw(i)
+    return x
 
 
 SOLVERS: dict[str, Solver] = {

@@ -30,22 +30,36 @@ from edmcli.data.labels import NUM_CLASSES, sector_mask
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.models.masked import masked_mean
-from edmcli.models.registry import build_loss, get_spec, unet_config
+from edmcli.models.registry import (
+    build_loss,
+    get_spec,
+    loss_settings,
+    precond_settings,
+    unet_config,
+)
 from edmcli.models.unet import SpadeUNetConfig
 from edmcli.runs.diffusion_run import DiffusionSettings, build_network, check_model_name
+from edmcli.runs.folder import Dependency, frozen_dependency
 from edmcli.runs.grids import save_image_grid
-from edmcli.runs.vae_run import LoadedVAE, load_vae_run
+from edmcli.runs.vae_run import LoadedVAE, load_latent_stats, load_vae_run
 from edmcli.settings import resolve, training_steps
 from edmcli.training.engine import TrainConfig, TrainingTask
 from edmcli.training.run import train_config_dict, train_run
 
 CHECK_SIGMA = 0.5  # the denoising check's noise level (σ_data of EDM: a "moderate" σ)
 UNET_SETTINGS = ("dropout", "spade_placement", "model_channels")
+PRECOND_SETTINGS = ("noise_schedule", "learn_sigma", "clip_denoised", "sigma_data")
 PreviewFn = Callable[[nn.Module, torch.Tensor, DiffusionSettings, "LoadedVAE | None"], torch.Tensor]
 
 
 def diffusion_settings(
-    model: str, data: Path, preset: str, vae: Path | None, unet_overrides: dict[str, Any]
+    model: str,
+    data: Path,
+    preset: str,
+    vae: Path | None,
+    unet_overrides: dict[str, Any],
+    precond_overrides: dict[str, Any] | None = None,
+    run: Path | None = None,
 ) -> tuple[DiffusionSettings, LoadedVAE | None]:
     """Validate the model, the store and (for latent models) the Γ-VAE run; build the settings."""
     check_model_name(model)
@@ -75,7 +89,15 @@ def diffusion_settings(
                 f"{model} runs in the Γ-VAE latent space: it needs a Γ-VAE run (vae; train one "
                 f"with echo-synth train-vae --latent {spec.latent})"
             )
-        loaded = load_vae_run(vae, torch.device("cpu"))
+        frozen = frozen_dependency(run, "vae") if run is not None else None
+        if frozen is not None and frozen.source_run == Path(vae).resolve():
+            # resuming: the Γ-VAE checkpoint this run was trained with, from its own copy
+            loaded = load_vae_run(frozen.folder, torch.device("cpu"), frozen.checkpoint,
+                                  frozen.sha256)  # fmt: skip
+            vae_run, vae_checkpoint = frozen.source_run, frozen.source_checkpoint
+        else:
+            loaded = load_vae_run(vae, torch.device("cpu"))
+            vae_run, vae_checkpoint = loaded.run, loaded.checkpoint
         if loaded.settings.latent != spec.latent:
             raise EchoSynthError(
                 f"the Γ-VAE run {vae} is an L{loaded.settings.latent} but {model} needs an "
@@ -87,8 +109,20 @@ def diffusion_settings(
                 f"{data} holds {height}² images"
             )
         net_size = loaded.settings.latent_size
+    precond_overrides = dict(precond_overrides or {})
+    sigma_data_source = None
+    if loaded is not None and "sigma_data" in precond_settings(model):
+        stats = load_latent_stats(loaded.run)
+        if "sigma_data" in precond_overrides:
+            sigma_data_source = "set"
+        elif stats is not None:
+            precond_overrides["sigma_data"] = round(float(stats["sigma_data"]), 6)
+            sigma_data_source = "measured: std of the Γ-VAE run's encoded training latents"
+        else:
+            sigma_data_source = "assumed (the Γ-VAE run records no latent statistics)"
     try:
-        config = unet_config(model, preset, net_size, **unet_overrides)
+        precond = precond_settings(model, **precond_overrides)
+        config = unet_config(model, preset, net_size, precond=precond, **unet_overrides)
         config_dict = asdict(config)
         SpadeUNetConfig(**config_dict)
     except ValueError as exc:
@@ -100,9 +134,11 @@ def diffusion_settings(
         image_size=height,
         net_size=net_size,
         unet=_plain(config_dict),
-        vae_run=str(loaded.run) if loaded else None,
-        vae_checkpoint=str(loaded.checkpoint) if loaded else None,
+        precond=_plain(precond),
+        vae_run=str(vae_run) if loaded else None,
+        vae_checkpoint=str(vae_checkpoint) if loaded else None,
         vae_sha256=loaded.sha256 if loaded else None,
+        sigma_data_source=sigma_data_source,
     )
     return settings, loaded
 
@@ -128,7 +164,7 @@ class DiffusionTask(TrainingTask):
         self.settings = settings
         self.vae = vae
         self.preview = preview
-        self.loss_fn = build_loss(settings.model)
+        self.loss_fn = build_loss(settings.model, **loss_settings(settings.model, settings.precond))
         self._val: dict[str, torch.Tensor] | None = None
 
     def build_model(self) -> nn.Module:
@@ -228,7 +264,9 @@ def train_diffusion(
     spec = get_spec(model)
     values = resolve("diffusion", preset, overrides, defaults={"batch": spec.paper_batch})
     unet = {k: values[k] for k in UNET_SETTINGS if values.get(k) is not None}
-    settings, loaded_vae = diffusion_settings(model, data, preset, vae, unet)
+    precond = {k: values[k] for k in PRECOND_SETTINGS if values.get(k) is not None}
+    run = Path(run) if run is not None else Path("runs") / model
+    settings, loaded_vae = diffusion_settings(model, data, preset, vae, unet, precond, run=run)
     if values.get("augment") is not None:
         settings.augment = bool(values["augment"])
     n_train = len(DatasetStore(data).indices("train"))
@@ -242,8 +280,12 @@ def train_diffusion(
         return DiffusionTask(settings, loaded_vae, preview)
 
     space = "latent" if loaded_vae else "pixels"
+    depends_on = []
+    if loaded_vae is not None:
+        depends_on.append(Dependency("vae", Path(settings.vae_run), Path(settings.vae_checkpoint),
+                                     settings.vae_sha256))  # fmt: skip
     return train_run(
-        run=Path(run) if run is not None else Path("runs") / model,
+        run=run,
         device=device,
         resolved=resolved,
         data=settings.data,
@@ -252,8 +294,16 @@ def train_diffusion(
         describe=f"{model} ({preset}; {settings.net_size}² {space})",
         report=lambda run, env: last_validation(run),
         title=model,
-        head={"model": model},
+        head={"model": model, **_sigma_data_head(settings)},
+        depends_on=depends_on,
     )
+
+
+def _sigma_data_head(settings: DiffusionSettings) -> dict[str, Any]:
+    """σ_data of a latent model and where it came from, for the summary."""
+    if settings.sigma_data_source is None:
+        return {}
+    return {"σ_data": settings.precond.get("sigma_data"), "σ_data from": settings.sigma_data_source}
 
 
 def last_validation(run: Path) -> dict[str, Any]:

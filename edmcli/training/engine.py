@@ -88,6 +88,16 @@ class TrainConfig:
     def validate(self, world_size: int) -> None:
         if self.steps < 1:
             raise EchoSynthError(f"training needs at least one step (got {self.steps})")
+        if not self.lr > 0:
+            raise EchoSynthError(f"lr {self.lr} must be positive")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise EchoSynthError(f"ema_decay {self.ema_decay} must be in [0, 1)")
+        if self.num_workers < 0:
+            raise EchoSynthError(f"num_workers {self.num_workers} must be at least 0")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise EchoSynthError("weight_decay and warmup_steps must be at least 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise EchoSynthError(f"grad_clip {self.grad_clip} must be positive (or None)")
         if self.precision not in PRECISIONS:
             raise EchoSynthError(f"precision {self.precision!r}: choose from {PRECISIONS}")
         per_rank, rest = divmod(self.batch, world_size)
@@ -97,9 +107,7 @@ class TrainConfig:
             )
         micro = self.batch_gpu or per_rank
         if micro < 1 or per_rank % micro:
-            raise EchoSynthError(
-                f"batch_gpu {micro} must divide the per-process batch {per_rank}"
-            )
+            raise EchoSynthError(f"batch_gpu {micro} must divide the per-process batch {per_rank}")
 
 
 class TrainingTask(ABC):

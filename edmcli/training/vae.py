@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from edmcli.console import console
 from edmcli.data.augment import AugmentConfig, PairedAugment
 from edmcli.data.dataset import EchoDataset
 from edmcli.data.labels import sector_mask
@@ -19,7 +20,7 @@ from edmcli.models.perceptual import MissingWeightsError, build_perceptual
 from edmcli.models.vae_loss import GammaVAELoss, GammaVAELossWeights
 from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
 from edmcli.runs.grids import save_image_grid
-from edmcli.runs.vae_run import VAESettings, settings_dict
+from edmcli.runs.vae_run import VAESettings, save_latent_stats, settings_dict
 from edmcli.settings import resolve, training_steps
 from edmcli.training.engine import TrainConfig, TrainingTask
 from edmcli.training.reconstruction import reconstruction_quality
@@ -82,6 +83,9 @@ class GammaVAETask(TrainingTask):
         return {}
 
 
+LOW_CORRELATION = 0.5  # below it the latent does not follow the image: say so
+
+
 def vae_settings_and_config(
     data: Path, latent: int, values: dict[str, Any], seed: int, precision: str
 ) -> tuple[VAESettings, TrainConfig]:
@@ -122,7 +126,7 @@ def train_vae(
     settings, train_config = vae_settings_and_config(data, latent, values, seed, precision)
     resolved = {"kind": "vae", "preset": preset, **settings_dict(settings),
                 **train_config_dict(train_config)}  # fmt: skip
-    return train_run(
+    summary = train_run(
         run=Path(run) if run is not None else Path("runs") / f"vae-l{latent}",
         device=device,
         resolved=resolved,
@@ -133,12 +137,52 @@ def train_vae(
         report=lambda run, env: vae_quality(run, settings, env.device),
         title=f"Γ-VAE L{latent}",
     )
+    correlation = (summary or {}).get("latent-image correlation")
+    if correlation is not None and correlation < LOW_CORRELATION:
+        console.print(
+            f"warning: the latent correlates {correlation:+.2f} with the downsampled image (a "
+            "latent that does not follow the image); raise w_latent (the tiny preset uses 10)",
+            highlight=False,
+        )
+    return summary
+
+
+@torch.no_grad()
+def latent_statistics(model: GammaVAE, loader, device: torch.device) -> dict[str, float]:
+    """Mean and std of the diffusion latents ``2·E[z] − 1`` that ``model`` encodes from a
+    loader's items: inside the latent sector (where the diffusion loss looks: the σ_data of the
+    latent models) and over the whole latent (−1 outside the sector)."""
+    total = {"n": 0.0, "s": 0.0, "ss": 0.0}
+    inside = {"n": 0.0, "s": 0.0, "ss": 0.0}
+    model.eval()
+    for batch in loader:
+        image, labels = batch["image"].to(device), batch["labels"].to(device)
+        latent = model.encode(image, sector_mask(labels)).double()
+        mask = sector_mask(labels, model.latent_size).bool()
+        for acc, values in ((total, latent), (inside, latent[mask])):
+            acc["n"] += values.numel()
+            acc["s"] += float(values.sum())
+            acc["ss"] += float((values * values).sum())
+
+    def moments(acc):
+        mean = acc["s"] / max(acc["n"], 1)
+        return mean, max(acc["ss"] / max(acc["n"], 1) - mean * mean, 0.0) ** 0.5
+
+    mean_in, std_in = moments(inside)
+    mean_all, std_all = moments(total)
+    return {"sigma_data": std_in, "mean": mean_in, "std_all": std_all, "mean_all": mean_all,
+            "latent_pixels": int(inside["n"])}  # fmt: skip
 
 
 def vae_quality(run: Path, settings: VAESettings, device: torch.device) -> dict[str, Any]:
-    """Masked PSNR/SSIM of the EMA model on the monitoring split, and a comparison grid."""
+    """Masked PSNR/SSIM of the EMA model on the monitoring split, a comparison grid, and the
+    statistics of the encoded training latents (``latent_stats.json``: the σ_data of the latent
+    diffusion models trained on this Γ-VAE)."""
     model = GammaVAE(settings.model_config()).to(device)
     model.load_state_dict(load_checkpoint(latest_checkpoint(run), device)["ema"])
+    train = EchoDataset(settings.data, splits="train")
+    stats = latent_statistics(model, DataLoader(train, batch_size=32), device)
+    save_latent_stats(run, stats)
     split = DatasetStore(settings.data).monitoring_split()
     dataset = EchoDataset(settings.data, splits=split)
     quality = reconstruction_quality(model, DataLoader(dataset, batch_size=32), device)
@@ -156,6 +200,8 @@ def vae_quality(run: Path, settings: VAESettings, device: torch.device) -> dict[
         "identity-to-mean SSIM": quality["baseline_ssim"],
         "latent-image correlation": quality["latent_correlation"],
         f"{split} images": quality["images"],
+        "train latent std in the sector (σ_data)": stats["sigma_data"],
+        "train latent mean in the sector": stats["mean"],
     }
 
 

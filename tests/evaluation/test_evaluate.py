@@ -79,7 +79,7 @@ def test_real_and_synthetic_runs_report_and_resume(phantom_store, tmp_path):
             "--out", out, *FAST]  # fmt: skip
     first = _invoke(args)
     assert first.exit_code == 0, first.output
-    assert "has no val split; validating on the val split of" in first.output
+    assert "tested: the best checkpoint on real images: the val split of" in first.output
     report = json.loads((out / "report.json").read_text())
     runs = {(r["task"], r["kind"]): r for r in report["runs"]}
     assert sorted(runs) == [("cls", "real"), ("cls", "synthetic"), ("seg", "real"),
@@ -89,8 +89,10 @@ def test_real_and_synthetic_runs_report_and_resume(phantom_store, tmp_path):
         assert r["steps"] == 3 and r["best_step"] == 3
         metric = "dice_mean" if task == "seg" else "accuracy"
         est = r["metrics"][metric]
-        assert 0.0 <= est["ci_low"] <= est["mean"] <= est["ci_high"] <= 1.0
-        assert est["n"] == n_test and est["iterations"] == 100
+        boot = est["patient_bootstrap"]
+        assert 0.0 <= boot["ci_low"] <= est["value"] <= boot["ci_high"] <= 1.0
+        assert est["n"] == n_test and boot["iterations"] == 100
+        assert est["paper_subsets"]["iterations"] == 100
         assert len(r["per_image"][metric if task == "seg" else "correct"]) == n_test
     seg_real, seg_syn = runs[("seg", "real")], runs[("seg", "synthetic")]
     assert report["references"]["seg"] == seg_real["name"]
@@ -212,20 +214,61 @@ def test_empty_splits_and_bad_stores(phantom_store, tmp_path):
     assert not (tmp_path / "e").exists()  # refused before anything was written
 
 
-def test_validation_split_fallbacks(phantom_store, tmp_path):
-    synthetic = parse_train_spec(str(_fake_synthetic(tmp_path / "syn.zarr", phantom_store)))
+def test_checkpoint_choice_defaults_to_real_validation_images(phantom_store, tmp_path):
+    synthetic_path = _fake_synthetic(tmp_path / "syn.zarr", phantom_store)
+    # a synthetic store WITH a val split (sample --holdout): still not used by default
+    held = tmp_path / "held.zarr"
+    prepare_phantom(held, n_patients=4, size=32, seed=21, split_ratio=(0.5, 0.5, 0.0))
+    group = zarr.open_group(str(held), mode="r+")
+    info = dict(group.attrs["echo_synth"])
+    info["provenance"] = dict(
+        zarr.open_group(str(synthetic_path)).attrs["echo_synth"]["provenance"]
+    )
+    group.attrs["echo_synth"] = info
+    synthetic, holdout = parse_train_spec(str(synthetic_path)), parse_train_spec(str(held))
     real = parse_train_spec(str(phantom_store))
     test = str(phantom_store)
-    store, split, note = choose_validation(real, [real], test, "seg")
-    assert (store, split, note) == (real.stores[0], "val", None)
-    store, _, note = choose_validation(synthetic, [synthetic, real], test, "seg")
-    assert store == real.stores[0] and "the first real train store" in note
-    store, _, note = choose_validation(synthetic, [synthetic], test, "cls")
-    assert store == test and "the val split of the test store" in note
+    store, split, how = choose_validation(real, [real], test, "seg")
+    assert (store, split) == (real.stores[0], "val") and "real images" in how
+    store, _, how = choose_validation(holdout, [holdout, real], test, "seg")
+    assert store == real.stores[0] and "real images" in how  # before: the synthetic val split
+    store, _, how = choose_validation(synthetic, [synthetic], test, "cls")
+    assert store == test and "real images" in how
+    store, _, how = choose_validation(holdout, [holdout, real], test, "seg", "synthetic")
+    assert store == holdout.stores[0] and "val split of" in how
+    with pytest.raises(EchoSynthError, match="sample --holdout"):
+        choose_validation(synthetic, [synthetic], test, "seg", "synthetic")
+    assert choose_validation(synthetic, [synthetic], test, "seg", "last")[:2] == (None, None)
+    store, _, _ = choose_validation(synthetic, [synthetic], test, "seg", "real", str(phantom_store))
+    assert store == real.stores[0]
+    with pytest.raises(EchoSynthError, match="is a synthetic store"):
+        choose_validation(synthetic, [synthetic], test, "seg", "real", str(synthetic_path))
     no_val = tmp_path / "no-val.zarr"
     prepare_phantom(no_val, n_patients=4, size=32, seed=13, split_ratio=(0.75, 0.0, 0.25))
-    with pytest.raises(EchoSynthError, match="has no val split and neither"):
+    with pytest.raises(EchoSynthError, match="no real store has a val split"):
         choose_validation(synthetic, [synthetic], str(no_val), "seg")
+
+
+def test_last_checkpoint_is_tested_without_validation(phantom_store, tmp_path):
+    out = tmp_path / "eval"
+    result = _invoke(["--train", phantom_store, "--test", phantom_store, "--out", out,
+                      "--task", "seg", "--checkpoint", "last", *FAST])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "tested: the last checkpoint (no validation)" in result.output
+    run = next((out / "runs").iterdir())
+    assert not (run / "checkpoints" / "best.pt").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["checkpoint"] == "last"
+
+
+def test_a_vae_trained_on_the_test_patients_is_refused(phantom_store, tmp_path):
+    """The Γ-VAE's patients are the generator's too (before: only the diffusion run's)."""
+    vae = tmp_path / "vae-run"
+    vae.mkdir()
+    record_training_patients(vae, phantom_store, splits=("train", "val", "test"))
+    store = _fake_synthetic(tmp_path / "s.zarr", phantom_store, vae_run=str(vae))
+    line = _error(["--train", store, "--test", phantom_store, "--out", tmp_path / "e", *FAST])
+    assert "shares 3 patient(s) with the patients the generator" in line
 
 
 def test_network_layouts_follow_the_image_size():
@@ -243,7 +286,8 @@ def test_network_layouts_follow_the_image_size():
 
 
 def _run(name, task, kind, model=None, nfe=None, **metrics):
-    est = {k: {"mean": v, "std": 0.01, "ci_low": v - 0.02, "ci_high": v + 0.02, "value": v}
+    est = {k: {"value": v, "paper_subsets": {"mean": v, "std": 0.01},
+               "patient_bootstrap": {"ci_low": v - 0.02, "ci_high": v + 0.02}}
            for k, v in metrics.items()}  # fmt: skip
     return {"name": name, "task": task, "kind": kind, "model": model, "nfe": nfe, "label": name,
             "slug": name.split("-", 1)[1], "metrics": est, "reference": f"{task}-real",

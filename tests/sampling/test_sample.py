@@ -193,3 +193,45 @@ def test_existing_output_with_another_config(runs, tmp_path):
     assert "pass --overwrite" in message
     _ok(_sample_args(runs, out, "--n", "4", "--seed", "3", "--overwrite"))
     assert DatasetStore(out).info["provenance"]["seed"] == 3
+
+
+def test_every_synthetic_row_trains_and_keeps_its_source_split(runs, phantom_store, tmp_path):
+    """Before: the source map's split was copied, so generator-val maps became synthetic val
+    rows (fewer training images, and a synthetic checkpoint choice downstream)."""
+    out = tmp_path / "all-train.zarr"
+    _ok(_sample_args(runs, out, "--n", "36", "--k", "1"))
+    store, real = DatasetStore(out), DatasetStore(phantom_store)
+    assert set(store.column("split")) == {"train"}
+    np.testing.assert_array_equal(
+        store.column("source_split"), real.column("split")[store.column("source_index")]
+    )
+    assert "val" in set(store.column("source_split"))
+    assert store.info["provenance"]["holdout"] == 0.0
+
+
+def test_holdout_writes_whole_source_patients_as_val(runs, phantom_store, tmp_path):
+    out = tmp_path / "holdout.zarr"
+    _ok(_sample_args(runs, out, "--n", "60", "--holdout", "0.25"))
+    store = DatasetStore(out)
+    split, patient = store.column("split"), store.column("patient")
+    held = set(patient[split == "val"])
+    assert held and held.isdisjoint(set(patient[split == "train"]))
+    assert len(held) == round(0.25 * len(set(patient)))
+    again = tmp_path / "holdout2.zarr"
+    _ok(_sample_args(runs, again, "--n", "60", "--holdout", "0.25"))
+    np.testing.assert_array_equal(DatasetStore(again).column("split"), split)  # seeded
+    bad = runner.invoke(app, _sample_args(runs, tmp_path / "x.zarr", "--holdout", "1"))
+    assert bad.exit_code == 2 and "holdout 1.0 must be in [0, 1)" in bad.output
+
+
+def test_generator_patients_include_the_vae_runs(runs, tmp_path):
+    """The Γ-VAE's patients count as the generator's (before: only the diffusion run's)."""
+    record = runs / "edm-l64" / "vae" / "training_patients.json"  # the run's frozen Γ-VAE copy
+    saved = record.read_text()
+    record.write_text(json.dumps({"patients": ["vae-only-patient"], "splits": ["train"]}))
+    try:
+        out = tmp_path / "g.zarr"
+        _ok(_sample_args(runs, out, "--n", "4"))
+        assert "vae-only-patient" in DatasetStore(out).info["provenance"]["generator_patients"]
+    finally:
+        record.write_text(saved)

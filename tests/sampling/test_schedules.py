@@ -186,8 +186,8 @@ def test_default_schedule_per_model():
     assert defaults == {
         "sdm": "ddpm",
         "edm": "edm",
-        "ve": "ve",
-        "vp": "vp",
+        "ve": "edm",  # EDM's rho = 7 clipped to the network's range (test_discretisation.py)
+        "vp": "edm",
         "edm-l128": "edm",
         "edm-l64": "edm",
     }

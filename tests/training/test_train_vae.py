@@ -156,3 +156,54 @@ def test_kl_direction_option_reaches_the_loss(phantom_store, tmp_path, direction
                                  "--kl-direction", direction])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "kl_direction: prior-first" in (tmp_path / "r" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_l128_latent_follows_the_image(phantom_store, tmp_path):
+    """The tiny preset's latent weight keeps the L128 latent positively tied to the image; the
+    old weight (1.0) inverted it (multiplicative Gamma noise makes small z the precise code)."""
+    from edmcli.training.vae import train_vae
+
+    def correlation(run, **extra):
+        summary = train_vae(phantom_store, 128, run=tmp_path / run, preset="tiny", device="cpu",
+                            steps=150, base_channels=8, **extra)  # fmt: skip
+        return summary["latent-image correlation"]
+
+    assert correlation("now") > 0.8
+    assert correlation("old", w_latent=1.0) < 0.0
+
+
+def test_latent_statistics_are_recorded_and_measured(phantom_store, tmp_path):
+    import json
+
+    import numpy as np
+
+    from edmcli.data.dataset import EchoDataset
+    from edmcli.data.labels import sector_mask
+    from edmcli.models.gamma_vae import GammaVAE
+    from edmcli.runs.vae_run import load_latent_stats, load_vae_run
+    from edmcli.training.vae import latent_statistics
+
+    run = tmp_path / "vae"
+    result = runner.invoke(app, ["train-vae", "--data", str(phantom_store), "--run", str(run),
+                                 "--steps", "4", *TINY])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stats = load_latent_stats(run)
+    assert stats == json.loads((run / "latent_stats.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train latent std in the sector (σ_data)"] == stats["sigma_data"]
+    vae = load_vae_run(run, torch.device("cpu")).model
+    assert isinstance(vae, GammaVAE)
+    data = EchoDataset(phantom_store, splits="train")
+    items = [data[i] for i in range(len(data))]
+    image = torch.stack([it["image"] for it in items])
+    labels = torch.stack([it["labels"] for it in items])
+    with torch.no_grad():
+        latent = vae.encode(image, sector_mask(labels))
+    inside = latent[sector_mask(labels, vae.latent_size).bool()].double().numpy()
+    np.testing.assert_allclose(stats["sigma_data"], inside.std(), rtol=1e-6)
+    np.testing.assert_allclose(stats["mean"], inside.mean(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(stats["std_all"], latent.double().numpy().std(), rtol=1e-6)
+    loader = torch.utils.data.DataLoader(data, batch_size=5)  # batching does not matter
+    again = latent_statistics(vae, loader, torch.device("cpu"))
+    np.testing.assert_allclose(again["sigma_data"], stats["sigma_data"], rtol=1e-6)

@@ -9,7 +9,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from edmcli.errors import EchoSynthError
-from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
+from edmcli.runs.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from edmcli.runs.distributed import DistEnv
 from edmcli.runs.folder import MetricsLog, prepare_run_dir
 from edmcli.training.ema import EMA
@@ -152,6 +157,7 @@ def test_config_validation():
 
 def test_run_dir_refuses_incompatible_resume(tmp_path):
     assert prepare_run_dir(tmp_path / "r", {"lr": 1e-3, "steps": 10}) is False
+    save_checkpoint({"step": 2, "model": {}}, checkpoint_path(tmp_path / "r", 2))
     assert prepare_run_dir(tmp_path / "r", {"lr": 1e-3, "steps": 20}) is True  # longer: fine
     with pytest.raises(EchoSynthError, match="started with lr=0.001 but this command asks"):
         prepare_run_dir(tmp_path / "r", {"lr": 1e-2, "steps": 20})
