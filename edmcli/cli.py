@@ -50,7 +50,7 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except EchoSynthError as exc:
             _error_line(str(exc))
-            raise typer.Exit(2) from None
+            raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
             _error_line(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
             raise typer.Exit(2) from None
@@ -489,5 +489,46 @@ def _view_phase_columns(summary: dict) -> list[str]:
     return sorted({k for row in summary["splits"].values() for k in row if "/" in k})
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())
+EXIT_CODES = {
+    0: "ok",
+    1: "a failure of the tool (a bug: please report it)",
+    2: "bad input or a refused command (one line on stderr says which)",
+    130: "interrupted (Ctrl-C / SIGTERM; a checkpoint was written, rerun resumes)",
+}
+
+
+def _usage_message(exc) -> str:
+    """Click's message, naming the ``--config`` file and key when the bad value came from it."""
+    message = exc.format_message()
+    ctx, param = getattr(exc, "ctx", None), getattr(exc, "param", None)
+    source = ctx.meta.get("config_file") if ctx is not None else None
+    if source and param is not None and param.name in source[1]:
+        given = (
+            ctx.get_parameter_source(param.name) if hasattr(ctx, "get_parameter_source") else None
+        )
+        if given is None or "COMMANDLINE" not in str(given):
+            message += f" (key {param.name!r} of the --config file {source[0]})"
+    return message
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``echo-synth`` entry point: every usage mistake (an unknown option, a bad value, a bad
+    ``--config`` file) is one ``error:`` line and exit 2, like the commands' own errors;
+    :data:`EXIT_CODES` lists the codes."""
+    from typer._click.exceptions import UsageError
+
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except UsageError as exc:
+        _error_line(_usage_message(exc))
+        code = 2
+    except EchoSynthError as exc:
+        _error_line(str(exc))
+        code = exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        err_console.print("interrupted", highlight=False)
+        code = 130
+    code = code if isinstance(code, int) else 0
+    if argv is None:
+        sys.exit(code)
+    return code

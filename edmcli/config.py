@@ -23,7 +23,10 @@ def load_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise EchoSynthError(f"config file {path} is not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise EchoSynthError(f"config file {path} is not valid YAML ({where}{problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -49,6 +52,7 @@ def apply_config(
             )
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["config_file"] = (str(value), set(defaults))
     return value
 
 

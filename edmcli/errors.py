@@ -11,6 +11,14 @@ from __future__ import annotations
 class EchoSynthError(Exception):
     """A user-facing error: one sentence naming the file/option and the problem."""
 
+    exit_code = 2
+
+
+class Interrupted(EchoSynthError):
+    """Stopped by SIGINT/SIGTERM after saving what can be resumed: exit code 130."""
+
+    exit_code = 130
+
 
 class DataError(EchoSynthError):
     """Bad or missing input data (files, stores, label maps)."""

@@ -27,6 +27,7 @@ from edmcli.data.store import (
 from edmcli.errors import DataError
 
 Progress = Callable[[int], None]
+MAX_SIZE = 2048  # image side: CAMUS is 256² in the paper; 2048² is already 4 MiB per image
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,10 @@ def parse_split_ratio(text: str) -> tuple[float, float, float]:
     except ValueError:
         values = []
     if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0 or values[0] <= 0:
-        raise DataError(f"--split-ratio {text!r} must be three non-negative numbers train:val:test")
+        raise DataError(
+            f"--split-ratio {text!r} must be three non-negative numbers train:val:test with a "
+            "positive train part (e.g. 8:1:1)"
+        )
     total = sum(values)
     return values[0] / total, values[1] / total, values[2] / total
 
@@ -115,6 +119,8 @@ def prepare_phantom(
         raise DataError("--n-patients must be at least 1")
     if size < 16:
         raise DataError(f"--size must be at least 16, got {size}")
+    if size > MAX_SIZE:
+        raise DataError(f"--size {size} is larger than {MAX_SIZE} (the images are square)")
     # The seed is part of the id: the same id is the same synthetic patient in any store.
     patients = [f"phantom-s{seed}-{p:05d}" for p in range(n_patients)]
     split = assign_splits(patients, split_ratio, seed)
@@ -158,6 +164,8 @@ def prepare_from_source(
         raise DataError(f"{source_path} contains no image/label pairs")
     if size < 16:
         raise DataError(f"--size must be at least 16, got {size}")
+    if size > MAX_SIZE:
+        raise DataError(f"--size {size} is larger than {MAX_SIZE} (the images are square)")
     patients = sorted({item.patient for item in source.items})
     if source.official_split is not None:
         missing = [p for p in patients if p not in source.official_split]

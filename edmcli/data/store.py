@@ -365,6 +365,15 @@ class DatasetStore:
         """Sorted unique patient ids of the given splits."""
         return sorted(set(self.column("patient")[self.indices(splits)].tolist()))
 
+    def invalid_label_values(self, block: int = 512) -> list[int]:
+        """Label values outside the convention 0..4 anywhere in the store (read in blocks of
+        ``block`` maps; a uint8 map of 256² is 64 KiB)."""
+        found: set[int] = set()
+        for start in range(0, len(self), block):
+            values = np.unique(self.labels[start : start + block])
+            found |= {int(v) for v in values if v >= NUM_CLASSES}
+        return sorted(found)
+
     def summary(self) -> dict[str, Any]:
         """Counts per split/view/phase, label histogram, size on disk and provenance."""
         counts: dict[str, dict[str, int]] = {}

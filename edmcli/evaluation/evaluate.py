@@ -66,7 +66,8 @@ def _slug(stores: list[str], label: str) -> str:
 
 def parse_train_spec(text: str) -> TrainSpec:
     """``a.zarr`` or ``a.zarr,b.zarr`` → a :class:`TrainSpec` (stores opened and checked)."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    # A path that exists is one store, even with a comma in its name; else "a,b" is a union.
+    parts = _store_paths(text)
     if not parts:
         raise EchoSynthError(f"--train {text!r} names no store")
     stores, provenance, labels = [], [], []
@@ -101,6 +102,11 @@ def parse_train_spec(text: str) -> TrainSpec:
         solver=first.get("solver"),
         generator_patients=generator,
     )
+
+
+def _store_paths(text: str) -> list[str]:
+    """The store paths of one ``--train`` value (see :func:`parse_train_spec`)."""
+    return [text] if Path(text).exists() else [p.strip() for p in text.split(",") if p.strip()]
 
 
 def _generator_patients(store: str, provenance: dict[str, Any]) -> set[str]:
@@ -291,6 +297,13 @@ def evaluate(
             "held-out real patients in split 'test'"
         )
     test_patients = set(test_reader.patients("test"))
+    for store in dict.fromkeys([str(test), *(p for t in train for p in _store_paths(t))]):
+        bad = DatasetStore(store).invalid_label_values()
+        if bad:  # before training, not after it
+            raise EchoSynthError(
+                f"{store} has label values {bad} outside the convention 0..4; rebuild it with "
+                "echo-synth prepare"
+            )
     specs = [parse_train_spec(text) for text in train]
     slugs = [s.slug for s in specs]
     if len(set(slugs)) != len(slugs):

@@ -22,7 +22,6 @@ import zarr
 
 from edmcli.console import console, print_summary, progress
 from edmcli.data.label_transforms import LabelMapTransform
-from edmcli.data.labels import NUM_CLASSES
 from edmcli.data.store import (
     ATTRS_KEY,
     STRING_FIELDS,
@@ -103,8 +102,7 @@ def _sources(request: SampleRequest) -> tuple[DatasetStore, np.ndarray, int]:
             f"label store {request.label_store} does not use the label convention "
             "(0 outside, 1 LV, 2 myocardium, 3 LA, 4 sector)"
         )
-    first = store.labels[: min(len(store), 64)]
-    bad = sorted(set(np.unique(first).tolist()) - set(range(NUM_CLASSES)))
+    bad = store.invalid_label_values()
     if bad:
         raise EchoSynthError(
             f"label store {request.label_store} has label values {bad} outside 0..4"
@@ -378,22 +376,22 @@ def sample(
     from edmcli.sampling.schedules import SCHEDULES
     from edmcli.sampling.solvers import SOLVERS
 
-    model, run_dir = resolve_run(model, run, runs_root)
-    spec = get_spec(model)
-    solver = solver or spec.solver
-    if solver not in SOLVERS:
-        raise EchoSynthError(f"solver {solver!r} is unknown; choose from {', '.join(SOLVERS)}")
+    if k < 1 or batch < 1 or chunk < 1:
+        raise EchoSynthError("k, batch and chunk must each be at least 1")
+    if not 0.0 <= holdout < 1.0:
+        raise EchoSynthError(f"holdout {holdout} must be in [0, 1)")
     if schedule is not None and schedule not in SCHEDULES:
         raise EchoSynthError(
             f"schedule {schedule!r} is unknown; choose from {', '.join(SCHEDULES)}"
         )
     if churn < 0:
         raise EchoSynthError(f"churn {churn} must be at least 0")
+    model, run_dir = resolve_run(model, run, runs_root)
+    spec = get_spec(model)
+    solver = solver or spec.solver
+    if solver not in SOLVERS:
+        raise EchoSynthError(f"solver {solver!r} is unknown; choose from {', '.join(SOLVERS)}")
     nfe = spec.nfe if nfe is None else nfe
-    if k < 1 or batch < 1 or chunk < 1:
-        raise EchoSynthError("k, batch and chunk must each be at least 1")
-    if not 0.0 <= holdout < 1.0:
-        raise EchoSynthError(f"holdout {holdout} must be in [0, 1)")
     split_list = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else splits
     step_plan = plan(solver, nfe)
     env = init_distributed(device)

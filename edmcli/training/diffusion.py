@@ -20,13 +20,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from edmcli.data.augment import AugmentConfig, PairedAugment
 from edmcli.data.dataset import EchoDataset
-from edmcli.data.labels import NUM_CLASSES, sector_mask
+from edmcli.data.labels import sector_mask
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.models.masked import masked_mean
@@ -74,8 +73,7 @@ def diffusion_settings(
             f"{data} does not use the label convention (0 outside, 1 LV, 2 myocardium, 3 LA, "
             "4 sector); rebuild it with echo-synth prepare"
         )
-    first = store.labels[: int(store.info.get("samples_per_shard", 64))]
-    bad = sorted(set(np.unique(first).tolist()) - set(range(NUM_CLASSES)))
+    bad = store.invalid_label_values()
     if bad:
         raise EchoSynthError(
             f"{data} has label values {bad} outside the convention 0..4; rebuild it with "

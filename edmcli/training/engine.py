@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from edmcli.console import progress
-from edmcli.errors import EchoSynthError
+from edmcli.errors import EchoSynthError, Interrupted
 from edmcli.faults import maybe_kill
 from edmcli.runs.checkpoint import (
     checkpoint_path,
@@ -48,7 +48,7 @@ from edmcli.training.sampler import ResumableDistributedSampler
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-class TrainingInterrupted(EchoSynthError):
+class TrainingInterrupted(Interrupted):
     """SIGINT/SIGTERM: a checkpoint was written; rerunning the command resumes."""
 
 
