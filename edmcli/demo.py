@@ -37,6 +37,16 @@ def run_demo(
             f"{n_patients}"
         )
     store = out / "phantom64.zarr"
+    if store.exists():  # a rerun continues; with other data it would silently mix two demos
+        from edmcli.data.store import DatasetStore
+
+        held = DatasetStore(store).column("patient")
+        count = len(set(held.tolist()))
+        if count != n_patients or not all(p.startswith(f"phantom-s{seed}-") for p in held):
+            raise EchoSynthError(
+                f"{out} holds a demo of {count} phantom patients (another --n-patients or "
+                f"--seed); rerun with those settings to continue it, or use another --out"
+            )
     vae_run, diffusion_run = out / "runs" / "vae-l64", out / "runs" / DEMO_MODEL
     synthetic = out / "synthetic" / f"{DEMO_MODEL}-nfe{DEMO_NFE}.zarr"
 

@@ -20,6 +20,7 @@ store's own resolution.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -325,8 +326,9 @@ class _DownstreamTask(TrainingTask):
         """The validation score that picks ``best.pt``; None when the last checkpoint is tested."""
         return None if self.settings.checkpoint == "last" else self._score(ema_model)
 
+    @abstractmethod
     def _score(self, ema_model: nn.Module) -> dict[str, float]:
-        raise NotImplementedError
+        """The task's validation metrics, with ``"score"`` (higher is better)."""
 
     def val_data(self) -> SplitData:
         if self._val is None:

@@ -54,14 +54,27 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`, or raise one clear error."""
+RESUME_ADVICE = "delete it to resume from the one before"
+
+
+def _short_reason(exc: Exception, limit: int = 120) -> str:
+    """The first line of an exception's message, cut at a word boundary (never mid-word)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+
+
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", advice: str = RESUME_ADVICE
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, or raise one clear error (ending
+    with ``advice``: what the caller's user can do)."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, pickle errors, ...
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise EchoSynthError(
-            f"checkpoint {path} is corrupt ({reason}); delete it to resume from the one before"
+            f"checkpoint {path} is corrupt ({_short_reason(exc)}); {advice}"
         ) from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise EchoSynthError(f"checkpoint {path} is not an echo-synth training checkpoint")

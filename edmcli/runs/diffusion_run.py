@@ -109,7 +109,12 @@ def load_diffusion_run(model: str, run: Path, device: torch.device) -> LoadedDif
     checkpoint = latest_checkpoint(run)
     if checkpoint is None:
         raise EchoSynthError(f"{run} has no checkpoint yet; train it first")
-    state = load_checkpoint(checkpoint, "cpu")
+    state = load_checkpoint(
+        checkpoint,
+        "cpu",
+        advice="delete it to sample the checkpoint before it, or train the run further to "
+        "write a new one",
+    )
     net = build_network(settings)
     net.load_state_dict(state["ema"])
     net = net.to(device).eval().requires_grad_(False)

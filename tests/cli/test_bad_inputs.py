@@ -3,8 +3,6 @@ traceback, and nothing written (``main`` is the console entry point)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from edmcli.cli import EXIT_CODES, main, user_errors
@@ -90,20 +88,6 @@ def test_interruption_exits_130_and_the_table_documents_it():
     with pytest.raises(typer.Exit) as exit_info:
         stopped()
     assert exit_info.value.exit_code == 130 and 130 in EXIT_CODES and 2 in EXIT_CODES
-
-
-def test_read_only_output_folder(tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        code = main(["prepare", "--out", str(folder / "o.zarr"), "--size", "16",
-                     "--n-patients", "2"])  # fmt: skip
-    finally:
-        folder.chmod(0o700)
-    assert code == 2 and capsys.readouterr().err.startswith("error:")
 
 
 def test_a_bad_label_id_past_the_first_maps_is_refused_before_any_work(tmp_path, capsys):

@@ -57,3 +57,14 @@ def test_a_store_that_does_not_exist(tmp_path, command):
     }[command]  # fmt: skip
     _one_line_error(args, "missing.zarr")
     assert not (tmp_path / "r").exists()
+
+
+def test_demo_rerun_with_other_patients_is_refused(tmp_path):
+    from edmcli.data.prepare import prepare_phantom
+
+    prepare_phantom(tmp_path / "d" / "phantom64.zarr", n_patients=6, size=64, seed=0,
+                    split_ratio=(0.5, 0.25, 0.25))  # fmt: skip
+    line = _one_line_error(["demo", "--out", tmp_path / "d", "--n-patients", "8"])
+    assert "holds a demo of 6 phantom patients" in line
+    line = _one_line_error(["demo", "--out", tmp_path / "d", "--n-patients", "6", "--seed", "3"])
+    assert "another --n-patients or --seed" in line
