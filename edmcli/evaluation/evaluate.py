@@ -274,8 +274,9 @@ def evaluate(
         test_run,
     )
     from edmcli.evaluation.report import build_report, print_summary, write_report
-    from edmcli.runs.distributed import init_distributed, shutdown_distributed
+    from edmcli.runs.distributed import broadcast_flag, init_distributed, shutdown_distributed
     from edmcli.runs.folder import prepare_run_dir
+    from edmcli.runs.lock import run_lock
     from edmcli.settings import training_steps
     from edmcli.training.engine import TrainConfig, Trainer
     from edmcli.training.run import train_config_dict
@@ -384,20 +385,22 @@ def evaluate(
             settings, config, run_dir = plan["settings"], plan["config"], plan["run_dir"]
             resolved = {"kind": f"downstream-{settings.task}", "preset": preset,
                         **settings.as_dict(), **train_config_dict(config)}  # fmt: skip
-            resumed = prepare_run_dir(run_dir, resolved, env.is_main)
-            if env.is_main:
-                console.print(
-                    f"{'resuming' if resumed else 'training'} {settings.task} on "
-                    f"{plan['spec'].label} ({plan['n_train']} images, {plan['spec'].kind}) in "
-                    f"{run_dir}: {config.steps} steps of batch {config.batch} on {env.device}; "
-                    f"tested: {plan['checkpoint_chosen_by']}",
-                    highlight=False,
-                )
-            t0 = time.perf_counter()
-            result = Trainer(make_task(settings), config, run_dir, env).fit()
-            plan["train_wall_s"] = time.perf_counter() - t0
-            plan["steps_done"] = result.steps
-            plan["resumed_from"] = result.resumed_from
+            agree = lambda refused: broadcast_flag(refused, env)  # noqa: E731
+            with run_lock(run_dir, enabled=env.is_main, agree=agree):  # one writer per run
+                resumed = prepare_run_dir(run_dir, resolved, env.is_main)
+                if env.is_main:
+                    console.print(
+                        f"{'resuming' if resumed else 'training'} {settings.task} on "
+                        f"{plan['spec'].label} ({plan['n_train']} images, {plan['spec'].kind}) in "
+                        f"{run_dir}: {config.steps} steps of batch {config.batch} on {env.device}; "
+                        f"tested: {plan['checkpoint_chosen_by']}",
+                        highlight=False,
+                    )
+                t0 = time.perf_counter()
+                result = Trainer(make_task(settings), config, run_dir, env).fit()
+                plan["train_wall_s"] = time.perf_counter() - t0
+                plan["steps_done"] = result.steps
+                plan["resumed_from"] = result.resumed_from
         if not env.is_main:
             return None
         test_data = {task: load_split(test_store, "test") for task in tasks}

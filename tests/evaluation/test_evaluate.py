@@ -322,3 +322,15 @@ def test_fig3_plots_against_nfe(tmp_path):
     assert (tmp_path / "plots" / "vs_nfe.png").read_bytes()[:4] == PNG
     assert json.loads((tmp_path / "report.json").read_text())["plots"][-1] == "plots/vs_nfe.png"
     assert plot_vs_nfe({**report, "runs": runs[:3]}, tmp_path / "none.png") is None
+
+
+def test_a_downstream_run_in_use_is_refused(phantom_store, tmp_path):
+    from edmcli.runs.lock import run_lock
+
+    out = tmp_path / "eval"
+    run_dir = out / "runs" / f"seg-{parse_train_spec(str(phantom_store)).slug}"
+    with run_lock(run_dir):
+        line = _error(["--train", phantom_store, "--test", phantom_store, "--out", out,
+                       "--task", "seg", *FAST])  # fmt: skip
+    assert "is in use by process" in line
+    assert not (run_dir / "config.yaml").exists()
