@@ -1,6 +1,9 @@
-"""The small SPADE UNet configuration shared by the model tests."""
+"""The small SPADE UNet configuration and helpers shared by the model tests."""
 
 from __future__ import annotations
+
+import torch
+from torch import nn
 
 from edmcli.models.unet import SpadeUNetConfig
 
@@ -19,3 +22,14 @@ def small_config(**overrides) -> SpadeUNetConfig:
     )
     values.update(overrides)
     return SpadeUNetConfig(**values)
+
+
+def randomize_zero_init(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give the zero-initialised layers (conv1, attention proj, out_conv) random weights, as a
+    trained network has: with them at zero the output ignores everything upstream."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return module

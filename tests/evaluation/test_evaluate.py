@@ -146,12 +146,14 @@ def test_test_split_overlapping_the_generator_is_refused(phantom_store, tmp_path
 
 
 def test_generator_run_record_is_checked(phantom_store, tmp_path):
-    run = tmp_path / "diffusion-run"
-    run.mkdir()
-    record_training_patients(run, phantom_store, splits=("train", "val", "test"))
-    store = _fake_synthetic(tmp_path / "s.zarr", phantom_store, run=str(run))
-    line = _error(["--train", store, "--test", phantom_store, "--out", tmp_path / "e", *FAST])
-    assert "shares 3 patient(s) with the patients the generator" in line
+    # the diffusion run's record, and its Γ-VAE run's (before: only the diffusion run's)
+    for key in ("run", "vae_run"):
+        run = tmp_path / f"{key}-folder"
+        run.mkdir()
+        record_training_patients(run, phantom_store, splits=("train", "val", "test"))
+        store = _fake_synthetic(tmp_path / f"{key}.zarr", phantom_store, **{key: str(run)})
+        line = _error(["--train", store, "--test", phantom_store, "--out", tmp_path / "e", *FAST])
+        assert "shares 3 patient(s) with the patients the generator" in line
     unrecorded = _fake_synthetic(tmp_path / "u.zarr", phantom_store, generator_patients=[])
     line = _error(["--train", unrecorded, "--test", phantom_store, "--out", tmp_path / "e", *FAST])
     assert "does not record the patients its generator was trained on" in line
@@ -259,16 +261,6 @@ def test_last_checkpoint_is_tested_without_validation(phantom_store, tmp_path):
     assert not (run / "checkpoints" / "best.pt").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["checkpoint"] == "last"
-
-
-def test_a_vae_trained_on_the_test_patients_is_refused(phantom_store, tmp_path):
-    """The Γ-VAE's patients are the generator's too (before: only the diffusion run's)."""
-    vae = tmp_path / "vae-run"
-    vae.mkdir()
-    record_training_patients(vae, phantom_store, splits=("train", "val", "test"))
-    store = _fake_synthetic(tmp_path / "s.zarr", phantom_store, vae_run=str(vae))
-    line = _error(["--train", store, "--test", phantom_store, "--out", tmp_path / "e", *FAST])
-    assert "shares 3 patient(s) with the patients the generator" in line
 
 
 def test_network_layouts_follow_the_image_size():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_nets import small_config
+from tiny_nets import randomize_zero_init, small_config
 from torch import nn
 from torch.distributions import LogNormal, Uniform
 
@@ -36,15 +36,6 @@ class PixelwiseDenoiser(nn.Module):
     def forward(self, x, sigma, labels=None, spade_cache=None):
         sigma = torch.as_tensor(sigma).reshape(-1, 1, 1, 1)
         return self.gain * x / (1 + sigma**2)
-
-
-def randomize_zero_init(module: nn.Module) -> nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return module
 
 
 def batch(n: int = 2, size: int = 8, seed: int = 0):

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from tiny_nets import small_config
+from tiny_nets import randomize_zero_init, small_config
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
@@ -39,15 +39,6 @@ from edmcli.training.diffusion import diffusion_settings
 
 F64 = torch.float64
 LEGACY = {"noise_schedule": "linear", "learn_sigma": False, "clip_denoised": False}
-
-
-def randomize_zero_init(module: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return module
 
 
 def tiny_model(num_steps: int = 1000, **params) -> DDPMEpsModel:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_nets import small_config
+from tiny_nets import randomize_zero_init, small_config
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -28,17 +28,6 @@ from edmcli.models.unet import (
     _Modulations,
     labels_to_onehot,
 )
-
-
-def randomize_zero_init(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give the zero-initialised layers (conv1, attention proj, out_conv) random weights, as a
-    trained network has: with them at zero the output ignores everything upstream."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return module
 
 
 def label_map(n: int, size: int, seed: int = 0) -> torch.Tensor:
