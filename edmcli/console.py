@@ -1,9 +1,15 @@
-"""Terminal output shared by the CLI stages: rich progress on a TTY, plain lines elsewhere."""
+"""Terminal output shared by the CLI stages: rich progress on a TTY, plain lines elsewhere.
+
+Progress (bars, or plain lines when stderr is not a terminal) goes to stderr; results and
+summaries go to stdout (``console``), so ``cmd > results.txt`` keeps only the results. Both
+consoles honour ``NO_COLOR`` (rich does).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,14 +38,20 @@ class Reporter:
             self.bar.advance(self.task, n)
         elif self.done >= self.next or self.done == self.total:
             elapsed = time.perf_counter() - self.start
-            print(f"{self.description}: {self.done}/{self.total} ({elapsed:.1f} s)")
+            print(
+                f"{self.description}: {self.done}/{self.total} ({elapsed:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
             self.next = self.done + self.step
 
     def status(self, text: str) -> None:
         if self.bar is not None:
             self.bar.update(self.task, description=f"{self.description} {text}")
         else:
-            print(f"{self.description} {self.done}/{self.total}: {text}")
+            print(
+                f"{self.description} {self.done}/{self.total}: {text}", file=sys.stderr, flush=True
+            )
 
 
 class _Silent(Reporter):
@@ -57,7 +69,7 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator[Rep
     if not enabled:
         yield _Silent(total, description)
         return
-    if not console.is_terminal:
+    if not err_console.is_terminal:
         yield Reporter(total, description)
         return
     from rich.progress import (
@@ -76,7 +88,7 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator[Rep
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=err_console, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield Reporter(total, description, bar, task)
 

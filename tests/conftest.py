@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("ECHO_SYNTH_THREADS", "1")  # --threads of in-process CLI runs
 
 import torch  # noqa: E402
 

@@ -27,7 +27,7 @@ FORBIDDEN = {
     "pipeline": {"cli"},
     "cli": set(),
 }  # fmt: skip
-BASE = {"errors", "console", "config", "faults", "settings", "__init__", "__main__"}
+BASE = {"errors", "console", "config", "faults", "settings", "threads", "__init__", "__main__"}
 PIPELINES = {"demo", "study"}
 
 

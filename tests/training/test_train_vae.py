@@ -66,8 +66,9 @@ def test_two_process_gloo_run(phantom_store, tmp_path):
         torchrun=2,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
-    assert out.count("training Γ-VAE L64") == 1 and out.count("GammaVAETask 6/6:") == 1  # rank 0
+    # rank 0 alone reports: the header on stdout, the metric lines with progress on stderr
+    assert result.stdout.count("training Γ-VAE L64") == 1
+    assert result.stderr.count("GammaVAETask 6/6:") == 1
     step, model, _ = _weights(run)
     assert step == 6
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -161,7 +162,8 @@ def test_kl_direction_option_reaches_the_loss(phantom_store, tmp_path, direction
 @pytest.mark.slow
 def test_l128_latent_follows_the_image(phantom_store, tmp_path):
     """The tiny preset's latent weight keeps the L128 latent positively tied to the image; the
-    old weight (1.0) inverted it (multiplicative Gamma noise makes small z the precise code)."""
+    old weight (1.0) leaves it untied (on the calibrated phantom: ≈ 0.07) or inverted (on the old
+    high-contrast phantom: < 0; multiplicative Gamma noise makes small z the precise code)."""
     from edmcli.training.vae import train_vae
 
     def correlation(run, **extra):
@@ -170,7 +172,7 @@ def test_l128_latent_follows_the_image(phantom_store, tmp_path):
         return summary["latent-image correlation"]
 
     assert correlation("now") > 0.8
-    assert correlation("old", w_latent=1.0) < 0.0
+    assert correlation("old", w_latent=1.0) < 0.3
 
 
 def test_latent_statistics_are_recorded_and_measured(phantom_store, tmp_path):
