@@ -1,9 +1,11 @@
-"""The small SPADE UNet configuration and helpers shared by the model tests."""
+"""The small SPADE UNet configuration, helpers shared by the model tests, and the tiny regression
+dataset of the training-engine tests."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from edmcli.models.unet import SpadeUNetConfig
 
@@ -33,3 +35,18 @@ def randomize_zero_init(module: nn.Module, seed: int = 0) -> nn.Module:
             if not p.any():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return module
+
+
+class Points(Dataset):
+    """32 seeded points (x in R³, y = w·x + b): the engine tests' regression data."""
+
+    def __init__(self, n=32):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}

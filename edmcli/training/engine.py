@@ -4,6 +4,18 @@ AdamW with linear warm-up, gradient clipping, an EMA of the weights, mixed preci
 (bf16 by default, fp16 with a gradient scaler), fp32 on CPU, gradient accumulation, DDP under
 ``torchrun``, atomic checkpoints, exact resume, a NaN guard and SIGINT/SIGTERM checkpoints.
 
+Optional, off by default (the Γ-VAE and diffusion trainings do not use them):
+
+* a learning-rate schedule after the warm-up (:data:`LR_SCHEDULES`): ``cosine`` decay over the
+  run's length (:func:`lr_factor`), or ``plateau``: the rate × ``plateau_factor`` after
+  ``plateau_patience`` validations without improvement (:func:`update_stopping`);
+* early stopping: the run ends after ``patience`` validations in a row whose ``"score"`` does not
+  beat the best by more than ``min_delta``, counted from step ``min_steps`` on. The counters
+  live in every checkpoint, so a resumed run stops where an uninterrupted one stops, and a run
+  that stopped stays stopped when its command is run again. Only the validations of the
+  ``validate_every`` cadence count (not the extra one at the last step), so a run lengthened on
+  resume follows the same path as one started with that length.
+
 Exact resume: everything random is a function of (seed, step) or (seed, epoch, sample): the data
 order (:mod:`edmcli.training.sampler`), the augmentation of each sample (seeded by the task from
 ``(epoch, index)``) and the model's own noise (the global torch RNG is reseeded at every step).
@@ -21,7 +33,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +58,8 @@ from edmcli.training.ema import EMA
 from edmcli.training.sampler import ResumableDistributedSampler
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+STOP_REASONS = ("patience", "steps")  # why Trainer.fit ended (TrainResult.stop_reason)
 
 
 class TrainingInterrupted(Interrupted):
@@ -72,6 +86,15 @@ class TrainConfig:
     validate_every: int = 0  # steps between TrainingTask.validate calls (0: only at the end)
     num_workers: int = 0
     seed: int = 0
+    # Schedule and early stopping (None: off / the documented default, so that the recorded
+    # configs of runs made before these settings existed still match on resume).
+    lr_schedule: str | None = None  # LR_SCHEDULES; None: constant after the warm-up
+    lr_min_ratio: float | None = None  # cosine: final lr / lr; plateau: the floor (None: 0)
+    plateau_patience: int | None = None  # plateau: validations without improvement per cut
+    plateau_factor: float | None = None  # plateau: lr multiplier per cut (None: 0.1)
+    patience: int | None = None  # validations without improvement before stopping (None: never)
+    min_delta: float | None = None  # an improvement must beat the best by more (None: 0)
+    min_steps: int | None = None  # validations count toward either patience from this step
 
     @classmethod
     def from_values(
@@ -108,6 +131,98 @@ class TrainConfig:
         micro = self.batch_gpu or per_rank
         if micro < 1 or per_rank % micro:
             raise EchoSynthError(f"batch_gpu {micro} must divide the per-process batch {per_rank}")
+        self._validate_stopping()
+
+    def _validate_stopping(self) -> None:
+        schedule = self.lr_schedule or "constant"
+        if schedule not in LR_SCHEDULES:
+            raise EchoSynthError(
+                f"lr_schedule {self.lr_schedule!r}: choose from {', '.join(LR_SCHEDULES)}"
+            )
+        if self.lr_min_ratio is not None and not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise EchoSynthError(f"lr_min_ratio {self.lr_min_ratio} must be in [0, 1]")
+        if schedule == "plateau":
+            if self.plateau_patience is None or self.plateau_patience < 1:
+                raise EchoSynthError(
+                    f"lr_schedule plateau needs plateau_patience ≥ 1 (got {self.plateau_patience})"
+                )
+            if self.plateau_factor is not None and not 0.0 < self.plateau_factor < 1.0:
+                raise EchoSynthError(f"plateau_factor {self.plateau_factor} must be in (0, 1)")
+        if self.patience is not None and self.patience < 1:
+            raise EchoSynthError(f"patience {self.patience} must be at least 1 (or unset)")
+        if self.min_delta is not None and not self.min_delta >= 0:
+            raise EchoSynthError(f"min_delta {self.min_delta} must be at least 0")
+        if self.min_steps is not None and self.min_steps < 0:
+            raise EchoSynthError(f"min_steps {self.min_steps} must be at least 0")
+        if (self.patience is not None or schedule == "plateau") and self.validate_every < 1:
+            raise EchoSynthError(
+                "patience and lr_schedule plateau count validations: set validate_every ≥ 1"
+            )
+
+
+def lr_factor(
+    step: int,
+    warmup_steps: int,
+    schedule: str | None = None,
+    total_steps: int = 0,
+    min_ratio: float = 0.0,
+) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) over the base rate, before any
+    plateau cut: a linear warm-up ``(step + 1) / warmup_steps`` up to 1, then 1 (``constant``,
+    ``plateau``) or a half cosine from 1 at ``warmup_steps`` to ``min_ratio`` at ``total_steps``
+    (``cosine``): ``r + (1 − r)·(1 + cos π t)/2``, ``t = (step − warmup) / (total − warmup)``.
+    The cosine follows ``total_steps``: a run lengthened on resume changes its rate from there on
+    (the ``plateau`` schedule does not depend on the length)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule != "cosine" or total_steps <= warmup_steps:
+        return 1.0
+    t = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@dataclass(frozen=True)
+class StoppingState:
+    """What early stopping and the plateau schedule remember between validations (saved in
+    every checkpoint)."""
+
+    best: float | None = None  # the reference: moves only on an improvement > min_delta
+    since_best: int = 0  # counted validations since the reference last moved
+    since_cut: int = 0  # counted validations since the last improvement or plateau cut
+    lr_scale: float = 1.0  # product of the plateau cuts so far
+    stopped: str | None = None  # "patience" once the patience has run out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> StoppingState:
+        return cls(**data) if data else cls()
+
+
+def update_stopping(
+    state: StoppingState, score: float | None, step: int, config: TrainConfig
+) -> StoppingState:
+    """The state after a validation at ``step`` scored ``score`` (higher is better; None: the
+    task gave no score, nothing changes).
+
+    An improvement (the first score, or one above the reference by more than ``min_delta``)
+    moves the reference and resets both counters. Otherwise, from ``min_steps`` on, both
+    counters grow: the ``plateau`` schedule multiplies the rate by ``plateau_factor`` (not below
+    ``lr_min_ratio``) each time ``since_cut`` reaches ``plateau_patience``, and the run stops
+    once ``since_best`` reaches ``patience``. Before ``min_steps`` a flat score counts for
+    nothing (a classifier may sit at chance for a while before it learns): a run that never
+    improves stops at its ``patience``-th validation at or after ``min_steps``."""
+    if score is None or state.stopped:
+        return state
+    if state.best is None or score > state.best + (config.min_delta or 0.0):
+        return replace(state, best=float(score), since_best=0, since_cut=0)
+    if step < (config.min_steps or 0):
+        return state
+    since_best, since_cut, scale = state.since_best + 1, state.since_cut + 1, state.lr_scale
+    floor = config.lr_min_ratio or 0.0
+    if config.lr_schedule == "plateau" and since_cut >= config.plateau_patience:
+        factor = 0.1 if config.plateau_factor is None else config.plateau_factor
+        scale, since_cut = max(scale * factor, floor), 0
+    stopped = "patience" if config.patience and since_best >= config.patience else None
+    return StoppingState(state.best, since_best, since_cut, scale, stopped)
 
 
 class TrainingTask(ABC):
@@ -192,6 +307,13 @@ class TrainResult:
     last_metrics: dict[str, float]
     checkpoint: Path
     best_score: float | None = None
+    stop_reason: str = "steps"  # STOP_REASONS: the patience ran out, or config.steps was reached
+    steps_per_epoch: int = 0  # optimiser steps per pass over the training data
+
+    @property
+    def epochs(self) -> float:
+        """Passes over the training data so far (``steps / steps_per_epoch``)."""
+        return self.steps / self.steps_per_epoch if self.steps_per_epoch else 0.0
 
 
 class Trainer:
@@ -204,6 +326,7 @@ class Trainer:
         self.task, self.config, self.run_dir, self.env = task, config, Path(run_dir), env
         self._stop_signal: int | None = None
         self._best_score: float | None = None
+        self._stopping = StoppingState()
 
     # ------------------------------------------------------------------ state
     def _state(self, model, ema, optimizer, scaler, step: int) -> dict[str, Any]:
@@ -216,6 +339,7 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "train_config": asdict(self.config),
             "best_score": self._best_score,
+            "stopping": asdict(self._stopping),
         }
 
     def _save(self, model, ema, optimizer, scaler, step: int) -> Path:
@@ -225,12 +349,21 @@ class Trainer:
             save_checkpoint(state, path, keep=self.config.keep_checkpoints)
         return path
 
-    def _validate(self, ema: EMA, step: int, metrics_log: MetricsLog) -> None:
-        """Validate on the main rank; save ``best.pt`` when the score improves."""
+    def _validate(self, ema: EMA, step: int, metrics_log: MetricsLog, counted: bool) -> None:
+        """Validate on the main rank; save ``best.pt`` when the score improves. A ``counted``
+        validation (on the ``validate_every`` cadence) also updates the early-stopping state,
+        which every rank then takes from the main one."""
         if self.env.is_main:
             metrics = self.task.validate(ema.model, step)
+            if counted:
+                score = (metrics or {}).get("score")
+                self._stopping = update_stopping(self._stopping, score, step, self.config)
             if metrics:
-                metrics_log.write({"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+                record = {"step": step, **{f"val/{k}": v for k, v in metrics.items()}}
+                if counted and self._tracks_stopping:
+                    record["val/since_best"] = self._stopping.since_best
+                    record["lr_scale"] = self._stopping.lr_scale
+                metrics_log.write(record)
                 score = metrics.get("score")
                 if score is not None and (self._best_score is None or score > self._best_score):
                     self._best_score = float(score)
@@ -243,6 +376,12 @@ class Trainer:
                     save_checkpoint(best, self.run_dir / "checkpoints" / "best.pt", keep=None)
         if self.env.distributed:
             torch.distributed.barrier()
+            if counted and self._tracks_stopping:
+                self._stopping = _share_stopping(self._stopping, self.env)
+
+    @property
+    def _tracks_stopping(self) -> bool:
+        return self.config.patience is not None or self.config.lr_schedule == "plateau"
 
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
@@ -281,6 +420,7 @@ class Trainer:
                 scaler.load_state_dict(state["scaler"])
             start_step = int(state["step"])
             self._best_score = state.get("best_score")
+            self._stopping = StoppingState.from_dict(state.get("stopping"))
 
         train_model: nn.Module = model
         if env.distributed:
@@ -305,6 +445,7 @@ class Trainer:
             drop_last=True,
             collate_fn=self.task.collate(),
         )
+        per_epoch = sampler.batches_per_epoch
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", start_step, env.is_main)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         window: dict[str, float] = {}
@@ -313,9 +454,13 @@ class Trainer:
         last_metrics: dict[str, float] = {}
         step = start_step
         ckpt = last
+        schedule, floor = cfg.lr_schedule or "constant", cfg.lr_min_ratio or 0.0
         try:
-            if start_step >= cfg.steps:
-                return TrainResult(step, start_step, 0.0, {}, last)
+            if start_step >= cfg.steps or self._stopping.stopped:
+                return TrainResult(
+                    step, start_step, 0.0, {}, last, self._best_score,
+                    self._stopping.stopped or "steps", per_epoch,
+                )  # fmt: skip
             with progress(
                 cfg.steps - start_step, type(self.task).__name__, enabled=env.is_main
             ) as report:
@@ -323,9 +468,11 @@ class Trainer:
                     epoch, offset = divmod(step, sampler.batches_per_epoch)
                     sampler.set_position(epoch, offset)
                     for batch in loader:
+                        lr = cfg.lr * self._stopping.lr_scale
+                        lr *= lr_factor(step, cfg.warmup_steps, schedule, cfg.steps, floor)
                         terms = self._step(
                             train_model, model, optimizer, scaler, amp_dtype, batch, step,
-                            epoch, rounds, micro,
+                            epoch, rounds, micro, lr,
                         )  # fmt: skip
                         ema.update(model, step)
                         step += 1
@@ -354,16 +501,24 @@ class Trainer:
                             self.task.report(ema.model, step, self.run_dir)
                         validate_now = cfg.validate_every and step % cfg.validate_every == 0
                         if validate_now or step == cfg.steps:
-                            self._validate(ema, step, metrics_log)
-                        if stop or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                            self._validate(ema, step, metrics_log, counted=bool(validate_now))
+                        early = self._stopping.stopped is not None
+                        if early and env.is_main:
+                            metrics_log.write({"step": step, "stopped": self._stopping.stopped})
+                        if (
+                            stop or early or step % cfg.checkpoint_every == 0
+                            or step == cfg.steps
+                        ):  # fmt: skip
                             ckpt = self._save(model, ema, optimizer, scaler, step)
                         if stop:
                             raise TrainingInterrupted(
                                 f"interrupted at step {step}; checkpoint {ckpt} written; rerun "
                                 "the same command to resume"
                             )
-                        if step >= cfg.steps:
+                        if step >= cfg.steps or early:
                             break
+                    if self._stopping.stopped:
+                        break
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -371,15 +526,16 @@ class Trainer:
             self.task.report(ema.model, step, self.run_dir)
         steady = throughput[1:] or throughput
         return TrainResult(
-            step, start_step, float(np.mean(steady)), last_metrics, ckpt, self._best_score
-        )
+            step, start_step, float(np.mean(steady)) if steady else 0.0, last_metrics, ckpt,
+            self._best_score, self._stopping.stopped or "steps", per_epoch,
+        )  # fmt: skip
 
     def _step(
-        self, train_model, model, optimizer, scaler, amp_dtype, batch, step, epoch, rounds, micro
-    ) -> dict[str, float]:
+        self, train_model, model, optimizer, scaler, amp_dtype, batch, step, epoch, rounds, micro,
+        lr,
+    ) -> dict[str, float]:  # fmt: skip
         cfg, env = self.config, self.env
         torch.manual_seed(step_seed(cfg.seed, step, env.rank))
-        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
@@ -432,6 +588,20 @@ class Trainer:
             f"the loss became NaN/Inf at step {step} ({values}); {kept}; lower the learning "
             "rate, use fp32 precision or check the data"
         )
+
+
+def _share_stopping(state: StoppingState, env: DistEnv) -> StoppingState:
+    """The main rank's early-stopping state on every rank (only the main rank validates)."""
+    stopped = STOP_REASONS.index(state.stopped) + 1 if state.stopped else 0
+    best = float("nan") if state.best is None else state.best
+    values = [best, state.since_best, state.since_cut, state.lr_scale, stopped]
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    torch.distributed.broadcast(t, src=0)
+    best, since_best, since_cut, scale, stopped = t.tolist()
+    return StoppingState(
+        None if math.isnan(best) else best, int(since_best), int(since_cut), scale,
+        STOP_REASONS[int(stopped) - 1] if stopped else None,
+    )  # fmt: skip
 
 
 def _slice_batch(batch: Any, start: int, stop: int, device: torch.device) -> Any:

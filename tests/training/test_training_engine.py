@@ -5,8 +5,8 @@ import signal
 
 import pytest
 import torch
+from tiny_nets import Points
 from torch import nn
-from torch.utils.data import Dataset
 
 from edmcli.errors import EchoSynthError
 from edmcli.runs.checkpoint import (
@@ -22,19 +22,6 @@ from edmcli.training.engine import TrainConfig, Trainer, TrainingInterrupted, Tr
 from edmcli.training.sampler import ResumableDistributedSampler
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-class Points(Dataset):
-    def __init__(self, n=32):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, generator=g)
-        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "y": self.y[i]}
 
 
 class Regression(TrainingTask):
