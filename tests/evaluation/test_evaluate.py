@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from fake_reports import fake_run
 from typer.testing import CliRunner
 
 from edmcli.cli import app
@@ -278,14 +279,7 @@ def test_network_layouts_follow_the_image_size():
 
 
 def _run(name, task, kind, model=None, nfe=None, **metrics):
-    est = {k: {"value": v, "paper_subsets": {"mean": v, "std": 0.01},
-               "patient_bootstrap": {"ci_low": v - 0.02, "ci_high": v + 0.02}}
-           for k, v in metrics.items()}  # fmt: skip
-    return {"name": name, "task": task, "kind": kind, "model": model, "nfe": nfe, "label": name,
-            "slug": name.split("-", 1)[1], "metrics": est, "reference": f"{task}-real",
-            "gap_to_reference": None, "spacing_mm": True, "hd_failures": 0,
-            "confusion_matrix": [[1, 0], [0, 1]], "train_images": 10, "best_step": 1,
-            "steps": 1, "validation": {"store": "x", "split": "val"}}  # fmt: skip
+    return fake_run(name, task, kind, model, nfe, **metrics)
 
 
 def test_fig3_plots_against_nfe(tmp_path):
