@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import ndimage, stats
 
 from edmcli.data.labels import LA, LV, MYO, OUTSIDE, SECTOR
-from edmcli.data.phantom import generate_patient, speckle_envelope
+from edmcli.data.phantom import (
+    PERSISTENCE_FRAMES,
+    generate_patient,
+    nakagami_mean,
+    nearest_centroid_view_accuracy,
+    render,
+    sample_anatomy,
+    speckle_envelope,
+)
 
 
 def test_deterministic_per_seed_and_patient():
@@ -54,39 +64,69 @@ def test_patients_vary():
     assert len(set(sizes)) == 6
 
 
-def test_blood_is_dark_and_myocardium_bright():
-    r = generate_patient(seed=0, patient=1, size=128)[0]
-    img, lab = r["image"].astype(float), r["labels"]
-    assert img[lab == LV].mean() < 0.4 * img[lab == SECTOR].mean()
-    assert img[lab == MYO].mean() > img[lab == SECTOR].mean()
+def test_cavities_are_grey_and_the_wall_only_faintly_brighter():
+    """Calibrated to real echoes: blood haze makes cavities grey, not black, and the myocardium is
+    brighter than the cavity, but by a margin that varies and that speckle often swamps."""
+    records = [r for p in range(6) for r in generate_patient(seed=0, patient=p, size=64)]
+    img = np.stack([r["image"] for r in records]).astype(float)
+    lab = np.stack([r["labels"] for r in records])
+    lv, myo, sector = (img[lab == k].mean() for k in (LV, MYO, SECTOR))
+    assert 0.5 * sector < lv < sector  # old look: LV 0.2 × sector
+    assert lv < myo < 2 * lv  # old look: myocardium 9 × the cavity
+    per_image = [(i[m == MYO].mean() - i[m == LV].mean()) for i, m in zip(img, lab, strict=True)]
+    assert np.std(per_image) > 0.3 * np.mean(per_image)  # the wall's contrast varies
 
 
-def test_views_are_distinguishable_from_the_image():
-    """A4C shows the right heart (dark pools) left of the septum, labelled as sector; a nearest-
-    centroid rule on the dark fraction of sector pixels separates the views on held-out patients."""
+def test_views_are_distinguishable_but_not_trivially():
+    """The right heart of A4C is faint: a nearest-centroid rule on raw pixels separates the views
+    of held-out patients well above chance but not perfectly (real CAMUS: 0.90)."""
+    records = [(p, r) for p in range(16) for r in generate_patient(seed=9, patient=p, size=64)]
+    images = np.stack([r["image"] for _, r in records])
+    views = [r["view"] for _, r in records]
+    accuracy = nearest_centroid_view_accuracy(images, views, [p for p, _ in records], folds=4)
+    assert 0.7 <= accuracy < 0.97  # old look: 1.0
 
-    def dark_sector_fraction(record):
-        lab = record["labels"]
-        img = ndimage.gaussian_filter(record["image"].astype(float), 1.5)  # average out speckle
-        sector = img[lab == SECTOR]
-        return float((sector < 0.35 * np.median(sector)).mean())
 
-    def features(patients):
-        out = {"A2C": [], "A4C": []}
-        for p in patients:
-            for r in generate_patient(seed=9, patient=p, size=64):
-                out[r["view"]].append(dark_sector_fraction(r))
-        return out
+def test_acquisition_settings_do_not_move_the_labels():
+    """Label geometry draws first from each stream: changing every image-formation setting of an
+    anatomy leaves the label map (and only it) unchanged."""
+    anatomy = sample_anatomy(np.random.default_rng(4))
+    other = dataclasses.replace(
+        anatomy, tissue_echo=0.2, wall_contrast=2.0, gain=0.7, blood_haze=0.1, near_haze=0.0,
+        reverb_floor=0.0, side_lobe=0.0, tgc_slope=0.5, beam_far_mm=1.0, smoke=0.0,
+    )  # fmt: skip
+    for view in ("A2C", "A4C"):
+        a = render(anatomy, view, "ES", 64, np.random.default_rng(1))
+        b = render(other, view, "ES", 64, np.random.default_rng(1))
+        np.testing.assert_array_equal(a[1], b[1])
+        assert a[2] == b[2] and not np.array_equal(a[0], b[0])
 
-    train, test = features(range(0, 8)), features(range(8, 16))
-    centroid = {v: np.mean(x) for v, x in train.items()}
-    correct = total = 0
-    for view, values in test.items():
-        for x in values:
-            guess = min(centroid, key=lambda v: abs(centroid[v] - x))
-            correct += guess == view
-            total += 1
-    assert correct / total >= 0.95
+
+def test_blood_speckle_is_nakagami_from_frame_persistence():
+    """Without clutter, blood is the mean intensity of PERSISTENCE_FRAMES independent speckle
+    patterns: its envelope (over the local mean) is Nakagami with m = that number, SNR
+    μ/√(1 − μ²) with μ = Γ(m + ½)/(Γ(m)√m) (3.40 for m = 3), smoother than tissue's Rayleigh."""
+    m = PERSISTENCE_FRAMES
+    mu = nakagami_mean(m)
+    snr = mu / np.sqrt(1 - mu**2)
+    assert nakagami_mean(1) == pytest.approx(np.sqrt(np.pi) / 2)
+    for patient in range(2):
+        anatomy = sample_anatomy(np.random.default_rng(patient))
+        quiet = dataclasses.replace(anatomy, near_haze=0.0, reverb_floor=0.0, side_lobe=0.0)
+        img, lab, _ = render(quiet, "A2C", "ED", 256, np.random.default_rng(10 + patient))
+        cavity = ndimage.binary_erosion(lab == LV, iterations=6)
+        w = 15
+        local = ndimage.uniform_filter(img * cavity, w) / np.maximum(
+            ndimage.uniform_filter(cavity.astype(float), w), 1e-6
+        )
+        core = ndimage.binary_erosion(cavity, iterations=w // 2)
+        v = img[core] / local[core]
+        assert core.sum() > 1000
+        assert v.mean() / v.std() == pytest.approx(snr, rel=0.1)
+        scale = np.sqrt(np.mean(v**2))
+        ks_nakagami = stats.kstest(v, stats.nakagami(m, scale=scale).cdf).statistic
+        ks_rayleigh = stats.kstest(v, stats.rayleigh(scale=scale / np.sqrt(2)).cdf).statistic
+        assert ks_nakagami < 0.04 < 0.15 < ks_rayleigh
 
 
 def test_speckle_field_is_rayleigh():
