@@ -14,6 +14,9 @@ from edmcli.data.labels import VIEWS
 from edmcli.data.store import DatasetStore
 from edmcli.errors import DataError
 
+PHASES = ("ED", "ES")
+"""Cardiac phases in code order (``phase`` of an item: 0 ED, 1 ES, -1 unknown)."""
+
 
 class EchoDataset(Dataset):
     """Samples of a store, optionally restricted to splits and views.
@@ -46,8 +49,8 @@ class EchoDataset(Dataset):
         self.image_size = reader.image_size
         self.info = reader.info
         self.patients = reader.column("patient")[self.indices]
-        self.views = _codes(reader.column("view")[self.indices], VIEWS)
-        self.phases = _codes(reader.column("phase")[self.indices], ("ED", "ES"))
+        self.views = codes(reader.column("view")[self.indices], VIEWS)
+        self.phases = codes(reader.column("phase")[self.indices], PHASES)
         self.transform = transform
         self._reader: DatasetStore | None = None
         self._images: np.ndarray | None = None
@@ -88,6 +91,8 @@ class EchoDataset(Dataset):
         return self.transform(item) if self.transform else item
 
 
-def _codes(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
+def codes(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """int64 position of each value in ``names`` (e.g. a store's ``view`` column and
+    :data:`~edmcli.data.labels.VIEWS`), -1 where it is not one of them."""
     lookup = {name: k for k, name in enumerate(names)}
     return np.array([lookup.get(str(v), -1) for v in values], dtype=np.int64)

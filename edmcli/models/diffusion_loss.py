@@ -17,7 +17,8 @@ means.
 | :class:`VPLoss` | sigma = sigma_VP(t), t ~ U(eps_t, 1) | 1 / sigma^2 |
 | :class:`DDPMLoss` | t uniform in 0..999 | eps-MSE (1), + lambda L_vlb with a learned variance |
 
-Each loss is called as ``loss_fn(net, images, labels, sector, generator=None)`` and returns
+Each loss is called as ``loss_fn(net, images, labels, sector, generator=None, *,
+class_labels=None)`` and returns
 ``(loss, logs)``: the scalar to back-propagate and a dict of detached 0-dim tensors for logging
 (``"loss"``, and ``"mse"``: the unweighted in-sector squared error of the denoised images, or of
 the predicted noise for DDPM; :meth:`DDPMLoss.terms` gives its two terms undetached).
@@ -25,7 +26,9 @@ the predicted noise for DDPM; :meth:`DDPMLoss.terms` gives its two terms undetac
 integer label maps handed to the network, ``sector`` an (N, H'', W'') or (N, 1, H'', W'') mask
 resized nearest to the images' size when it differs. The noise levels and the noise come from
 ``generator`` when given (it must live on the images' device); dropout inside the network still
-uses the global RNG.
+uses the global RNG. ``class_labels`` (N,) are handed to a class-conditional network as they are
+(the caller has already replaced the dropped ones by the null class for classifier-free
+guidance); None calls the network exactly as a map-only model is called.
 """
 
 from __future__ import annotations
@@ -63,7 +66,14 @@ class DiffusionLoss(Protocol):
         labels: torch.Tensor,
         sector: torch.Tensor,
         generator: torch.Generator | None = None,
+        *,
+        class_labels: torch.Tensor | None = None,
     ) -> LossOutput: ...
+
+
+def _class_kwargs(class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``{"class_labels": c}``, or nothing for a map-only call."""
+    return {} if class_labels is None else {"class_labels": class_labels}
 
 
 def sector_mask_like(sector: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -105,11 +115,12 @@ def _weighted_denoising_loss(
     sigma: torch.Tensor,
     weight: torch.Tensor,
     generator: torch.Generator | None,
+    class_labels: torch.Tensor | None = None,
 ) -> LossOutput:
     y = images.float()
     mask = sector_mask_like(sector, y)
     noise = _randn(tuple(y.shape), y, generator) * sigma
-    denoised = net(y + noise, sigma.flatten(), labels)
+    denoised = net(y + noise, sigma.flatten(), labels, **_class_kwargs(class_labels))
     sq_err = (denoised - y) ** 2
     loss = masked_mean(weight * sq_err, mask)
     logs = {"loss": loss.detach(), "mse": masked_mean(sq_err.detach(), mask)}
@@ -127,11 +138,13 @@ class _SigmaWeightedLoss(ABC):
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """Loss weight lambda(sigma)."""
 
-    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
+    def __call__(
+        self, net, images, labels, sector, generator=None, *, class_labels=None
+    ) -> LossOutput:
         _check_images(images)
         sigma = self.sample_sigma(images.shape[0], images, generator)
         return _weighted_denoising_loss(
-            net, images, labels, sector, sigma, self.weight(sigma), generator
+            net, images, labels, sector, sigma, self.weight(sigma), generator, class_labels
         )
 
 
@@ -283,7 +296,7 @@ class DDPMLoss:
         return torch.where(first, nll, kl) / LN2
 
     def terms(
-        self, net, images, labels, sector, generator=None
+        self, net, images, labels, sector, generator=None, *, class_labels=None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(L_simple, L_vlb) with their graphs; L_vlb is None for a model without
         ``learn_sigma``."""
@@ -300,16 +313,19 @@ class DDPMLoss:
         sigma = model.sigmas.to(y.device)[t].reshape(n, 1, 1, 1)
         eps = _randn(tuple(y.shape), y, generator)
         x = y + sigma * eps
+        classes = _class_kwargs(class_labels)
         if not model.learn_sigma:
-            eps_hat = net(x, sigma.flatten(), labels, return_eps=True)
+            eps_hat = net(x, sigma.flatten(), labels, return_eps=True, **classes)
             return masked_mean((eps_hat - eps) ** 2, mask), None
-        eps_hat, v = net(x, sigma.flatten(), labels, return_raw=True)
+        eps_hat, v = net(x, sigma.flatten(), labels, return_raw=True, **classes)
         simple = masked_mean((eps_hat - eps) ** 2, mask)
         x_t = x / (1 + sigma**2).sqrt()  # what the network saw
         per_pixel = self.vlb_terms(model, y, x_t, t, eps_hat.detach(), v)
         return simple, model.num_steps * masked_mean(per_pixel, mask)
 
-    def __call__(self, net, images, labels, sector, generator=None) -> LossOutput:
-        simple, vlb = self.terms(net, images, labels, sector, generator)
+    def __call__(
+        self, net, images, labels, sector, generator=None, *, class_labels=None
+    ) -> LossOutput:
+        simple, vlb = self.terms(net, images, labels, sector, generator, class_labels=class_labels)
         loss = simple if vlb is None else simple + self.lambda_vlb * vlb
         return loss, {"loss": loss.detach(), "mse": simple.detach()}

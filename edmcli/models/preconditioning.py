@@ -10,8 +10,19 @@
 
 Each preconditioning is a pure coefficient function plus a small module wrapping a
 :class:`~edmcli.models.unet.SpadeUNet`. The modules share one interface that samplers use:
-``forward(x, sigma, labels=None, spade_cache=None) -> D(x)``, ``spade_cache(labels)``,
-``round_sigma(sigma)`` and the supported ``sigma_min``/``sigma_max``.
+``forward(x, sigma, labels=None, spade_cache=None, *, class_labels=None, guidance=None) -> D(x)``,
+``spade_cache(labels)``, ``round_sigma(sigma)`` and the supported ``sigma_min``/``sigma_max``.
+
+Class conditioning and classifier-free guidance (networks with ``num_classes`` > 0):
+``class_labels`` (N,) go to the UNet as NVlabs/edm passes its ``class_labels`` (None: the null
+class). ``guidance`` w gives D = D_uncond + w (D_cond - D_uncond) (:func:`guide`): None or 1 is
+the conditional denoiser, one network evaluation; 0 the unconditional one (null class), one
+evaluation; any other w evaluates both branches as *one* forward of the doubled batch
+(conditional first), with the SPADE gamma/beta of the label maps shared by both
+(:meth:`~edmcli.models.unet.SpadeCache.tile`): two network evaluations per sample. The
+combination is taken on the raw output F, where D is affine in F with the same coefficients for
+both branches (EDM, VE, VP: exactly the formula above); for DDPM on eps, before x_0 is clipped,
+with the learned variance of the conditional branch (GLIDE's and ADM's guidance).
 
 :class:`DDPMEpsModel` is the SDM model: a DDPM with ``num_steps`` discrete timesteps whose network
 predicts the noise eps from (x_t, t), and optionally (``learn_sigma``) the variance of each
@@ -43,6 +54,9 @@ __all__ = [
     "NOISE_SCHEDULES",
     "VEPrecond",
     "VPPrecond",
+    "guidance_branches",
+    "guide",
+    "guided_net_output",
     "cosine_alphas_cumprod",
     "ddpm_alphas_cumprod",
     "ddpm_betas",
@@ -163,6 +177,71 @@ def _per_sample_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Ten
     return sigma.expand(x.shape[0], 1, 1, 1)
 
 
+def guide(uncond: torch.Tensor, cond: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): ``uncond + w (cond - uncond)``; w = 1 gives
+    ``cond``, w = 0 ``uncond``, w > 1 extrapolates away from the unconditional estimate."""
+    return torch.lerp(uncond, cond, float(w))
+
+
+def guidance_branches(guidance: float | None) -> int:
+    """Network evaluations per sample of one denoiser call with scale ``guidance``: 1 for None,
+    1 (the conditional branch only) and 0 (the unconditional branch only), else 2."""
+    if guidance is not None and not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance}.")
+    return 1 if guidance is None or guidance in (0.0, 1.0) else 2
+
+
+def guided_net_output(
+    net: SpadeUNet,
+    x: torch.Tensor,
+    noise_labels: torch.Tensor,
+    labels: torch.Tensor | None,
+    spade_cache: SpadeCache | None,
+    class_labels: torch.Tensor | None,
+    guidance: float | None,
+    guided_channels: int | None = None,
+) -> torch.Tensor:
+    """The raw UNet output F in fp32, guided with scale ``guidance`` (module docstring).
+
+    Two branches run as one forward of ``[x; x]`` with classes ``[class_labels; null]`` and the
+    label maps' SPADE modulations tiled (a ``spade_cache`` of the N maps is tiled at this call; one
+    already tiled by ``tile(2)`` for the 2N batch is used as is: build that once per batch).
+    ``guided_channels``: only the first that many output channels are guided, the rest are the
+    conditional branch's (DDPM's learned variance)."""
+    if guidance_branches(guidance) == 1:
+        if guidance == 0.0:
+            class_labels = None  # the null class: the unconditional denoiser
+        extra = {} if class_labels is None else {"class_labels": class_labels}
+        return net(x, noise_labels, labels=labels, spade_cache=spade_cache, **extra).float()
+    null = net.null_class
+    if null is None:
+        raise ValueError("guidance needs a network trained with classes (num_classes > 0).")
+    if class_labels is None:
+        raise ValueError("guidance needs class_labels (the conditional branch's classes).")
+    n = x.shape[0]
+    if spade_cache is not None and spade_cache.batch_size == n:
+        spade_cache = spade_cache.tile(2)
+    elif spade_cache is not None and (spade_cache.batch_size != 2 * n or spade_cache.tiles % 2):
+        raise ValueError(
+            f"a guided call on {n} samples takes a spade_cache of {n} label maps or one tiled "
+            f"twice ({2 * n}), got one of {spade_cache.batch_size}."
+        )
+    class_labels = torch.as_tensor(class_labels, device=x.device)
+    classes = torch.cat([class_labels, torch.full_like(class_labels, null)])
+    out = net(
+        torch.cat([x, x]),
+        torch.cat([noise_labels, noise_labels]),
+        labels=None if labels is None else torch.cat([labels, labels]),
+        spade_cache=spade_cache,
+        class_labels=classes,
+    ).float()
+    cond, uncond = out[:n], out[n:]
+    if guided_channels is None or guided_channels >= out.shape[1]:
+        return guide(uncond, cond, guidance)
+    k = guided_channels
+    return torch.cat([guide(uncond[:, :k], cond[:, :k], guidance), cond[:, k:]], dim=1)
+
+
 class _Precond(nn.Module, ABC):
     """Shared plumbing: D(x) = c_skip x + c_out F(c_in x, c_noise)."""
 
@@ -185,13 +264,19 @@ class _Precond(nn.Module, ABC):
         sigma: torch.Tensor | float,
         labels: torch.Tensor | None = None,
         spade_cache: SpadeCache | None = None,
+        *,
+        class_labels: torch.Tensor | None = None,
+        guidance: float | None = None,
     ) -> torch.Tensor:
-        """Denoised estimate D(x; sigma) in fp32; ``sigma`` is a scalar or one per sample."""
+        """Denoised estimate D(x; sigma) in fp32; ``sigma`` is a scalar or one per sample;
+        ``class_labels`` and ``guidance`` as in the module docstring."""
         x = x.float()
         sigma = _per_sample_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        f = self.net(c_in * x, c_noise.flatten(), labels=labels, spade_cache=spade_cache)
-        return c_skip * x + c_out * f.float()
+        f = guided_net_output(
+            self.net, c_in * x, c_noise.flatten(), labels, spade_cache, class_labels, guidance
+        )
+        return c_skip * x + c_out * f
 
     def spade_cache(self, labels: torch.Tensor, max_bytes: int | None = None) -> SpadeCache:
         """SPADE modulations of ``labels`` for reuse at every noise level."""
@@ -426,10 +511,16 @@ class DDPMEpsModel(nn.Module):
         t: torch.Tensor | int,
         labels: torch.Tensor | None,
         spade_cache: SpadeCache | None,
+        class_labels: torch.Tensor | None = None,
+        guidance: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(eps, v) in fp32; v is None without ``learn_sigma``."""
+        """(eps, v) in fp32; v is None without ``learn_sigma``. With ``guidance``, eps is the
+        guided one and v the conditional branch's."""
         t = self._timesteps(t, x_t.shape[0], x_t.device)
-        out = self.net(x_t, t.float(), labels=labels, spade_cache=spade_cache).float()
+        out = guided_net_output(
+            self.net, x_t, t.float(), labels, spade_cache, class_labels, guidance,
+            guided_channels=self.net.config.in_channels,
+        )  # fmt: skip
         if not self.learn_sigma:
             return out, None
         eps, v = out.chunk(2, dim=1)
@@ -441,9 +532,12 @@ class DDPMEpsModel(nn.Module):
         t: torch.Tensor | int,
         labels: torch.Tensor | None = None,
         spade_cache: SpadeCache | None = None,
+        *,
+        class_labels: torch.Tensor | None = None,
+        guidance: float | None = None,
     ) -> torch.Tensor:
-        """Predicted noise eps(x_t, t) in fp32."""
-        return self._raw(x_t, t, labels, spade_cache)[0]
+        """Predicted noise eps(x_t, t) in fp32 (guided with ``guidance``)."""
+        return self._raw(x_t, t, labels, spade_cache, class_labels, guidance)[0]
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor):
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
@@ -456,9 +550,15 @@ class DDPMEpsModel(nn.Module):
         t: torch.Tensor | int,
         labels: torch.Tensor | None = None,
         spade_cache: SpadeCache | None = None,
+        *,
+        class_labels: torch.Tensor | None = None,
+        guidance: float | None = None,
     ) -> torch.Tensor:
         """Predicted clean sample x_0 from (x_t, t) (not clipped)."""
-        return self.x0_from_eps(x_t, t, self.predict_eps(x_t, t, labels, spade_cache))
+        eps = self.predict_eps(
+            x_t, t, labels, spade_cache, class_labels=class_labels, guidance=guidance
+        )
+        return self.x0_from_eps(x_t, t, eps)
 
     def posterior_mean(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int
@@ -497,9 +597,13 @@ class DDPMEpsModel(nn.Module):
         return_eps: bool = False,
         return_raw: bool = False,
         return_variance: bool = False,
+        *,
+        class_labels: torch.Tensor | None = None,
+        guidance: float | None = None,
     ):
         """Denoiser D(x; sigma) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)), fp32, clipped
-        to [-1, 1] with ``clip_denoised``.
+        to [-1, 1] with ``clip_denoised``; with ``guidance``, eps is guided before the clip and
+        the variance is the conditional branch's (module docstring).
 
         The training loss and the learned-variance sampler call ``forward`` (so that a
         DistributedDataParallel wrapper or ``torch.compile`` sees the call) with one of:
@@ -510,7 +614,9 @@ class DDPMEpsModel(nn.Module):
         x = x.float()
         sigma = _per_sample_sigma(sigma, x)
         t = self.timestep(sigma.flatten()).to(x.device)
-        eps, v = self._raw(x / (1 + sigma**2).sqrt(), t, labels, spade_cache)
+        eps, v = self._raw(
+            x / (1 + sigma**2).sqrt(), t, labels, spade_cache, class_labels, guidance
+        )
         if return_eps:
             return eps
         if return_raw:

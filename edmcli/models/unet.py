@@ -26,6 +26,14 @@ features before norm1 (DDPM++).
 Since gamma/beta depend only on the label map, :meth:`SpadeUNet.spade_cache` computes them once
 for a batch of label maps; ``forward(..., spade_cache=cache)`` reuses them at every noise level and
 gives the same output, bit for bit, as the uncached path.
+
+Optional class conditioning (``num_classes`` > 0; the default 0 is the paper's map-only network,
+with no extra parameter): a learned embedding per class, plus a *null* class (index
+``num_classes``, :attr:`SpadeUNet.null_class`), is added to the noise embedding before its last
+SiLU, as ADM and NVlabs/edm add their class embedding (``forward(..., class_labels=c)``). The
+class rows start as ADM's ``nn.Embedding`` (N(0, 1)); the null row starts at zero, i.e. as
+NVlabs/edm's dropped label (a zero one-hot adds nothing), so the null class is the map-only path.
+Missing ``class_labels`` mean the null class: the unconditional model of classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -83,6 +91,9 @@ class SpadeUNetConfig:
         skip_scale: factor applied after each residual sum (1 ADM, sqrt(1/2) DDPM++).
         attention_head_channels: channels per attention head; ``None`` for a single head.
         eps: group-norm epsilon.
+        num_classes: classes of the optional class conditioning (e.g. 2 views, or 4
+            view/phase pairs), embedded and added to the noise embedding; one more embedding is
+            the null class. 0 (default): no class embedding (the paper's map-only network).
     """
 
     image_size: int = 64
@@ -104,6 +115,7 @@ class SpadeUNetConfig:
     skip_scale: float = 1.0
     attention_head_channels: int | None = 64
     eps: float = 1e-5
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -148,6 +160,11 @@ class SpadeUNetConfig:
         if self.model_channels * self.noise_mult % 2:
             raise ValueError(
                 "SpadeUNetConfig.model_channels * noise_mult must be even (sin/cos features)."
+            )
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(
+                f"SpadeUNetConfig.num_classes must be a non-negative integer, got "
+                f"{self.num_classes}."
             )
         if self.skip_scale <= 0:
             raise ValueError(f"SpadeUNetConfig.skip_scale must be positive, got {self.skip_scale}.")
@@ -205,6 +222,7 @@ class SpadeCache:
 
     params: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     batch_size: int = 0
+    tiles: int = 1  # the batch is the label maps' batch repeated this many times (tile())
 
     def __len__(self) -> int:
         return len(self.params)
@@ -216,6 +234,21 @@ class SpadeCache:
     def nbytes(self) -> int:
         """Bytes held by the cached tensors."""
         return sum(g.nbytes + b.nbytes for g, b in self.params.values())
+
+    def tile(self, times: int) -> SpadeCache:
+        """The cache of the batch repeated ``times`` times (``[maps; maps; ...]``): one copy of
+        every (gamma, beta), no SPADE recomputation. Classifier-free guidance runs its
+        conditional and unconditional branches as one forward on the doubled batch."""
+        if times < 1:
+            raise ValueError(f"times must be a positive integer, got {times}.")
+        if times == 1:
+            return self
+        params = {
+            key: (torch.cat([g] * times), torch.cat([b] * times))
+            for key, (g, b) in self.params.items()
+        }
+        return SpadeCache(params=params, batch_size=self.batch_size * times,
+                          tiles=self.tiles * times)  # fmt: skip
 
 
 def labels_to_onehot(
@@ -394,11 +427,13 @@ class _ResBlock(nn.Module):
 class SpadeUNet(nn.Module):
     """SPADE-conditioned diffusion UNet.
 
-    ``forward(x, noise_labels, labels=None, spade_cache=None)`` maps noisy input ``x``
-    (N, in_channels, S, S), the per-sample noise conditioning ``noise_labels`` (N,) (c_noise of
-    the preconditioning, or the DDPM timestep) and an integer label map ``labels`` (N, H, W) with
-    ids ``0..label_classes-1`` at any resolution (image resolution; it is resized nearest to each
-    feature size) to the raw network output F (N, out_channels, S, S).
+    ``forward(x, noise_labels, labels=None, spade_cache=None, *, class_labels=None)`` maps noisy
+    input ``x`` (N, in_channels, S, S), the per-sample noise conditioning ``noise_labels`` (N,)
+    (c_noise of the preconditioning, or the DDPM timestep) and an integer label map ``labels``
+    (N, H, W) with ids ``0..label_classes-1`` at any resolution (image resolution; it is resized
+    to each feature size by the one rule of :mod:`edmcli.data.labels`) to the raw network output
+    F (N, out_channels, S, S). ``class_labels`` (N,) (networks with ``num_classes`` > 0 only):
+    classes ``0..num_classes-1`` or the null class ``num_classes``; None: the null class.
 
     Label values are range-checked on CPU only (a check on an accelerator would force a host
     sync); elsewhere an out-of-range id gives an all-zero one-hot pixel.
@@ -421,6 +456,11 @@ class SpadeUNet(nn.Module):
             self.map_noise = FourierEmbedding(noise_channels)
         self.map_layer0 = nn.Linear(noise_channels, emb_channels)
         self.map_layer1 = nn.Linear(emb_channels, emb_channels)
+        self.map_class: nn.Embedding | None = None
+        if cfg.num_classes:
+            self.map_class = nn.Embedding(cfg.num_classes + 1, emb_channels)
+            with torch.no_grad():
+                self.map_class.weight[cfg.num_classes].zero_()  # the null class adds nothing
 
         self.enc = nn.ModuleDict()
         skips: list[int] = []
@@ -479,6 +519,31 @@ class SpadeUNet(nn.Module):
     @property
     def num_spade_layers(self) -> int:
         return len(self._spade_keys)
+
+    @property
+    def null_class(self) -> int | None:
+        """Index of the null class (``num_classes``); None for a network without classes."""
+        return self.config.num_classes if self.config.num_classes else None
+
+    def _class_embedding(self, class_labels: torch.Tensor | None, n: int, device) -> torch.Tensor:
+        """(n, emb) embedding of ``class_labels`` (n,), the null class where None."""
+        k = self.config.num_classes
+        if class_labels is None:
+            class_labels = torch.full((n,), k, dtype=torch.long, device=device)
+        class_labels = torch.as_tensor(class_labels, device=device)
+        if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must hold integer classes, got {class_labels.dtype}.")
+        if class_labels.shape != (n,):
+            raise ValueError(
+                f"class_labels must have shape ({n},), got {tuple(class_labels.shape)}."
+            )
+        checkable = class_labels.device.type == "cpu" and not torch.compiler.is_compiling()
+        if checkable and n and (int(class_labels.min()) < 0 or int(class_labels.max()) > k):
+            raise ValueError(
+                f"class_labels must hold classes 0..{k - 1} or the null class {k}, found "
+                f"{int(class_labels.min())}..{int(class_labels.max())}."
+            )
+        return self.map_class(class_labels.long())
 
     def _spade_dtype(self) -> torch.dtype:
         if not self._spade_keys:
@@ -542,6 +607,8 @@ class SpadeUNet(nn.Module):
         noise_labels: torch.Tensor,
         labels: torch.Tensor | None = None,
         spade_cache: SpadeCache | None = None,
+        *,
+        class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.config
         n = x.shape[0]
@@ -575,10 +642,17 @@ class SpadeUNet(nn.Module):
             )
         if labels is None and (spade_cache is None or len(spade_cache) < self.num_spade_layers):
             raise ValueError("labels are required unless spade_cache holds every SPADE layer.")
+        if class_labels is not None and self.map_class is None:
+            raise ValueError(
+                "class_labels were given but this network has no class embedding (num_classes 0)."
+            )
         mods = _Modulations(labels, spade_cache, cfg.label_classes, self._spade_dtype())
 
         emb = F.silu(self.map_layer0(self.map_noise(noise_labels).to(x.dtype)))
-        emb = F.silu(self.map_layer1(emb))
+        emb = self.map_layer1(emb)
+        if self.map_class is not None:
+            emb = emb + self._class_embedding(class_labels, n, x.device).to(emb.dtype)
+        emb = F.silu(emb)
 
         skips = []
         for module in self.enc.values():

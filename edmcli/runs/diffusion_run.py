@@ -1,6 +1,12 @@
 """A diffusion run: its settings (``config.yaml``), finding it, and loading its EMA network.
 
 Shared by training (which writes the settings), sampling and the benchmark (which load them).
+
+A run may be *class-conditional* (``class_cond``, :data:`CLASS_CONDITIONS`): its UNet embeds the
+view (A2C/A4C), or the view and the phase (ED/ES), of each training image
+(:func:`class_ids`), and learns a null class for classifier-free guidance, which training
+substitutes with probability ``class_dropout``. ``class_cond`` None (every run recorded before it
+existed) is the paper's map-only model.
 """
 
 from __future__ import annotations
@@ -12,12 +18,45 @@ from typing import Any
 import torch
 from torch import nn
 
+from edmcli.data.labels import VIEWS
 from edmcli.errors import EchoSynthError
 from edmcli.models.registry import build_precond, get_spec, model_names
 from edmcli.models.unet import SpadeUNetConfig
 from edmcli.runs.checkpoint import file_sha256, latest_checkpoint, load_checkpoint
 from edmcli.runs.folder import frozen_dependency, load_run_config
 from edmcli.runs.vae_run import LoadedVAE, load_vae_run
+
+CLASS_CONDITIONS = {"view": len(VIEWS), "view-phase": 2 * len(VIEWS)}
+"""Class conditioning → number of classes (the null class is one more): ``view`` A2C 0, A4C 1;
+``view-phase`` A2C-ED 0, A2C-ES 1, A4C-ED 2, A4C-ES 3."""
+CLASS_DROPOUT = 0.1  # classifier-free guidance: the class is dropped to null with this probability
+
+
+def check_class_cond(value: str | None) -> str | None:
+    """``value`` as a run records it: None for ``"none"``/None (map only), else a key of
+    :data:`CLASS_CONDITIONS`; one sentence naming ``--class-cond`` otherwise."""
+    if value is None or value == "none":
+        return None
+    if value not in CLASS_CONDITIONS:
+        raise EchoSynthError(
+            f"--class-cond {value!r} is unknown; choose from none, {', '.join(CLASS_CONDITIONS)}"
+        )
+    return value
+
+
+def class_ids(class_cond: str, views: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+    """Class of each sample (int64) from its view code (0 A2C, 1 A4C) and phase code (0 ED,
+    1 ES; :class:`~edmcli.data.dataset.EchoDataset`): ``view`` → the view, ``view-phase`` →
+    2·view + phase. A sample whose view (or, for ``view-phase``, phase) is unknown (−1) gets the
+    null class, ``CLASS_CONDITIONS[class_cond]``."""
+    views = torch.as_tensor(views, dtype=torch.long)
+    phases = torch.as_tensor(phases, dtype=torch.long, device=views.device)
+    null = CLASS_CONDITIONS[class_cond]
+    known_view = (views >= 0) & (views < len(VIEWS))
+    if class_cond == "view":
+        return torch.where(known_view, views, null)
+    known = known_view & (phases >= 0) & (phases < 2)
+    return torch.where(known, 2 * views + phases, null)
 
 
 @dataclass
@@ -40,9 +79,18 @@ class DiffusionSettings:
     sigma_data_source: str | None = None  # latent models: how σ_data was chosen
     augment: bool = True
     in_memory: bool = True
+    # Class conditioning (CLASS_CONDITIONS; None: map only, the paper) and the probability of
+    # dropping the class to the null class in training (None when map only).
+    class_cond: str | None = None
+    class_dropout: float | None = None
 
     def unet_config(self) -> SpadeUNetConfig:
         return SpadeUNetConfig(**self.unet)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the run's class conditioning (0: map only)."""
+        return CLASS_CONDITIONS[self.class_cond] if self.class_cond else 0
 
 
 def check_model_name(model: str) -> None:

@@ -7,6 +7,12 @@ kernels). SPADE γ/β are computed once per batch and reused at every network ev
 
 A model that learns its variance (SDM, ``learn_sigma``) is sampled by ``ddpm_ancestral`` with
 that variance unless the solver options name another (``variance="small"`` or ``"large"``).
+
+A class-conditional model takes one class per sample and a guidance scale w
+(:mod:`edmcli.models.preconditioning`): w = 1 (the default) is the conditional denoiser, one
+network evaluation per denoiser call; w = 0 the unconditional one; any other w runs both
+branches as one forward of the doubled batch, with the SPADE γ/β cache built once per batch and
+tiled once for both: :func:`network_evaluations` per denoiser call, 2 per sample.
 """
 
 from __future__ import annotations
@@ -17,9 +23,16 @@ import torch
 from torch import nn
 
 from edmcli.data.labels import sector_mask
+from edmcli.models.preconditioning import guidance_branches
 from edmcli.models.registry import get_spec
 from edmcli.sampling.schedules import network_sigmas
 from edmcli.sampling.solvers import SOLVERS
+
+
+def network_evaluations(guidance: float | None) -> int:
+    """Network evaluations per sample of one denoiser call at guidance scale ``guidance``: 2
+    when both classifier-free guidance branches run (w not None, 0 or 1), else 1."""
+    return guidance_branches(guidance)
 
 
 def model_sigmas(
@@ -94,8 +107,15 @@ def generate(
     use_cache: bool = True,
     schedule: str | None = None,
     pin_outside: bool = False,
+    class_labels: torch.Tensor | None = None,
+    guidance: float | None = None,
 ) -> torch.Tensor:
     """Images in [0, 1] (N, 1, H, W) for label maps (N, H, W), one seed per sample.
+
+    ``class_labels`` (N,): the class of each sample for a class-conditional ``net`` (None: the
+    null class); ``guidance``: the classifier-free guidance scale w (None: 1, the conditional
+    denoiser; module docstring). With two branches, every denoiser call of the solver costs 2
+    network evaluations per sample.
 
     ``pin_outside``: the denoiser's estimate outside the sector (at network size, the one rule of
     :func:`edmcli.data.labels.sector_mask`) is replaced by the known outside value −1 at every
@@ -112,8 +132,14 @@ def generate(
     extra = {"return_variance": True} if options.get("variance") == "learned" else {}
     noise = SampleNoise(seeds, (1, net_size, net_size), device)
     x = noise.draw() * start_scale(model_name, float(sigmas[0]))
+    if class_labels is not None:
+        extra["class_labels"] = torch.as_tensor(class_labels, device=device)
+    if guidance is not None:
+        extra["guidance"] = float(guidance)
     with torch.no_grad():
         cache = net.spade_cache(labels) if use_cache else None
+        if cache is not None and network_evaluations(guidance) == 2:
+            cache = cache.tile(2)  # γ/β of both branches, computed once, copied once per batch
 
         inside = sector_mask(labels, net_size).to(device) > 0 if pin_outside else None
 

@@ -6,6 +6,13 @@ in the store (``shard_done``, one chunk per shard, so writers never share one). 
 command skips finished shards. Sample *i* uses label map ``i // K`` of the chosen splits under
 transformation ``i % K`` (seeded by (seed, source index, k)) and start noise seeded by
 (seed, i): the store is byte-identical whatever the number of processes or where a run resumed.
+
+A class-conditional run (``train-diffusion --class-cond``) gives each sample the class of its
+source label map (the map's view, or view and phase, from the label store's columns) and samples
+with classifier-free guidance scale ``guidance`` (default 1: the conditional denoiser, no extra
+cost). ``--nfe`` counts network evaluations: with two guidance branches every denoiser call costs
+2, so the same NFE buys half the solver steps (:func:`guided_plan`). The store's provenance
+records the class conditioning, the guidance scale and the evaluations per denoiser call.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import torch
 import zarr
 
 from edmcli.console import console, print_summary, progress
+from edmcli.data.dataset import PHASES, codes
 from edmcli.data.label_transforms import LabelMapTransform
+from edmcli.data.labels import VIEWS
 from edmcli.data.store import (
     ATTRS_KEY,
     STRING_FIELDS,
@@ -35,12 +44,13 @@ from edmcli.data.store import (
 from edmcli.errors import EchoSynthError
 from edmcli.faults import maybe_kill
 from edmcli.models.registry import get_spec
-from edmcli.runs.diffusion_run import LoadedDiffusion
+from edmcli.runs.diffusion_run import LoadedDiffusion, check_class_cond, class_ids
 from edmcli.runs.distributed import DistEnv
-from edmcli.runs.folder import load_training_patients
+from edmcli.runs.folder import load_run_config, load_training_patients
 from edmcli.runs.grids import save_image_grid
-from edmcli.sampling.nfe import plan
-from edmcli.sampling.pipeline import generate
+from edmcli.sampling.nfe import NFEError, StepPlan, plan
+from edmcli.sampling.pipeline import generate, network_evaluations
+from edmcli.sampling.solvers import nfe_cost
 
 EXTRA_FIELDS = {"source_index": np.dtype("int64"), "transform": np.dtype("int16"),
                 "seed": np.dtype("int64"), "source_split": str}  # fmt: skip
@@ -67,12 +77,15 @@ class SampleRequest:
     holdout: float = 0.0  # fraction of source patients whose synthetic rows form split "val"
     schedule: str | None = None  # σ schedule (None: the model's)
     pin_outside: bool = PIN_OUTSIDE_DEFAULT
+    guidance: float | None = None  # classifier-free guidance scale (None: a map-only model)
 
     def identity(self, loaded: LoadedDiffusion) -> dict[str, Any]:
         """What the output store's content depends on (resume only when it is identical)."""
         out = asdict(self)
         for key in ("batch", "compile", "precision", "spade_cache"):
             out.pop(key)  # change floating-point noise at most, not what is sampled
+        if out["guidance"] is None:
+            out.pop("guidance")  # map only: the identity of stores written before guidance
         out.update(run=str(loaded.run), checkpoint_sha256=loaded.sha256)
         return out
 
@@ -88,6 +101,53 @@ class SampleResult:
     nfe: int
     note: str
     grid: Path | None
+
+
+def guided_plan(solver: str, nfe: int, guidance: float | None) -> StepPlan:
+    """The steps that spend exactly ``nfe`` network evaluations when every denoiser call costs
+    :func:`~edmcli.sampling.pipeline.network_evaluations` (``guidance``) of them: as
+    :func:`~edmcli.sampling.nfe.plan` for one per call; with two (classifier-free guidance
+    branches) half the calls, and an unreachable budget is refused with the two nearest."""
+    per_call = network_evaluations(guidance)
+    if per_call == 1:
+        return plan(solver, nfe)
+    costs = [per_call * nfe_cost(solver, n) for n in range(1, max(int(nfe), 1) + 2)]
+    if nfe not in costs:
+        lo = max((c for c in costs if c < nfe), default=None)
+        hi = min(c for c in costs if c > nfe)
+        options = " or ".join(str(c) for c in (lo, hi) if c is not None)
+        raise EchoSynthError(
+            f"guidance {guidance} evaluates the network twice per denoiser call (conditional and "
+            f"unconditional), so {solver} cannot spend exactly {nfe} NFE; use {options}"
+        )
+    try:
+        inner = plan(solver, nfe // per_call)
+    except NFEError as exc:
+        raise EchoSynthError(
+            f"NFE {nfe} with guidance {guidance} is {nfe // per_call} denoiser calls of "
+            f"{per_call} network evaluations: {exc}"
+        ) from None
+    note = (
+        f"{inner.note.split(' = ')[0]} = {inner.nfe} denoiser calls × {per_call} (guidance "
+        f"{guidance}: conditional + unconditional in one batched forward) = {nfe} NFE"
+    )
+    return StepPlan(steps=inner.steps, nfe=int(nfe), note=note)
+
+
+def resolve_guidance(run_dir: Path, guidance: float | None) -> tuple[str | None, float | None]:
+    """(class conditioning of the run, guidance scale to sample with): a class-conditional run
+    samples with ``guidance`` (default 1, the conditional denoiser); a map-only run refuses one."""
+    class_cond = check_class_cond(load_run_config(run_dir).get("class_cond"))
+    if guidance is not None and (not np.isfinite(guidance) or guidance < 0):
+        raise EchoSynthError(f"--guidance {guidance} must be a finite number ≥ 0")
+    if class_cond is None:
+        if guidance is not None:
+            raise EchoSynthError(
+                f"--guidance needs a model trained with classes (train-diffusion --class-cond "
+                f"view); {run_dir} was trained on label maps only"
+            )
+        return None, None
+    return class_cond, 1.0 if guidance is None else float(guidance)
 
 
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
@@ -189,7 +249,7 @@ def run_sampling(
             f"label store {request.label_store} holds {store.image_size[0]}² maps but the "
             f"{request.model} run was trained on {settings.image_size}² images"
         )
-    step_plan = plan(request.solver, request.nfe)
+    step_plan = guided_plan(request.solver, request.nfe, request.guidance)
     if request.chunk % request.batch and request.batch < request.chunk:
         raise EchoSynthError(f"--batch {request.batch} must divide --chunk {request.chunk}")
     provenance = {
@@ -205,6 +265,9 @@ def run_sampling(
         "churn": request.churn,
         "schedule": request.schedule or get_spec(request.model).schedule,
         "pin_outside": request.pin_outside,
+        "class_cond": settings.class_cond or "none",
+        "guidance": request.guidance,
+        "network_evaluations_per_denoiser_call": network_evaluations(request.guidance),
         "seed": request.seed,
         "k": request.k,
         "holdout": request.holdout,
@@ -295,16 +358,19 @@ def _sample_shard(job: _Job, shard: int, advance) -> None:
     ])  # fmt: skip
     seeds = [sample_seed(request.seed, int(i)) for i in index]
     decode = job.loaded.vae.model.decode if job.loaded.vae else None
+    classes = source_classes(settings.class_cond, job.columns, src)
     images = np.empty((hi - lo, 1, settings.image_size, settings.image_size), dtype=np.uint8)
     for b in range(0, hi - lo, request.batch):
         labels = torch.from_numpy(label_maps[b : b + request.batch].astype(np.int64))
         labels = labels.to(job.device)
+        batch_classes = None if classes is None else classes[b : b + request.batch]
         with torch.autocast(job.device.type, torch.bfloat16, enabled=job.autocast):
             batch = generate(
                 job.net, request.model, labels, seeds[b : b + request.batch], settings.net_size,
                 solver=request.solver, steps=job.steps, decode=decode,
                 solver_options=_solver_options(request), use_cache=request.spade_cache,
                 schedule=request.schedule, pin_outside=request.pin_outside,
+                class_labels=batch_classes, guidance=request.guidance,
             )  # fmt: skip
         pixels = (batch.float() * 255).round().clamp(0, 255).to(torch.uint8)
         images[b : b + len(labels)] = pixels.cpu().numpy()
@@ -319,6 +385,18 @@ def _sample_shard(job: _Job, shard: int, advance) -> None:
                 seed=np.asarray(seeds, dtype=np.int64))  # fmt: skip
     write_block(job.group, lo, images, label_maps, meta)
     job.group["shard_done"][shard] = True
+
+
+def source_classes(
+    class_cond: str | None, columns: dict[str, np.ndarray], sources: np.ndarray
+) -> torch.Tensor | None:
+    """The class of each sample: the view (and phase) of its source label map (rows ``sources``
+    of the label store's ``columns``); None for a map-only model."""
+    if class_cond is None:
+        return None
+    views = torch.from_numpy(codes(columns["view"][sources], VIEWS))
+    phases = torch.from_numpy(codes(columns["phase"][sources], PHASES))
+    return class_ids(class_cond, views, phases)
 
 
 def _solver_options(request: SampleRequest) -> dict[str, Any]:
@@ -361,6 +439,7 @@ def sample(
     holdout: float = 0.0,
     schedule: str | None = None,
     pin_outside: bool = PIN_OUTSIDE_DEFAULT,
+    guidance: float | None = None,
     out: Path | None = None,
     overwrite: bool = False,
     precision: str = "auto",
@@ -368,7 +447,9 @@ def sample(
 ) -> dict[str, Any] | None:
     """Generate a synthetic dataset store with a trained diffusion run (the body of
     ``echo-synth sample``). The run is ``run`` or ``runs_root/model``; with ``run`` the model is
-    read from the run. Solver and NFE default to the model's spec. Returns the summary (also
+    read from the run. Solver and NFE default to the model's spec (with two guidance branches:
+    the spec's steps, i.e. twice its NFE). ``guidance``: the classifier-free guidance scale of a
+    class-conditional run (default 1); refused for a map-only run. Returns the summary (also
     written next to the store) on the main rank."""
     from edmcli.runs.diffusion_run import load_diffusion_run, resolve_run
     from edmcli.runs.distributed import broadcast_flag, init_distributed, shutdown_distributed
@@ -391,9 +472,10 @@ def sample(
     solver = solver or spec.solver
     if solver not in SOLVERS:
         raise EchoSynthError(f"solver {solver!r} is unknown; choose from {', '.join(SOLVERS)}")
-    nfe = spec.nfe if nfe is None else nfe
+    class_cond, guidance = resolve_guidance(run_dir, guidance)
+    nfe = spec.nfe * network_evaluations(guidance) if nfe is None else nfe
     split_list = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else splits
-    step_plan = plan(solver, nfe)
+    step_plan = guided_plan(solver, nfe, guidance)
     env = init_distributed(device)
     try:
         loaded = load_diffusion_run(model, run_dir, env.device)
@@ -402,6 +484,7 @@ def sample(
             splits=[s for s in split_list if s], k=k, n=n, nfe=nfe, solver=solver, churn=churn,
             seed=seed, batch=batch, chunk=chunk, compile=compile, spade_cache=spade_cache,
             precision=precision, holdout=holdout, schedule=schedule, pin_outside=pin_outside,
+            guidance=guidance,
         )  # fmt: skip
         out = Path(out) if out is not None else Path("synthetic") / f"{model}-nfe{nfe}.zarr"
         if env.is_main:
@@ -423,6 +506,7 @@ def sample(
             "solver": solver,
             "steps": result.steps,
             "NFE": result.nfe,
+            **({"class conditioning": class_cond, "guidance": guidance} if class_cond else {}),
             "seconds": result.seconds,
             "images/s": result.images_per_second,
             "grid": str(result.grid),

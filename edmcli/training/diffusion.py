@@ -7,6 +7,12 @@ label map. Label maps stay at pixel resolution; the UNet and the loss bring them
 the one rule of :mod:`edmcli.data.labels` (area fractions; a sector pixel is one at least half
 inside).
 
+Class-conditional runs (``class_cond``: the view, or view and phase, of each image; the paper's
+model is map only) train with classifier-free guidance dropout: a sample's class is replaced by
+the null class with probability ``class_dropout`` (0.1), decided by :func:`class_drop_mask` from
+(seed, step, store row) alone, so a resumed run drops exactly the classes an uninterrupted one
+does, whatever the batch split (``batch_gpu``) or the number of processes.
+
 Sample grids while training come from a *preview callback* (``preview(net, labels, settings,
 vae) → images``) that the caller passes in, as k-diffusion's samplers take one: training never
 imports sampling (the CLI hands in :func:`edmcli.sampling.preview.preview_samples`).
@@ -15,17 +21,18 @@ imports sampling (the CLI hands in :func:`edmcli.sampling.preview.preview_sample
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from edmcli.data.augment import AugmentConfig, PairedAugment
-from edmcli.data.dataset import EchoDataset
-from edmcli.data.labels import sector_mask
+from edmcli.data.dataset import PHASES, EchoDataset, codes
+from edmcli.data.labels import VIEWS, sector_mask
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.models.masked import masked_mean
@@ -37,7 +44,15 @@ from edmcli.models.registry import (
     unet_config,
 )
 from edmcli.models.unet import SpadeUNetConfig
-from edmcli.runs.diffusion_run import DiffusionSettings, build_network, check_model_name
+from edmcli.runs.diffusion_run import (
+    CLASS_CONDITIONS,
+    CLASS_DROPOUT,
+    DiffusionSettings,
+    build_network,
+    check_class_cond,
+    check_model_name,
+    class_ids,
+)
 from edmcli.runs.folder import Dependency, frozen_dependency
 from edmcli.runs.grids import save_image_grid
 from edmcli.runs.vae_run import LoadedVAE, load_latent_stats, load_vae_run
@@ -49,6 +64,22 @@ CHECK_SIGMA = 0.5  # the denoising check's noise level (σ_data of EDM: a "moder
 UNET_SETTINGS = ("dropout", "spade_placement", "model_channels")
 PRECOND_SETTINGS = ("noise_schedule", "learn_sigma", "clip_denoised", "sigma_data")
 PreviewFn = Callable[[nn.Module, torch.Tensor, DiffusionSettings, "LoadedVAE | None"], torch.Tensor]
+CLASS_DROP_STREAM = 0xC1A55  # seed stream of the classifier-free guidance dropout
+
+
+def class_drop_mask(seed: int, step: int, indices: Sequence[int], p: float) -> torch.Tensor:
+    """Which samples of training step ``step`` lose their class (classifier-free guidance
+    dropout): the sample of store row ``i`` is dropped when u < ``p``, u uniform in [0, 1) drawn
+    from its own ``SeedSequence([seed, step, i, stream])``. A pure function of (seed, step, row):
+    the same on resume, on any rank and in any micro-batch. Returns a bool tensor (CPU)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must lie in [0, 1], got {p}.")
+    states = [
+        np.random.SeedSequence([seed, step, int(i), CLASS_DROP_STREAM]).generate_state(1)[0]
+        for i in indices
+    ]
+    u = np.asarray(states, dtype=np.float64) / 2.0**32
+    return torch.from_numpy(u < p)
 
 
 def diffusion_settings(
@@ -125,6 +156,8 @@ def diffusion_settings(
         SpadeUNetConfig(**config_dict)
     except ValueError as exc:
         raise EchoSynthError(f"{model} network settings: {exc}") from None
+    if not config_dict.get("num_classes"):
+        config_dict.pop("num_classes", None)  # map only: the config runs recorded before classes
     settings = DiffusionSettings(
         model=model,
         data=str(Path(data).resolve()),
@@ -139,6 +172,34 @@ def diffusion_settings(
         sigma_data_source=sigma_data_source,
     )
     return settings, loaded
+
+
+def class_settings(values: dict[str, Any], data: Path) -> tuple[str | None, float | None]:
+    """(class_cond, class_dropout) of resolved settings ``values``; a conditioning needs the
+    training images' view (and phase) recorded in ``data``."""
+    class_cond = check_class_cond(values.get("class_cond"))
+    dropout = values.get("class_dropout")
+    if class_cond is None:
+        if dropout is not None:
+            raise EchoSynthError("class_dropout needs a class conditioning (--class-cond view)")
+        return None, None
+    dropout = CLASS_DROPOUT if dropout is None else float(dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise EchoSynthError(f"class_dropout {dropout} must be in [0, 1)")
+    store = DatasetStore(data)
+    rows = store.indices("train")
+    known = class_ids(
+        class_cond,
+        torch.from_numpy(codes(store.column("view")[rows], VIEWS)),
+        torch.from_numpy(codes(store.column("phase")[rows], PHASES)),
+    )
+    if not bool((known < CLASS_CONDITIONS[class_cond]).any()):
+        what = "view" if class_cond == "view" else "view and phase"
+        raise EchoSynthError(
+            f"--class-cond {class_cond} needs the {what} of the training images, but the train "
+            f"split of {data} records none"
+        )
+    return class_cond, dropout
 
 
 def _plain(value: Any) -> Any:
@@ -158,10 +219,12 @@ class DiffusionTask(TrainingTask):
         settings: DiffusionSettings,
         vae: LoadedVAE | None,
         preview: PreviewFn | None = None,
+        seed: int = 0,
     ) -> None:
         self.settings = settings
         self.vae = vae
         self.preview = preview
+        self.seed = seed
         self.loss_fn = build_loss(settings.model, **loss_settings(settings.model, settings.precond))
         self._val: dict[str, torch.Tensor] | None = None
 
@@ -187,11 +250,29 @@ class DiffusionTask(TrainingTask):
         with torch.no_grad():
             return vae.encode(image, sector)
 
+    def class_labels(self, batch: dict[str, Any], step: int | None = None) -> torch.Tensor | None:
+        """The classes of a batch for a class-conditional run (None when map only); with
+        ``step`` (training), those of :func:`class_drop_mask` replaced by the null class."""
+        s = self.settings
+        if not s.class_cond:
+            return None
+        device = batch["labels"].device
+        classes = class_ids(s.class_cond, batch["view"], batch["phase"]).to(device)
+        if step is None or not s.class_dropout:
+            return classes
+        index = torch.as_tensor(batch["index"]).tolist()
+        drop = class_drop_mask(self.seed, step, index, s.class_dropout).to(device)
+        return torch.where(drop, torch.full_like(classes, s.num_classes), classes)
+
     def loss(self, model, batch, step, epoch):
         labels = batch["labels"]
         target = self.to_model_space(batch["image"], labels)
-        loss, logs = self.loss_fn(model, target, labels, sector_mask(labels))
-        return loss, {"mse": logs["mse"]}
+        classes = self.class_labels(batch, step)
+        loss, logs = self.loss_fn(model, target, labels, sector_mask(labels), class_labels=classes)
+        terms = {"mse": logs["mse"]}
+        if classes is not None:  # the fraction trained unconditionally (null class)
+            terms["null_class"] = (classes == self.settings.num_classes).float().mean()
+        return loss, terms
 
     def _val_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
         if self._val is None:
@@ -201,13 +282,16 @@ class DiffusionTask(TrainingTask):
             self._val = {
                 "image": torch.stack([it["image"] for it in items]),
                 "labels": torch.stack([it["labels"] for it in items]),
+                "view": torch.tensor([it["view"] for it in items]),
+                "phase": torch.tensor([it["phase"] for it in items]),
             }
         return {k: v.to(device) for k, v in self._val.items()}
 
     @torch.no_grad()
     def validate(self, ema_model: nn.Module, step: int) -> dict[str, float]:
         """The denoising check: masked MSE of D(y + σn; σ) against y, and of the noisy input,
-        at σ = 0.5 on fixed validation images with fixed noise."""
+        at σ = 0.5 on fixed validation images with fixed noise (class-conditional runs: given
+        each image's class)."""
         device = next(ema_model.parameters()).device
         batch = self._val_batch(device)
         y = self.to_model_space(batch["image"], batch["labels"])
@@ -215,7 +299,9 @@ class DiffusionTask(TrainingTask):
         g = torch.Generator(device=device).manual_seed(1234)
         noisy = y + CHECK_SIGMA * torch.randn(y.shape, generator=g, device=device)
         sigma = torch.full((y.shape[0],), CHECK_SIGMA, device=device)
-        denoised = ema_model(noisy, sigma, batch["labels"]).float()
+        classes = self.class_labels(batch)
+        extra = {} if classes is None else {"class_labels": classes}
+        denoised = ema_model(noisy, sigma, batch["labels"], **extra).float()
         mse = float(masked_mean((denoised - y) ** 2, mask))
         noisy_mse = float(masked_mean((noisy - y) ** 2, mask))
         return {"score": -mse, "denoised_mse": mse, "noisy_mse": noisy_mse}
@@ -256,15 +342,20 @@ def train_diffusion(
     """Train (or resume) diffusion model ``model`` on the train split of ``data`` (latent
     models: with the Γ-VAE run ``vae``). ``overrides`` are settings of
     :data:`edmcli.settings.PRESETS` ``["diffusion"]`` (None: the preset decides; ``dropout``,
-    ``spade_placement`` and ``model_channels`` change the model's UNet). ``preview`` draws the
-    sample grids. Returns the run's summary on the main rank."""
+    ``spade_placement`` and ``model_channels`` change the model's UNet; ``class_cond`` ``view`` or
+    ``view-phase`` makes it class-conditional, trained with ``class_dropout``). ``preview`` draws
+    the sample grids. Returns the run's summary on the main rank."""
     check_model_name(model)
     spec = get_spec(model)
     values = resolve("diffusion", preset, overrides, defaults={"batch": spec.paper_batch})
     unet = {k: values[k] for k in UNET_SETTINGS if values.get(k) is not None}
     precond = {k: values[k] for k in PRECOND_SETTINGS if values.get(k) is not None}
     run = Path(run) if run is not None else Path("runs") / model
+    class_cond, class_dropout = class_settings(values, data)
+    if class_cond is not None:
+        unet["num_classes"] = CLASS_CONDITIONS[class_cond]
     settings, loaded_vae = diffusion_settings(model, data, preset, vae, unet, precond, run=run)
+    settings.class_cond, settings.class_dropout = class_cond, class_dropout
     if values.get("augment") is not None:
         settings.augment = bool(values["augment"])
     n_train = len(DatasetStore(data).indices("train"))
@@ -275,7 +366,7 @@ def train_diffusion(
     def make_task(env):
         if loaded_vae is not None:
             loaded_vae.model.to(env.device)
-        return DiffusionTask(settings, loaded_vae, preview)
+        return DiffusionTask(settings, loaded_vae, preview, seed=train_config.seed)
 
     space = "latent" if loaded_vae else "pixels"
     depends_on = []
@@ -289,10 +380,12 @@ def train_diffusion(
         data=settings.data,
         train_config=train_config,
         make_task=make_task,
-        describe=f"{model} ({preset}; {settings.net_size}² {space})",
+        describe=f"{model} ({preset}; {settings.net_size}² {space}"
+        + (f"; classes: {class_cond}, dropped with p = {class_dropout}" if class_cond else "")
+        + ")",
         report=lambda run, env: last_validation(run),
         title=model,
-        head={"model": model, **_sigma_data_head(settings)},
+        head={"model": model, **_sigma_data_head(settings), **_class_head(settings)},
         depends_on=depends_on,
     )
 
@@ -302,6 +395,13 @@ def _sigma_data_head(settings: DiffusionSettings) -> dict[str, Any]:
     if settings.sigma_data_source is None:
         return {}
     return {"σ_data": settings.precond.get("sigma_data"), "σ_data from": settings.sigma_data_source}
+
+
+def _class_head(settings: DiffusionSettings) -> dict[str, Any]:
+    """The class conditioning of a run, for the summary."""
+    if not settings.class_cond:
+        return {}
+    return {"class conditioning": settings.class_cond, "class dropout": settings.class_dropout}
 
 
 def last_validation(run: Path) -> dict[str, Any]:
