@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -40,13 +41,27 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed.")]
 
 
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        envvar="ECHO_SYNTH_THREADS",
+        help="CPU threads for torch (default: every core this process may use; one line warns "
+        "when other processes already load them).",
+    ),
+]
+
+
 def user_errors(fn):
     """Turn EchoSynthError (and a file-system refusal: permission, a file where a folder is
-    needed, a full disk) into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+    needed, a full disk) into one line on stderr and exit code 2; Ctrl-C into exit 130.
+
+    Every command so wrapped also takes ``--threads N`` (:func:`edmcli.threads.configure_threads`
+    runs before the command's work)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, threads: int | None = None, **kwargs):
         try:
+            _set_threads(threads)
             return fn(*args, **kwargs)
         except EchoSynthError as exc:
             _error_line(str(exc))
@@ -58,7 +73,21 @@ def user_errors(fn):
             err_console.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
 
+    signature = inspect.signature(fn, eval_str=True)
+    extra = inspect.Parameter(
+        "threads", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ThreadsOpt
+    )
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
+    wrapper.__annotations__ = {**fn.__annotations__, "threads": ThreadsOpt}
     return wrapper
+
+
+def _set_threads(threads: int | None) -> None:
+    from edmcli.threads import configure_threads
+
+    plan = configure_threads(threads)
+    if plan.warning:
+        err_console.print(f"warning: {plan.warning}", highlight=False, markup=False)
 
 
 def _error_line(message: str) -> None:
@@ -287,6 +316,14 @@ def train_diffusion(
         ),
     ] = None,
     augment: Annotated[bool | None, typer.Option(help="Geometric augmentation.")] = None,
+    class_cond: Annotated[
+        str | None,
+        typer.Option(
+            help="Condition on the image's view (view), view and phase (view-phase), or not "
+            "(none: the paper's map-only model, default); trained with classifier-free guidance "
+            "dropout 0.1."
+        ),
+    ] = None,
     ema_decay: EmaOpt = None,
     checkpoint_every: CheckpointEveryOpt = None,
     log_every: LogEveryOpt = None,
@@ -349,6 +386,14 @@ def sample(
         bool,
         typer.Option(help="Reset the denoised estimate outside the sector to −1 at every step."),
     ] = False,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance scale w of a model trained with --class-cond (default "
+            "1: conditional only). w ≠ 0, 1 evaluates the network twice per step, and --nfe "
+            "counts both."
+        ),
+    ] = None,
     holdout: Annotated[
         float,
         typer.Option(
@@ -449,21 +494,117 @@ def evaluate(
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of training and of the bootstrap.")] = 0,
+    fidelity: Annotated[
+        bool,
+        typer.Option(
+            help="Also judge each synthetic store in seconds with the real-trained networks "
+            "(label fidelity, accuracy on synthetic, FD/KID/PRDC, diversity) and, with 3 or "
+            "more, rank each metric against the downstream Dice and accuracy.",
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Train a segmenter and a view classifier on each --train store and score them on the
     held-out real --test split; write report.json, report.md and plots. Rerun to resume."""
     options = _options(locals(), "train", "test", "out", "preset", "task", "bootstrap",
                        "bootstrap_fraction", "precision", "device", "seed", "checkpoint",
-                       "val")  # fmt: skip
+                       "val", "fidelity")  # fmt: skip
     from edmcli.evaluation.evaluate import evaluate as stage
 
     stage(
         train, test, out, preset.value, ["seg", "cls"] if task is TaskChoice.both else [task.value],
         options, device=device, seed=seed, precision=precision.value,
         bootstrap_iterations=bootstrap, bootstrap_fraction=bootstrap_fraction,
-        checkpoint=checkpoint.value, val=val,
+        checkpoint=checkpoint.value, val=val, fidelity=fidelity,
     )  # fmt: skip
+
+
+class BenchPreset(str, enum.Enum):
+    auto = "auto"
+    tiny = "tiny"
+    paper = "paper"
+
+
+class BenchDtype(str, enum.Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@app.command()
+@user_errors
+def bench(
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--models", help="Models to measure: repeat or a comma list (default: all)."),
+    ] = None,
+    preset: Annotated[
+        BenchPreset,
+        typer.Option(
+            help="auto: paper on CUDA; on a CPU the ratio table at the paper configs (batch 1, "
+            "one NFE of each path) and the NFE sweep at the tiny ones. tiny or paper: that one."
+        ),
+    ] = BenchPreset.auto,
+    run: Annotated[
+        list[Path] | None,
+        typer.Option("--run", help="A trained diffusion run to measure instead (repeat)."),
+    ] = None,
+    nfe: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NFEs of the throughput curves: repeat or a comma list (default "
+            "1,2,5,10,20,50,100,200; sdm also 1000)."
+        ),
+    ] = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per batch (default: auto-sized on CUDA; 1 at paper, 4 at tiny on a CPU)."
+        ),
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(help="Timed repeats per measurement (cut to a time budget).")
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="Also time the torch.compile'd denoiser (default: on CUDA; off on a CPU).",
+        ),
+    ] = None,
+    peer: Annotated[
+        bool,
+        typer.Option(help="Compare with MONAI's SPADEDiffusionModelUNet at matched FLOPs/NFE."),
+    ] = True,
+    dtype: Annotated[BenchDtype, typer.Option(help="auto: bf16 on CUDA, fp32 on a CPU.")] = (
+        BenchDtype.auto
+    ),
+    device: DeviceOpt = "auto",
+    out: Annotated[Path, typer.Option(help="Folder for bench.json and the plots.")] = Path("bench"),
+    reports: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--reports",
+            help="An `evaluate` output folder (or report.json) for the utility-vs-cost plot "
+            "(repeat).",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the JSON result on stdout, tables on stderr.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Generation cost of the models (the paper's section IV.C, Fig. 4): FLOPs, per-NFE and
+    fixed costs, images/s against NFE, ratios next to their FLOP ceilings, and our UNet against
+    MONAI's; writes bench.json and throughput.png under --out."""
+    options = _options(locals(), "as_json")
+    from edmcli.bench.bench import bench as stage
+    from edmcli.bench.bench import render
+
+    result = stage(**options, log=lambda line: err_console.print(line, highlight=False))
+    render(result, err_console if as_json else console)
+    if as_json:
+        print(json.dumps(result, indent=2))
 
 
 @app.command()

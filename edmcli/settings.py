@@ -47,57 +47,96 @@ _VAE = {
 
 # Diffusion training. Paper: 5×10⁵ training images (section III.E); the global batch is the
 # model's (ModelSpec.paper_batch: 24 at 256² pixels, 54 at 128², 120 at 64² latents) unless a
-# preset sets one; geometric augmentation only.
+# preset sets one; geometric augmentation only. ``class_cond``: None is the paper's map-only
+# model; ``view`` / ``view-phase`` add a class embedding of the image's view (and phase) with
+# classifier-free guidance dropout ``class_dropout`` (default 0.1; runs.diffusion_run). It is a
+# setting of the rows, not a preset of its own: presets here are scales shared by every kind of
+# run (and the registry's architectures), conditioning is orthogonal to scale.
 _DIFFUSION = {
     "paper": {
         "kimg": 500, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 1000, "grad_clip": 1.0,
         "ema_decay": 0.9999, "checkpoint_every": 5000, "log_every": 100, "grid_every": 5000,
-        "validate_every": 5000, "num_workers": 4,
+        "validate_every": 5000, "num_workers": 4, "class_cond": None,
     },
     "tiny": {
         # pixel models at 64² or latent models at 16²/32² on a 2-core CPU in minutes
         "steps": 400, "batch": 16, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 20,
         "grad_clip": 1.0, "ema_decay": 0.95, "checkpoint_every": 100, "log_every": 20,
-        "grid_every": 200, "validate_every": 100, "num_workers": 0,
+        "grid_every": 200, "validate_every": 100, "num_workers": 0, "class_cond": None,
     },
 }  # fmt: skip
 
 
-# Downstream evaluation (``echo-synth evaluate --preset``). ``paper``: section III.C (256², 250
-# epochs, Adam lr 1e-4; Adam = AdamW with weight decay 0; the paper names no batch size, EMA or
-# clipping: none of the latter two). ``tiny``: 64² phantom stores on a CPU in a few minutes.
-# Measured on a 50-patient 64² phantom store (160 train images, one CPU thread): segmentation ≈ 1
-# min to a validation mean Dice of 0.96; the classifier sits at chance for ~60 steps, then reaches
-# 95–100 % validation accuracy, with dips that the weight EMA (0.9) smooths out, ≈ 2.5 min.
-# ``validate_every`` None: once per epoch. ``base_filters``/``max_filters``: DynUNet channels
-# base·2^level, capped (MONAI's 2-D default is 32/512).
+# Downstream evaluation (``echo-synth evaluate --preset``). ``paper``: section III.C (256², Adam lr
+# 1e-4; Adam = AdamW with weight decay 0; the paper names no batch size, EMA or clipping: none of
+# the latter two), trained "until convergence": a run stops after ``patience`` validations (once
+# per epoch: ``validate_every`` None) whose score (mean Dice / accuracy on real validation images,
+# evaluate.choose_validation) does not beat the best by more than ``min_delta``, counted from step
+# ``min_steps``, and at the latest at the paper's 250 epochs (``epochs``: the cap).
+# Schedule (both presets): a linear warm-up, then reduce-on-plateau — the rate × ``plateau_factor``
+# after ``plateau_patience`` validations without improvement, not below ``lr_min_ratio``·lr.
+# EfficientNetV2-S from scratch is batch-normalised: its BN statistics and Adam's moment estimates
+# start empty, and a warm-up avoids the large first updates that knock it into predicting one
+# class (torchvision's own EfficientNetV2 recipe warms up linearly for 5 epochs). Its recipe then
+# decays with a cosine over a fixed 600 epochs; here the length is not fixed: with early stopping
+# most runs end long before the cap, so a cosine over 250 epochs would stop them at 0.6–0.9× the
+# peak rate without ever annealing, while a plateau cut anneals when the validation signal
+# stalls, and "stopped" then means "no gain at the lowered rate either" (patience > plateau
+# patience: two cuts before a stop). It depends on the validation history only, so a run
+# lengthened on resume (epochs and steps may change) takes the path of a run started that long
+# (the cosine, ``lr_schedule: cosine``, would change course). ``min_delta`` 1e-3: 0.1 Dice points,
+# and less than one validation image of 1000 for the classifier, whose score's cross-entropy
+# tie-break (≤ 1e-4, downstream._CE_TIEBREAK) then never counts alone. ``min_steps``: the
+# classifier may sit at chance for a while before it learns; flat validations before it do not
+# count.
+# ``tiny``: 64² phantom stores on a 2-core CPU, sized for the demo (two training stores × seg +
+# cls): a step budget (``steps``) and an epoch cap (``epochs``), whichever comes first
+# (downstream.run_length), with validations every 20–25 steps. The demo's real store has ≈ 80
+# train images (5 steps per epoch: the cap of 80 epochs ends it at ≈ 400 steps), its synthetic
+# store ≈ 440 (27 steps per epoch: the budget ends it at ≈ 15 epochs). Worst case (no early stop)
+# at the per-step costs of docs/design.md: 4 runs × 400 steps ≈ 2 × (1.3 + 3.3) min; the lead's
+# measurement is in the closing note. On larger stores give ``--epochs N`` (a length on
+# the command line replaces both the budget and the cap); patience still ends the run.
+# Measured before early stopping on a 50-patient 64² phantom store (160 train images, one CPU
+# thread): segmentation ≈ 1 min to a validation mean Dice of 0.96; the classifier sits at chance
+# for ~60 steps, then reaches 95–100 % validation accuracy, with dips that the weight EMA (0.9)
+# smooths out. ``base_filters``/``max_filters``: DynUNet channels base·2^level, capped (MONAI's
+# 2-D default is 32/512).
 _EVAL = {
     "paper": {
         "seg": {
             "size": 256, "epochs": 250, "steps": None, "batch": 16, "lr": 1e-4,
-            "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": None, "ema_decay": 0.0,
+            "weight_decay": 0.0, "warmup_steps": 200, "grad_clip": None, "ema_decay": 0.0,
+            "lr_schedule": "plateau", "plateau_patience": 10, "plateau_factor": 0.5,
+            "lr_min_ratio": 0.01, "patience": 25, "min_delta": 1e-3, "min_steps": 2000,
             "validate_every": None, "checkpoint_every": 2000, "log_every": 50,
             "num_workers": 2, "augment": True, "base_filters": 32, "max_filters": 512,
             "deep_supervision": True, "eval_batch": 32,
         },
         "cls": {
             "size": 256, "epochs": 250, "steps": None, "batch": 32, "lr": 1e-4,
-            "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": None, "ema_decay": 0.0,
+            "weight_decay": 0.0, "warmup_steps": 500, "grad_clip": None, "ema_decay": 0.0,
+            "lr_schedule": "plateau", "plateau_patience": 10, "plateau_factor": 0.5,
+            "lr_min_ratio": 0.01, "patience": 25, "min_delta": 1e-3, "min_steps": 2000,
             "validate_every": None, "checkpoint_every": 2000, "log_every": 50,
             "num_workers": 2, "augment": True, "eval_batch": 64,
         },
     },
     "tiny": {
         "seg": {
-            "size": 64, "epochs": None, "steps": 300, "batch": 16, "lr": 2e-3,
+            "size": 64, "epochs": 80, "steps": 400, "batch": 16, "lr": 2e-3,
             "weight_decay": 0.0, "warmup_steps": 20, "grad_clip": 1.0, "ema_decay": 0.9,
+            "lr_schedule": "plateau", "plateau_patience": 3, "plateau_factor": 0.5,
+            "lr_min_ratio": 0.01, "patience": 6, "min_delta": 1e-3, "min_steps": 100,
             "validate_every": 25, "checkpoint_every": 100, "log_every": 25,
             "num_workers": 0, "augment": True, "base_filters": 16, "max_filters": 128,
             "deep_supervision": True, "eval_batch": 32,
         },
         "cls": {
-            "size": 64, "epochs": None, "steps": 300, "batch": 16, "lr": 3e-4,
-            "weight_decay": 0.0, "warmup_steps": 20, "grad_clip": 1.0, "ema_decay": 0.9,
+            "size": 64, "epochs": 80, "steps": 400, "batch": 16, "lr": 3e-4,
+            "weight_decay": 0.0, "warmup_steps": 50, "grad_clip": 1.0, "ema_decay": 0.9,
+            "lr_schedule": "plateau", "plateau_patience": 3, "plateau_factor": 0.5,
+            "lr_min_ratio": 0.01, "patience": 6, "min_delta": 1e-3, "min_steps": 160,
             "validate_every": 20, "checkpoint_every": 100, "log_every": 20,
             "num_workers": 0, "augment": True, "eval_batch": 32,
         },
@@ -120,7 +159,7 @@ _OPTIONAL: dict[str, tuple[str, ...]] = {
             "w_perceptual", "w_kl", "augment"),
     "diffusion": ("steps", "kimg", "batch", "batch_gpu", "dropout", "spade_placement",
                   "model_channels", "augment", "noise_schedule", "learn_sigma", "clip_denoised",
-                  "sigma_data"),
+                  "sigma_data", "class_dropout"),
     "seg": ("batch_gpu",),
     "cls": ("batch_gpu",),
 }  # fmt: skip

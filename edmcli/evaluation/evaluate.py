@@ -21,6 +21,10 @@ rewritten at the end of every call.
 * Image sizes: stores whose images differ from the networks' input size (``--size``, preset
   ``paper`` 256, ``tiny`` 64) are resampled with a notice; test predictions are resampled back
   and scored at the test store's resolution (HD in its pixels, and in mm from its spacing).
+* ``--fidelity``: each synthetic spec is also judged in seconds by the real-trained reference
+  networks (label fidelity, classifier accuracy on synthetic images, FD / KID / PRDC in their
+  feature spaces, diversity: :mod:`edmcli.evaluation.fidelity`), and with ≥ 3 synthetic specs
+  each metric's rank correlation with the downstream mean Dice and accuracy is reported.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edmcli.console import console
 from edmcli.data.labels import VIEWS
 from edmcli.data.store import DatasetStore, code_version
 from edmcli.errors import EchoSynthError
+
+if TYPE_CHECKING:
+    from edmcli.evaluation.downstream import RunLength
+    from edmcli.training.engine import TrainConfig
 
 SYNTHETIC = "synthetic"
 
@@ -261,23 +269,31 @@ def evaluate(
     bootstrap_fraction: float = 0.8,
     checkpoint: str = "real",
     val: Path | None = None,
+    fidelity: bool = False,
 ) -> dict[str, Any] | None:
     """Train, test and report (the body of ``echo-synth evaluate``): ``overrides`` are settings of
     :data:`edmcli.settings.PRESETS` ``["seg"]``/``["cls"]`` (None: the preset decides). Returns
-    the report on the main process (None on the other ranks of a ``torchrun`` launch)."""
+    the report on the main process (None on the other ranks of a ``torchrun`` launch).
+
+    ``fidelity``: also judge each synthetic ``--train`` spec with the real-trained reference
+    networks, without training (:mod:`edmcli.evaluation.fidelity`): a ``quality`` section in the
+    report, and with ≥ 3 synthetic specs the rank correlation of each metric with the
+    downstream numbers. It needs a real ``--train`` store (the reference runs)."""
     from edmcli.evaluation.downstream import (
         DownstreamSettings,
         count_train,
         load_split,
         make_task,
+        run_length,
         steps_per_epoch,
+        stop_reason,
+        stopping_config,
         test_run,
     )
     from edmcli.evaluation.report import build_report, print_summary, write_report
     from edmcli.runs.distributed import broadcast_flag, init_distributed, shutdown_distributed
     from edmcli.runs.folder import prepare_run_dir
     from edmcli.runs.lock import run_lock
-    from edmcli.settings import training_steps
     from edmcli.training.engine import TrainConfig, Trainer
     from edmcli.training.run import train_config_dict
 
@@ -309,6 +325,11 @@ def evaluate(
     slugs = [s.slug for s in specs]
     if len(set(slugs)) != len(slugs):
         raise EchoSynthError("the same --train store(s) are given twice")
+    if fidelity and not any(s.kind == "real" for s in specs):
+        raise EchoSynthError(
+            "--fidelity judges synthetic images with the real-trained networks: add a real "
+            "store with --train (for instance the --test store, whose train split trains them)"
+        )
 
     env = init_distributed(device)
     try:
@@ -334,7 +355,7 @@ def evaluate(
                         f"{spec.label}; lower the batch"
                     )
                 per_epoch = steps_per_epoch(n_train, batch_size)
-                total = training_steps(values, n_train)
+                length = run_length(values, n_train)  # until convergence, within a cap
                 settings = DownstreamSettings(
                     task=task,
                     train_stores=spec.stores,
@@ -354,7 +375,7 @@ def evaluate(
                 if not 0.0 <= ema < 1.0:
                     raise EchoSynthError(f"ema_decay {ema} must be in [0, 1)")
                 config = TrainConfig(
-                    steps=total,
+                    steps=length.steps,
                     batch=batch_size,
                     lr=float(values["lr"]),
                     weight_decay=float(values["weight_decay"]),
@@ -367,12 +388,13 @@ def evaluate(
                     validate_every=int(validate_every),
                     num_workers=int(values["num_workers"]),
                     seed=seed,
+                    **stopping_config(values),
                 )
                 config.validate(env.world_size)
                 plans.append(
                     {"task": task, "spec": spec, "settings": settings, "config": config,
                      "n_train": n_train, "run_dir": Path(out) / "runs" / f"{task}-{spec.slug}",
-                     "checkpoint_chosen_by": chosen_by}
+                     "checkpoint_chosen_by": chosen_by, "length": length}
                 )  # fmt: skip
         notes += _size_notices(specs, test_store, plans)
 
@@ -392,7 +414,8 @@ def evaluate(
                     console.print(
                         f"{'resuming' if resumed else 'training'} {settings.task} on "
                         f"{plan['spec'].label} ({plan['n_train']} images, {plan['spec'].kind}) in "
-                        f"{run_dir}: {config.steps} steps of batch {config.batch} on {env.device}; "
+                        f"{run_dir}: batch {config.batch} on {env.device}, "
+                        f"{_length_text(config, plan['length'])}; "
                         f"tested: {plan['checkpoint_chosen_by']}",
                         highlight=False,
                     )
@@ -401,6 +424,14 @@ def evaluate(
                 plan["train_wall_s"] = time.perf_counter() - t0
                 plan["steps_done"] = result.steps
                 plan["resumed_from"] = result.resumed_from
+                plan["epochs_done"] = result.epochs
+                plan["stop_reason"] = stop_reason(result.stop_reason, result.steps, plan["length"])
+                if env.is_main:
+                    console.print(
+                        f"{settings.task} on {plan['spec'].label}: {result.steps} steps "
+                        f"({result.epochs:.1f} epochs), stopped by {plan['stop_reason']}",
+                        highlight=False,
+                    )
         if not env.is_main:
             return None
         test_data = {task: load_split(test_store, "test") for task in tasks}
@@ -415,6 +446,11 @@ def evaluate(
             )
             plan["test_wall_s"] = time.perf_counter() - t0
             results.append((plan, scored))
+        quality = None
+        if fidelity:
+            from edmcli.evaluation.fidelity import quality_section
+
+            quality = quality_section(plans, test_data, env.device, seed)
         report = build_report(
             results,
             test_store=test_store,
@@ -426,12 +462,17 @@ def evaluate(
                 "precision": precision, "bootstrap_iterations": bootstrap_iterations,
                 "checkpoint": checkpoint, "val": None if val is None else str(val),
                 "bootstrap_fraction": bootstrap_fraction, "bootstrap_confidence": 0.95,
-                "code_version": code_version(),
+                "fidelity": fidelity, "code_version": code_version(),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             },
             notes=notes,
             wall_s=time.perf_counter() - started,
         )  # fmt: skip
+        if quality is not None:
+            from edmcli.evaluation.fidelity import correlation_table
+
+            quality["correlation"] = correlation_table(quality, report, bootstrap_iterations, seed)
+            report["quality"] = quality
         write_report(report, Path(out), test_data, results)
         print_summary(report)
         console.print(
@@ -442,6 +483,18 @@ def evaluate(
         return report
     finally:
         shutdown_distributed()
+
+
+def _length_text(config: TrainConfig, length: RunLength) -> str:
+    """``400 steps (80 epochs)``, or ``at most 400 steps (80 epochs), fewer when 6 validations
+    in a row bring no improvement`` with early stopping."""
+    text = f"{config.steps} steps ({config.steps / length.steps_per_epoch:.3g} epochs)"
+    if config.patience:
+        text = (
+            f"at most {text}, fewer when {config.patience} validations in a row bring no "
+            "improvement"
+        )
+    return text
 
 
 def _size_notices(specs: list[TrainSpec], test_store: str, plans: list[dict]) -> list[str]:

@@ -3,6 +3,10 @@ stores' provenance and the per-image metrics), ``report.md`` (one table: each tr
 synthetic or real, with its gap to the real-trained reference) and PNG plots (per-structure
 Dice, accuracy, example predictions on real test images and, with several synthetic datasets,
 Dice / HD / accuracy against NFE per model with the real-trained line, as the paper's Fig. 3).
+With ``evaluate --fidelity`` a quality section follows (:mod:`edmcli.evaluation.fidelity`: label
+fidelity, classifier accuracy on synthetic images, feature distances, diversity, and with ≥ 3
+synthetic stores each metric's rank correlation with the downstream numbers), with its plots:
+each metric against NFE per model, and against the downstream mean Dice.
 
 Every number comes three ways (:mod:`edmcli.evaluation.bootstrap`): its value on the whole
 test set; mean ± std over random 80 % subsets of the test images (the paper's protocol, kept to
@@ -198,6 +202,8 @@ def build_report(
             "settings": plan["settings"].as_dict(),
             "train_config": jsonable(vars(plan["config"])),
             "steps": plan.get("steps_done"),
+            "epochs": plan.get("epochs_done"),
+            "stop_reason": plan.get("stop_reason"),  # patience, cap or steps
             "resumed_from": plan.get("resumed_from"),
             "train_wall_s": plan.get("train_wall_s"),
             "test_wall_s": plan.get("test_wall_s"),
@@ -375,15 +381,31 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"- `{r['name']}` ({r['task']}, {r['kind']}): {r['train_images']} training images; "
             f"tested checkpoint: {r['validation'].get('chosen_by') or 'best on validation'} "
-            f"(step {r['best_step']} of {r['steps']}){extra}."
+            f"(step {r['best_step']} of {r['steps']}{_trained_text(r)}){extra}."
         )
     if report["notes"]:
         lines += ["", "## Notes", "", *(f"- {n}" for n in report["notes"])]
+    if report.get("quality"):
+        lines += ["", *quality_markdown(report)]
     if report.get("plots"):
         lines += ["", "## Plots", "", *(f"![{Path(p).stem}]({p})" for p in report["plots"])]
     wall = f"Wall time of this call (training, testing, report): {report['wall_s']:.0f} s."
     lines += ["", wall, ""]
     return "\n".join(lines)
+
+
+STOP_WORDS = {
+    "patience": "its validation score stopped improving (patience)",
+    "cap": "the epoch cap",
+    "steps": "the step limit",
+}
+
+
+def _trained_text(run: dict[str, Any]) -> str:
+    """``, 12.4 epochs, stopped by the epoch cap`` (empty for runs that do not record it)."""
+    epochs, reason = run.get("epochs"), run.get("stop_reason")
+    text = f", {epochs:.1f} epochs" if epochs is not None else ""
+    return text + (f", stopped by {STOP_WORDS.get(reason, reason)}" if reason else "")
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -396,6 +418,8 @@ def print_summary(report: dict[str, Any]) -> None:
     for k, name in enumerate(header[1:], start=1):
         table.add_row(name, *(row[k] for row in rows))
     console.print(table)
+    if report.get("quality"):
+        print_quality_summary(report)
 
 
 # --------------------------------------------------------------------------- plots
@@ -586,6 +610,309 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- quality (--fidelity)
+QUALITY_PLOT_METRICS = (
+    "label_dice", "synthetic_accuracy", "segmenter.fd", "classifier.fd", "inception.fd",
+    "segmenter.kid", "segmenter.precision", "segmenter.recall", "diversity",
+)  # fmt: skip
+"""The quality metrics plotted against NFE and against the downstream mean Dice."""
+_QUALITY_PERCENT = {"label_dice", "synthetic_accuracy"}
+
+
+def _q(value: float | None, percent: bool = False) -> str:
+    """A quality number: percent with one decimal, else three significant digits."""
+    if value is None or not np.isfinite(value):
+        return "–"
+    return f"{100 * value:.1f}" if percent else f"{value:.3g}"
+
+
+def _quality_row_values(entry: dict[str, Any], spaces: list[str]) -> list[str]:
+    """Label fidelity, accuracy, distances per space and diversity of one quality entry."""
+    s = entry.get("summary") or {}
+    cells = [
+        _q(s.get("label_dice"), True),
+        _q(s.get("label_hd95_lv")),
+        _q(s.get("synthetic_accuracy"), True),
+    ]
+    for space in spaces:
+        cells += [_q(s.get(f"{space}.fd")), _q(s.get(f"{space}.kid"))]
+        cells.append(f"{_q(s.get(f'{space}.precision'))} / {_q(s.get(f'{space}.recall'))}")
+    cells.append(_q(s.get("diversity")))
+    return cells
+
+
+def quality_markdown(report: dict[str, Any]) -> list[str]:
+    """The ``--fidelity`` section of ``report.md``: one row per synthetic store next to its
+    downstream numbers, a per-view table, and the rank-correlation table with ≥ 3 stores."""
+    from edmcli.evaluation.fidelity import SPACE_TITLES, downstream_targets
+    from edmcli.evaluation.quality import DIVERSITY_TITLES
+
+    quality = report["quality"]
+    spaces = list(quality["feature_spaces"])
+    short = {"segmenter": "seg", "classifier": "cls", "inception": "Inception"}
+    real = quality["real"]
+    runs = ", ".join(
+        f"{task} `{Path(run).name}`" for task, run in quality["reference_runs"].items()
+    )
+    cap = quality["max_images"]
+    lines = [
+        "## Quality of the synthetic data (`--fidelity`)",
+        "",
+        f"Each synthetic store judged by the real-trained networks ({runs}), without training: "
+        "*label Dice / HD95*: the real-trained segmenter's Dice (%) and LV HD95 (px) on the "
+        "synthetic images against the label maps that conditioned them; *acc.*: the real-trained "
+        "classifier's accuracy on the synthetic images; FD, KID and precision / recall on "
+        + ", ".join(f"{short[s]} = the {SPACE_TITLES[s]}" for s in spaces)
+        + f" features, synthetic vs the {real['images']} real test images; *diversity*: mean "
+        f"{DIVERSITY_TITLES.get(quality['diversity_distance'], quality['diversity_distance'])} "
+        "between samples of the same source label map. "
+        + (f"At most {cap} images per store ({quality['selection']}). " if cap else "")
+        + "The *real* row: the real-trained networks on the real test images, and the distances "
+        "between two halves of the real test patients (the floor at this number of images).",
+        "",
+    ]
+    header = ["training data", "model", "NFE", "downstream Dice (%)", "downstream acc. (%)",
+              "label Dice (%)", "label HD95 LV (px)", "acc. on synthetic (%)"]  # fmt: skip
+    for space in spaces:
+        header += [f"FD {short[space]}", f"KID {short[space]}", f"P / R {short[space]}"]
+    header += ["diversity", "images", "s"]
+    targets = downstream_targets(report)
+    refs = report.get("references") or {}
+    ref_values: dict[str, float] = {}
+    for run in report["runs"]:
+        if run["name"] in refs.values():
+            ref_values.update(targets.get(run["slug"], {}))
+    rows = [[
+        "real (test split)", "–", "–", _q(ref_values.get("dice_mean"), True),
+        _q(ref_values.get("accuracy"), True), *_quality_row_values(real, spaces),
+        str(real["images"]), f"{real['seconds']:.1f}",
+    ]]  # fmt: skip
+    for entry in quality["stores"]:
+        mine = targets.get(entry["slug"], {})
+        rows.append([
+            entry["label"], entry["model"] or "–", str(entry["nfe"] or "–"),
+            _q(mine.get("dice_mean"), True), _q(mine.get("accuracy"), True),
+            *_quality_row_values(entry, spaces),
+            f"{entry['images_scored']} of {entry['images_total']}",
+            f"{entry['seconds']['total']:.1f}",
+        ])  # fmt: skip
+    lines += _table(header, rows)
+    lines += ["", "### Per view", ""]
+    view_header = ["training data", "view", "label Dice (%)", "Dice LV / Myo / LA (%)",
+                   "HD95 LV / Myo / LA (px)", "acc. (%)"]  # fmt: skip
+    view_header += [f"FD {short[s]}" for s in spaces]
+    view_rows = []
+    for entry in [{"label": "real (test split)", **real,
+                   "distances": (real.get("halves") or {}).get("distances", {})},
+                  *quality["stores"]]:  # fmt: skip
+        fidelity = entry.get("label_fidelity") or {}
+        accuracy = entry.get("classifier_accuracy") or {}
+        for view in ("all", *VIEWS):
+            fid, a = fidelity.get(view), accuracy.get(view)
+            if fid is None and a is None:
+                continue
+            row = [entry["label"], view]
+            if fid:
+                row += [
+                    _q(fid["dice_mean"], True),
+                    " / ".join(_q(v, True) for v in fid["dice"].values()),
+                    " / ".join(_q(v) for v in fid["hd95_px"].values()),
+                ]
+            else:
+                row += ["–", "–", "–"]
+            row.append(_q(a["accuracy"], True) if a else "–")
+            for space in spaces:
+                d = (entry.get("distances") or {}).get(space, {}).get(view) or {}
+                row.append(_q(d.get("fd")))
+            view_rows.append(row)
+    lines += _table(view_header, view_rows)
+    diversity_notes = []
+    for entry in quality["stores"]:
+        div = entry.get("diversity") or {}
+        if div.get("note"):
+            diversity_notes.append(f"{entry['label']}: {div['note']}")
+        elif div.get("images"):
+            maps, same = div.get("label_maps"), div.get("same_map")
+            text = (
+                f"{entry['label']}: {_q(div['images']['mean'])} ± {_q(div['images']['std'])} "
+                f"over {div['images']['pairs']} pairs of {div['images']['groups']} source maps"
+            )
+            if maps:
+                text += f"; 1 − Dice of their conditioning maps {_q(maps['mean'])}"
+            if same:
+                text += f"; pairs of identical maps (noise alone): {_q(same['mean'])}"
+            diversity_notes.append(text)
+    if diversity_notes:
+        lines += ["", "Diversity:", "", *(f"- {n}" for n in diversity_notes)]
+    corr = quality.get("correlation")
+    if corr:
+        lines += ["", "### Which metric predicts utility", "",
+                  f"{corr['what']}; each cell `ρ [lo, hi]`. A metric predicts well when |ρ| is "
+                  "near 1 with the sign its direction expects (+ for higher-is-better metrics, − "
+                  "for FD, KID and HD95) and its interval excludes 0.", ""]  # fmt: skip
+        corr_rows = []
+        for row in corr["rows"]:
+            cells = [row["title"], "higher" if row["higher_is_better"] else "lower"]
+            for target in corr["targets"]:
+                est = row.get(target)
+                if est is None:
+                    cells.append("–")
+                elif est["rho"] is None:
+                    cells.append("– (a constant)")
+                else:
+                    cells.append(f"{est['rho']:+.2f} [{est['ci_low']:+.2f}, {est['ci_high']:+.2f}]")
+            corr_rows.append(cells)
+        lines += _table(["metric", "better", *corr["targets"].values()], corr_rows)
+        from edmcli.evaluation.fidelity import METRICS
+
+        best = [
+            f"{corr['targets'][t]}: " + ", ".join(METRICS[k][0] for k in keys)
+            for t, keys in corr["best"].items()
+            if keys
+        ]
+        lines += [
+            "",
+            "Tracks best (largest ρ in the expected direction): " + "; ".join(best)
+            if best
+            else "No metric follows the downstream numbers in its expected direction here.",
+        ]
+    elif quality["stores"]:
+        lines += ["", "The rank-correlation table needs at least 3 synthetic stores evaluated "
+                  "together."]  # fmt: skip
+    if quality.get("notes"):
+        lines += ["", *(f"- {n}" for n in quality["notes"])]
+    lines += ["", f"Quality scoring took {quality['seconds']:.1f} s in all.", ""]
+    return lines
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def print_quality_summary(report: dict[str, Any]) -> None:
+    """The main quality numbers on the terminal, a column per synthetic store."""
+    from rich.table import Table
+
+    from edmcli.evaluation.fidelity import METRICS
+
+    stores = report["quality"]["stores"]
+    if not stores:
+        return
+    table = Table("", *(s["label"] for s in stores), title="quality (--fidelity)")
+    keys = [k for k in METRICS if any(k in s["summary"] for s in stores)]
+    for key in keys:
+        table.add_row(
+            METRICS[key][0],
+            *(_q(s["summary"].get(key), key in _QUALITY_PERCENT) for s in stores),
+        )
+    table.add_row("seconds", *(f"{s['seconds']['total']:.1f}" for s in stores))
+    console.print(table)
+
+
+def _quality_keys(report: dict[str, Any], min_stores: int) -> list[str]:
+    stores = report["quality"]["stores"]
+    return [
+        k for k in QUALITY_PLOT_METRICS
+        if sum(np.isfinite(s["summary"].get(k, np.nan)) for s in stores) >= min_stores
+    ]  # fmt: skip
+
+
+def _metric_grid(n: int):
+    """(pyplot, figure, axes) of a grid of ``n`` panels, three per row; the spare ones hidden."""
+    plt = _pyplot()
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.0 * rows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    return plt, fig, axes
+
+
+def plot_quality_vs_nfe(report: dict[str, Any], path: Path) -> Path | None:
+    """Each quality metric against NFE, a line per generative model; the real reference (the
+    real-trained networks on real test images, or the split-half floor of a distance) dashed.
+    None when fewer than two scored stores carry an NFE."""
+    from edmcli.evaluation.fidelity import METRICS
+
+    stores = [s for s in report["quality"]["stores"] if s["nfe"] is not None]
+    if len(stores) < 2:
+        return None
+    keys = _quality_keys({"quality": {"stores": stores}}, 2)
+    if not keys:
+        return None
+    plt, fig, axes = _metric_grid(len(keys))
+    real = report["quality"]["real"].get("summary") or {}
+    for ax, key in zip(axes.flat, keys, strict=False):
+        scale = 100.0 if key in _QUALITY_PERCENT else 1.0
+        models = sorted({s["model"] or "synthetic" for s in stores})
+        nfes = sorted({s["nfe"] for s in stores})
+        for model in models:
+            points = sorted(
+                (s["nfe"], s["summary"][key])
+                for s in stores
+                if (s["model"] or "synthetic") == model and key in s["summary"]
+            )
+            if points:
+                n, v = zip(*points, strict=True)
+                ax.plot(n, np.array(v) * scale, marker="o", label=model)
+        if key in real and np.isfinite(real[key]):
+            ax.axhline(real[key] * scale, color="red", linestyle="--", label="real")
+        if nfes[-1] / max(nfes[0], 1) >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_title(METRICS[key][0] + (" (%)" if key in _QUALITY_PERCENT else ""), fontsize=8)
+        ax.legend(fontsize=6)
+    fig.suptitle("Quality of the synthetic data against NFE (real-trained networks)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_quality_vs_dice(report: dict[str, Any], path: Path) -> Path | None:
+    """Each quality metric against the downstream mean Dice of the same store (one point per
+    synthetic store, coloured by model), titled with Spearman's ρ and its interval. None
+    without a correlation table (fewer than 3 stores)."""
+    from edmcli.evaluation.fidelity import METRICS, downstream_targets
+
+    quality = report["quality"]
+    corr = quality.get("correlation")
+    if not corr:
+        return None
+    targets = downstream_targets(report)
+    rho = {r["metric"]: r.get("dice_mean") for r in corr["rows"]}
+    keys = [k for k in _quality_keys(report, 3) if rho.get(k)]
+    if not keys:
+        return None
+    plt, fig, axes = _metric_grid(len(keys))
+    models = sorted({s["model"] or "synthetic" for s in quality["stores"]})
+    colours = {m: f"C{k}" for k, m in enumerate(models)}
+    for ax, key in zip(axes.flat, keys, strict=False):
+        scale = 100.0 if key in _QUALITY_PERCENT else 1.0
+        for s in quality["stores"]:
+            dice = targets.get(s["slug"], {}).get("dice_mean")
+            if dice is None or key not in s["summary"]:
+                continue
+            model = s["model"] or "synthetic"
+            ax.scatter(s["summary"][key] * scale, 100 * dice, color=colours[model], s=18)
+            if s["nfe"] is not None:
+                ax.annotate(str(s["nfe"]), (s["summary"][key] * scale, 100 * dice), fontsize=6)
+        est = rho[key]
+        text = (
+            f"ρ {est['rho']:+.2f} [{est['ci_low']:+.2f}, {est['ci_high']:+.2f}]"
+            if est["rho"] is not None
+            else "ρ undefined (a constant)"
+        )
+        ax.set_title(f"{METRICS[key][0]}\n{text}", fontsize=8)
+        ax.set_ylabel("downstream mean Dice (%)", fontsize=7)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=m)
+               for m, c in colours.items()]  # fmt: skip
+    fig.legend(handles=handles, fontsize=7, loc="lower right")
+    fig.suptitle("Quality metric vs downstream mean Dice (labels: NFE)", fontsize=9)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- files
 def write_report(
     report: dict[str, Any],
@@ -621,6 +948,12 @@ def write_report(
     nfe = plot_vs_nfe(report, plots_dir / "vs_nfe.png")
     if nfe is not None:
         written.append(nfe)
+    if report.get("quality"):  # --fidelity
+        for name, plot in (("quality_vs_nfe", plot_quality_vs_nfe),
+                           ("quality_vs_dice", plot_quality_vs_dice)):  # fmt: skip
+            made = plot(report, plots_dir / f"{name}.png")
+            if made is not None:
+                written.append(made)
     report["plots"] = [str(p.relative_to(out)) for p in written]
     _write_text(out / "report.json", json.dumps(jsonable(report), indent=2))
     _write_text(out / "report.md", markdown(report))
