@@ -613,7 +613,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
         "demo"
     ),
-    n_patients: Annotated[int, typer.Option(help="Phantom patients.")] = 24,
+    n_patients: Annotated[
+        int, typer.Option(help="Phantom patients (split 5:1:4 into train, validation, test).")
+    ] = 50,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -624,6 +626,29 @@ def demo(
     from edmcli.demo import run_demo
 
     run_demo(**options)
+
+
+@app.command()
+@user_errors
+def study(
+    config: Annotated[
+        Path, typer.Argument(help="Study YAML (examples/study-phantom.yaml, study-paper.yaml).")
+    ],
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="Run only these stages (repeat): prepare, train-vae, "
+            "train-diffusion, sample, evaluate, bench.",
+        ),
+    ] = None,
+) -> None:
+    """The paper's study from one YAML file: prepare, the Γ-VAEs, every diffusion model,
+    sampling at each NFE, quality metrics and evaluation of every store (Fig. 3), bench
+    (Fig. 4). Each finished stage is recorded in OUT/study.json and skipped on a rerun."""
+    from edmcli.study import run_study
+
+    run_study(config, only=only)
 
 
 def _view_phase_columns(summary: dict) -> list[str]:

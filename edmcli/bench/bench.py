@@ -292,13 +292,15 @@ def _model_nfes(model: str, nfes: Sequence[int]) -> list[int]:
 
 
 # --------------------------------------------------------------------------- ratios
-def _per_image_flops(entry: dict[str, Any], nfe: int) -> float:
+def per_image_flops(entry: dict[str, Any], nfe: int) -> float:
     """FLOPs of one image at ``nfe``: γ/β cache + decode + NFE × the cached network."""
     f = entry["flops_per_image"]
     return f["spade_cache"] + f["decode"] + nfe * f["cached"]
 
 
-def _ips(entry: dict[str, Any], nfe: int) -> float:
+def images_per_second(entry: dict[str, Any], nfe: int) -> float:
+    """Images/s of a measured ``entry`` at ``nfe``, from its cost model (batch / (fixed +
+    NFE × per-NFE seconds))."""
     c = entry["cost_model"]
     return c["batch"] / (c["fixed_s"] + nfe * c["per_nfe_s"])
 
@@ -331,8 +333,8 @@ def ratio_rows(entries: Sequence[dict[str, Any]], peaks: dict[str, float | None]
             b["flops_per_image"]["cached"] / a["flops_per_image"]["cached"], "FLOP ratio",
             "measured")  # fmt: skip
         row(f"{fast} / {slow} images/s", f"{RATIO_NFE} NFE",
-            _ips(a, RATIO_NFE) / _ips(b, RATIO_NFE),
-            _per_image_flops(b, RATIO_NFE) / _per_image_flops(a, RATIO_NFE), "FLOP ratio",
+            images_per_second(a, RATIO_NFE) / images_per_second(b, RATIO_NFE),
+            per_image_flops(b, RATIO_NFE) / per_image_flops(a, RATIO_NFE), "FLOP ratio",
             "cost model (measured per-NFE and fixed costs)")  # fmt: skip
     sdm = by_model.get("sdm")
     if sdm is not None:
@@ -340,8 +342,9 @@ def ratio_rows(entries: Sequence[dict[str, Any]], peaks: dict[str, float | None]
             if entry["model"] == "sdm":
                 continue
             row(f"{entry['label']} at {RATIO_NFE} NFE / sdm at {SDM_NFE} NFE (images/s)",
-                f"{RATIO_NFE} vs {SDM_NFE} NFE", _ips(entry, RATIO_NFE) / _ips(sdm, SDM_NFE),
-                _per_image_flops(sdm, SDM_NFE) / _per_image_flops(entry, RATIO_NFE), "FLOP ratio",
+                f"{RATIO_NFE} vs {SDM_NFE} NFE",
+                images_per_second(entry, RATIO_NFE) / images_per_second(sdm, SDM_NFE),
+                per_image_flops(sdm, SDM_NFE) / per_image_flops(entry, RATIO_NFE), "FLOP ratio",
                 f"cost model; sdm at {SDM_NFE} NFE predicted from its per-NFE cost")  # fmt: skip
     for entry in entries:
         f, label = entry["flops_per_image"], entry["label"]

@@ -29,7 +29,7 @@ def test_demo_out_is_a_file(tmp_path):
 
 
 def test_demo_too_few_patients(tmp_path):
-    _one_line_error(["demo", "--out", tmp_path / "d", "--n-patients", "2"], "at least 5")
+    _one_line_error(["demo", "--out", tmp_path / "d", "--n-patients", "2"], "at least 10")
     assert not (tmp_path / "d").exists()
 
 
@@ -62,9 +62,9 @@ def test_a_store_that_does_not_exist(tmp_path, command):
 def test_demo_rerun_with_other_patients_is_refused(tmp_path):
     from edmcli.data.prepare import prepare_phantom
 
-    prepare_phantom(tmp_path / "d" / "phantom64.zarr", n_patients=6, size=64, seed=0,
-                    split_ratio=(0.5, 0.25, 0.25))  # fmt: skip
-    line = _one_line_error(["demo", "--out", tmp_path / "d", "--n-patients", "8"])
-    assert "holds a demo of 6 phantom patients" in line
-    line = _one_line_error(["demo", "--out", tmp_path / "d", "--n-patients", "6", "--seed", "3"])
+    prepare_phantom(tmp_path / "d" / "phantom64.zarr", n_patients=10, size=64, seed=0,
+                    split_ratio=(0.5, 0.1, 0.4))  # fmt: skip
+    line = _one_line_error(["demo", "--out", tmp_path / "d", "--n-patients", "12"])
+    assert "holds a demo of 10 phantom patients" in line
+    line = _one_line_error(["demo", "--out", tmp_path / "d", "--n-patients", "10", "--seed", "3"])
     assert "another --n-patients or --seed" in line
