@@ -1,0 +1,226 @@
+"""The paper's study as one pipeline (``echo-synth study CONFIG.yaml``).
+
+From one YAML file: prepare a dataset store → the Γ-VAEs the latent models need → every
+diffusion model → a synthetic store per (model, NFE) → quality metrics and the evaluation of
+every store against real-trained networks (the Fig. 3 plots) → ``bench`` with the evaluation as
+its utility-per-cost frontier (the Fig. 4 plots). Each stage calls the function its command
+calls, so each resumes on its own; ``study.json`` under ``out`` records every finished stage with
+the settings it ran with, and a rerun skips a finished stage whose settings did not change (a
+changed one runs again and resumes or refuses as its command would). The file layout is the
+demo's: ``out/phantom64.zarr`` (or ``data.json``'s store), ``out/runs/``, ``out/synthetic/``,
+``out/evaluation/``, ``out/bench/``.
+
+Under ``torchrun`` every rank runs the study: training, sampling and evaluation distribute as
+their commands do; ``prepare`` and ``bench`` run on the main rank while the others wait for its
+mark in ``study.json``.
+
+Why a command and not a shell script: stage skipping needs the settings each stage ran with,
+and a YAML file checked up front (an unknown key, a misspelt model) fails in a second rather
+than after hours of training; the commands stay available for a stage run by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edmcli.console import console
+from edmcli.errors import EchoSynthError
+
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("store", "source", "size", "n_patients", "split_ratio", "camus_dir", "folder",
+             "image_glob", "label_template", "meta_pattern", "keep_aspect"),
+    "train": ("preset", "precision", "vae", "diffusion"),
+    "sample": ("nfe", "solver", "k", "splits", "batch", "compile", "guidance", "precision"),
+    "evaluate": ("preset", "tasks", "fidelity", "overrides", "precision", "checkpoint"),
+    "bench": ("preset", "models", "nfe", "batch", "repeats", "compile", "peer", "dtype"),
+}  # fmt: skip
+TOP = ("out", "seed", "device", "models", *SECTIONS)
+STAGES = ("prepare", "train-vae", "train-diffusion", "sample", "evaluate", "bench")
+WAIT_POLL_S = 5.0
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read and check a study YAML file: known keys only, the models registered, NFEs ≥ 1."""
+    from edmcli.models.registry import MODEL_NAMES
+
+    path = Path(path)
+    if not path.is_file():
+        raise EchoSynthError(f"study config {path} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise EchoSynthError(f"study config {path} is not valid YAML: {exc}") from None
+    if not isinstance(config, dict):
+        raise EchoSynthError(f"study config {path} must be a mapping of settings")
+    _known(config, TOP, str(path))
+    for section, keys in SECTIONS.items():
+        value = config.get(section)
+        if value is None and section == "bench":
+            config["bench"] = None
+            continue  # `bench: null` (or absent): no bench stage
+        if value is not None and not isinstance(value, dict):
+            raise EchoSynthError(f"{path}: {section} must be a mapping, got {value!r}")
+        config[section] = dict(value or {})
+        _known(config[section], keys, f"{path}: {section}")
+    models = config.get("models")
+    if not models or not isinstance(models, list):
+        raise EchoSynthError(f"{path}: models must be a list of models ({', '.join(MODEL_NAMES)})")
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown:
+        raise EchoSynthError(
+            f"{path}: unknown model {unknown[0]!r}; valid: {', '.join(MODEL_NAMES)}"
+        )
+    nfes = config["sample"].get("nfe")
+    if (
+        not nfes
+        or not isinstance(nfes, list)
+        or not all(isinstance(n, int) and n >= 1 for n in nfes)
+    ):
+        raise EchoSynthError(f"{path}: sample.nfe must be a list of integers ≥ 1, got {nfes!r}")
+    config.setdefault("out", "study")
+    config.setdefault("seed", 0)
+    config.setdefault("device", "auto")
+    return config
+
+
+def _known(values: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise EchoSynthError(f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(keys)}")
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class StudyLog:
+    """``study.json``: the finished stages, each with its settings and wall time."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / "study.json"
+
+    def read(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {"format": "echo-synth-study", "stages": {}}
+        try:
+            return json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            raise EchoSynthError(
+                f"{self.path} is corrupt; delete it to rerun every stage"
+            ) from None
+
+    def done(self, key: str, settings: Any) -> bool:
+        entry = self.read()["stages"].get(key)
+        return bool(entry) and entry["settings"] == _plain(settings)
+
+    def mark(self, key: str, settings: Any, wall_s: float) -> None:
+        record = self.read()
+        record["stages"][key] = {"settings": _plain(settings), "wall_s": round(wall_s, 1)}
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, self.path)
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_study(config_path: Path, *, only: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the study of ``config_path``; ``only``: a subset of :data:`STAGES`.
+    Returns the ``study.json`` record."""
+    from edmcli.models.registry import get_spec
+
+    config = load_config(config_path)
+    for stage in only or []:
+        if stage not in STAGES:
+            raise EchoSynthError(f"--only {stage!r}: choose from {', '.join(STAGES)}")
+    out = Path(config["out"])
+    if out.exists() and not out.is_dir():
+        raise EchoSynthError(f"study output {out} is a file; name a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    log = StudyLog(out)
+    seed, device, models = config["seed"], config["device"], config["models"]
+    data = dict(config["data"])
+    size = data.get("size", 256)
+    store = Path(data.pop("store", None) or out / f"{data.get('source', 'phantom')}{size}.zarr")
+    train = config["train"]
+    preset = train.get("preset", "paper")
+    latents = sorted({get_spec(m).latent for m in models if get_spec(m).is_latent})
+    runs = out / "runs"
+
+    def stage(name: str, key: str, settings: Any, work: Callable[[], Any], main_only=False):
+        if only and name not in only:
+            return
+        if log.done(key, settings):
+            console.print(f"study: {key} done, skipped", highlight=False)
+            return
+        console.rule(f"[bold]study: {key}")
+        if main_only and not _is_main():
+            while not log.done(key, settings):  # the main rank marks it when it is done
+                time.sleep(WAIT_POLL_S)
+            return
+        start = time.perf_counter()
+        work()
+        if _is_main():
+            log.mark(key, settings, time.perf_counter() - start)
+
+    from edmcli.bench.bench import bench
+    from edmcli.data.prepare import prepare
+    from edmcli.evaluation.evaluate import evaluate
+    from edmcli.sampling.preview import preview_samples
+    from edmcli.sampling.sample import sample
+    from edmcli.training.diffusion import train_diffusion
+    from edmcli.training.vae import train_vae
+
+    def prepare_store():
+        if store.exists():
+            console.print(f"using {store}", highlight=False)
+            return
+        prepare(store, seed=seed, **data)
+
+    stage("prepare", "prepare", {"store": str(store), **data}, prepare_store, main_only=True)
+    common = {"preset": preset, "device": device, "seed": seed,
+              "precision": train.get("precision", "auto")}  # fmt: skip
+    vae_settings = {**common, **(train.get("vae") or {})}
+    for latent in latents:
+        run = runs / f"vae-l{latent}"
+        stage("train-vae", f"train-vae l{latent}", vae_settings,
+              partial(train_vae, store, latent, run=run, **vae_settings))  # fmt: skip
+    diffusion_settings = {**common, **(train.get("diffusion") or {})}
+    for model in models:
+        spec = get_spec(model)
+        vae = runs / f"vae-l{spec.latent}" if spec.is_latent else None
+        work = partial(train_diffusion, model, store, vae=vae, run=runs / model,
+                       preview=preview_samples, **diffusion_settings)  # fmt: skip
+        stage("train-diffusion", f"train-diffusion {model}", diffusion_settings, work)
+    sampling = {"compile": False, **config["sample"], "seed": seed, "device": device}
+    nfes = sampling.pop("nfe")
+    synthetic = []
+    for model in models:
+        for nfe in nfes:
+            path = out / "synthetic" / f"{model}-nfe{nfe}.zarr"
+            synthetic.append(path)
+            work = partial(sample, run=runs / model, nfe=nfe, out=path, **sampling)
+            stage("sample", f"sample {model} nfe {nfe}", sampling, work)
+    train_specs = [str(store), *map(str, synthetic)]
+    evaluation = {"preset": "paper", "fidelity": True, **config["evaluate"], "seed": seed,
+                  "device": device}  # fmt: skip
+    work = partial(evaluate, train_specs, store, out / "evaluation", **evaluation)
+    stage("evaluate", "evaluate", {**evaluation, "train": train_specs}, work)
+    if config.get("bench") is not None:
+        options = {"models": models, "nfe": [1, *nfes], "peer": True, **config["bench"],
+                   "device": device}  # fmt: skip
+        work = partial(bench, out=out / "bench", reports=[out / "evaluation"], **options)
+        stage("bench", "bench", options, work, main_only=True)
+    record = log.read()
+    console.rule("[bold]study: done")
+    console.print(f"everything is under {out}; stages in {log.path}", highlight=False)
+    return record

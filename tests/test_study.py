@@ -1,0 +1,106 @@
+"""``echo-synth study``: the config is checked before any work, and a shortened phantom study
+runs end to end, then skips every finished stage on a rerun."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from edmcli.cli import app
+from edmcli.errors import EchoSynthError
+from edmcli.study import STAGES, load_config, run_study
+
+runner = CliRunner()
+
+
+def _write(tmp_path, **config):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+BASE = {"models": ["edm-l64"], "sample": {"nfe": [3]}}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({**BASE, "modles": ["edm"]}, "unknown setting 'modles'"),
+        ({**BASE, "models": ["edm-l32"]}, "unknown model 'edm-l32'"),
+        ({**BASE, "models": []}, "models must be a list"),
+        ({**BASE, "sample": {"nfe": [0]}}, "sample.nfe must be a list of integers ≥ 1"),
+        ({**BASE, "sample": {"nfe": [5], "steps": 3}}, "sample: unknown setting 'steps'"),
+        ({**BASE, "train": ["tiny"]}, "train must be a mapping"),
+    ],
+)
+def test_bad_configs_are_refused_before_any_work(tmp_path, config, message):
+    path = _write(tmp_path, out=str(tmp_path / "out"), **config)
+    with pytest.raises(EchoSynthError, match=message):
+        load_config(path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_says_one_line(tmp_path):
+    result = runner.invoke(app, ["study", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2
+    assert "missing.yaml does not exist" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [edm\n")
+    result = runner.invoke(app, ["study", str(bad)])
+    assert result.exit_code == 2 and "not valid YAML" in result.output
+
+
+def test_defaults_and_unknown_stage(tmp_path):
+    config = load_config(_write(tmp_path, **BASE))
+    assert (config["out"], config["seed"], config["device"]) == ("study", 0, "auto")
+    assert config["bench"] is None  # no bench section: no bench stage
+    with pytest.raises(EchoSynthError, match="--only 'plots'"):
+        run_study(_write(tmp_path, out=str(tmp_path / "o"), **BASE), only=["plots"])
+
+
+@pytest.mark.slow
+def test_shortened_phantom_study_runs_and_resumes(tmp_path):
+    out = tmp_path / "study"
+    config = {
+        "out": str(out), "device": "cpu", "models": ["edm-l64"],
+        "data": {"source": "phantom", "size": 64, "n_patients": 10, "split_ratio": "5:1:4"},
+        "train": {"preset": "tiny", "vae": {"steps": 4}, "diffusion": {"steps": 4}},
+        "sample": {"nfe": [1, 3], "k": 1},
+        "evaluate": {"preset": "tiny", "tasks": ["seg", "cls"], "fidelity": True,
+                     "overrides": {"steps": 4}},
+        "bench": {"preset": "tiny", "nfe": [1], "repeats": 1, "peer": False},
+    }  # fmt: skip
+    path = _write(tmp_path, **config)
+    record = run_study(path)
+    stages = record["stages"]
+    assert list(stages) == ["prepare", "train-vae l64", "train-diffusion edm-l64",
+                            "sample edm-l64 nfe 1", "sample edm-l64 nfe 3", "evaluate",
+                            "bench"]  # fmt: skip
+    assert {key.split(" ")[0] for key in stages} == set(STAGES)
+    report = json.loads((out / "evaluation" / "report.json").read_text())
+    assert {r["nfe"] for r in report["runs"] if r["kind"] == "synthetic"} == {1, 3}
+    assert len(report["quality"]["stores"]) == 2
+    bench = json.loads((out / "bench" / "bench.json").read_text())
+    assert bench["complete"] and bench["settings"]["models"] == ["edm-l64"]
+
+    before = (out / "study.json").read_text()
+    result = runner.invoke(app, ["study", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("done, skipped") == len(stages)
+    assert (out / "study.json").read_text() == before
+
+    config["sample"]["nfe"] = [1, 3, 5]  # one more NFE: only it, evaluate and bench run again
+    record = run_study(_write(tmp_path, **config), only=["sample"])
+    assert "sample edm-l64 nfe 5" in record["stages"]
+    assert record["stages"]["evaluate"] == stages["evaluate"]  # not rerun (--only sample)
+
+
+@pytest.mark.parametrize("name", ["study-phantom.yaml", "study-paper.yaml"])
+def test_the_example_configs_load(name):
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / name)
+    assert config["models"] and config["sample"]["nfe"] and config["evaluate"]["fidelity"]
