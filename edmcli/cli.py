@@ -13,8 +13,10 @@ from typing import Annotated, Any
 import typer
 
 from edmcli.config import ConfigOption
-from edmcli.console import console, err_console
+from edmcli.console import console, err_console, quiet_third_party_logs
 from edmcli.errors import EchoSynthError
+
+quiet_third_party_logs()
 
 app = typer.Typer(
     name="echo-synth",

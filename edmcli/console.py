@@ -8,6 +8,7 @@ consoles honour ``NO_COLOR`` (rich does).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
@@ -18,6 +19,17 @@ from rich.console import Console
 
 console = Console(soft_wrap=True, emoji=False)
 err_console = Console(stderr=True, soft_wrap=True, emoji=False)
+
+# Third-party log lines that say nothing to a user of the command line: torch's C++-extension
+# module (imported by torch.compile's CPU backend) warns "No CUDA runtime is found, using
+# CUDA_HOME=..." on every CPU-only machine that has a CUDA toolkit installed.
+QUIET_LOGGERS = ("torch.utils.cpp_extension",)
+
+
+def quiet_third_party_logs() -> None:
+    """Show only errors from :data:`QUIET_LOGGERS` (the CLI calls this once at start-up)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class Reporter:

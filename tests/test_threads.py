@@ -74,3 +74,18 @@ def test_no_color_honoured():
     env = {**os.environ, "NO_COLOR": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_no_cuda_home_warning_on_a_cpu_machine(tmp_path):
+    """torch.compile on the CPU imports torch.utils.cpp_extension, which warns about CUDA_HOME
+    on a machine with a CUDA toolkit and no GPU: the CLI silences it (and only it)."""
+    import subprocess
+    import sys
+
+    code = "import torch.utils.cpp_extension"
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "No CUDA runtime is found" in plain.stderr  # the warning this test guards against
+    ours = subprocess.run([sys.executable, "-c", f"import edmcli.cli; {code}"], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert ours.returncode == 0 and ours.stderr == "", ours.stderr
