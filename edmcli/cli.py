@@ -420,6 +420,12 @@ def sample(
     stage(**options)
 
 
+class LrScheduleChoice(str, enum.Enum):
+    constant = "constant"
+    cosine = "cosine"
+    plateau = "plateau"
+
+
 class TaskChoice(str, enum.Enum):
     seg = "seg"
     cls = "cls"
@@ -456,7 +462,10 @@ def evaluate(
         Path, typer.Option("--out", help="Folder for the runs, report.json/.md and plots.")
     ] = Path("evaluation"),
     preset: Annotated[
-        PresetChoice, typer.Option(help="paper (256², 250 epochs) or tiny (CPU minutes, 64²).")
+        PresetChoice,
+        typer.Option(
+            help="paper (256², to convergence, at most 250 epochs) or tiny (CPU minutes, 64²)."
+        ),
     ] = PresetChoice.paper,
     task: Annotated[
         TaskChoice, typer.Option(help="seg (DynUNet), cls (EfficientNetV2-S A2C/A4C) or both.")
@@ -469,6 +478,20 @@ def evaluate(
     ema_decay: Annotated[float | None, typer.Option(help="EMA decay (0: none).")] = None,
     validate_every: Annotated[
         int | None, typer.Option(help="Steps between validations (best checkpoint).")
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(help="Stop a run after this many validations in a row without improvement."),
+    ] = None,
+    min_delta: Annotated[
+        float | None, typer.Option(help="Smallest validation gain that counts as improvement.")
+    ] = None,
+    min_steps: Annotated[
+        int | None, typer.Option(help="Steps before validations count towards --patience.")
+    ] = None,
+    lr_schedule: Annotated[
+        LrScheduleChoice | None,
+        typer.Option(help="After the warm-up: constant, cosine, or plateau (cut on a plateau)."),
     ] = None,
     deep_supervision: Annotated[
         bool | None, typer.Option(help="DynUNet deep-supervision heads.")

@@ -54,6 +54,11 @@ CASES = [
      "churn -5.0 must be at least 0"),
     ("unknown model", lambda t, s: ["sample", "--model", "edm-l32"], "edm-l32"),
     ("demo into a file", lambda t, s: ["demo", "--out", t / "f.txt"], "is a file"),
+    ("evaluate patience 0", lambda t, s: ["evaluate", "--train", s, "--test", s, "--out", t / "e",
+                                          "--preset", "tiny", "--patience", "0", "--device",
+                                          "cpu"], "patience"),
+    ("unknown lr schedule", lambda t, s: ["evaluate", "--train", s, "--test", s, "--lr-schedule",
+                                          "step"], "'step' is not one of"),
     ("markup in a path", lambda t, s: ["info", t / "[old] :smile:"], "[old] :smile:"),
 ]  # fmt: skip
 
