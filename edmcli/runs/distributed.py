@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,17 @@ def init_distributed(device_spec: str) -> DistEnv:
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group together: on a normal exit a barrier first, so that no rank tears
+    gloo down while another is still in a collective (a gloo rank can abort with "terminate
+    called without an active exception" when its peer destroys the group first). While an
+    exception propagates (the callers run this in ``finally``) there is no barrier: the other
+    ranks may be stuck in a collective, and torchrun ends them."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if sys.exc_info()[0] is None:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from edmcli.errors import EchoSynthError
 from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
-from edmcli.runs.distributed import DistEnv
+from edmcli.runs.distributed import DistEnv, shutdown_distributed
 from edmcli.training.engine import (
     StoppingState,
     TrainConfig,
@@ -284,7 +284,7 @@ def _ddp_worker(rank, world, init_file, run_dir, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(record, f)
     finally:
-        torch.distributed.destroy_process_group()
+        shutdown_distributed()  # barrier, then destroy: the ranks leave gloo together
 
 
 @pytest.mark.slow
