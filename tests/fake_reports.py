@@ -14,3 +14,14 @@ def fake_run(name, task, kind="synthetic", model=None, nfe=None, spacing_mm=True
             "gap_to_reference": None, "spacing_mm": spacing_mm, "hd_failures": 0,
             "confusion_matrix": [[1, 0], [0, 1]], "train_images": 10, "best_step": 1,
             "steps": 1, "validation": {"store": "x", "split": "val"}}  # fmt: skip
+
+
+def fake_report(runs):
+    """A minimal ``report.json`` around ``runs``: tiny preset, 4 test images of one patient."""
+    return {
+        "settings": {"tasks": ["seg", "cls"], "preset": "tiny", "seed": 0, "device": "cpu",
+                     "bootstrap_iterations": 10, "bootstrap_fraction": 0.8},
+        "test": {"path": "t.zarr", "patients": ["p"], "images": {"seg": 4}, "image_size": [8, 8]},
+        "references": {"seg": "seg-real", "cls": "cls-real"}, "notes": [], "wall_s": 1.0,
+        "runs": runs,
+    }  # fmt: skip

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from fake_reports import fake_run
+from fake_reports import fake_report, fake_run
 from typer.testing import CliRunner
 
 from edmcli.cli import app
@@ -292,13 +292,7 @@ def test_fig3_plots_against_nfe(tmp_path):
                              dice_mean=base + nfe / 1000, hd_lv_mm=9.0 - nfe / 50))  # fmt: skip
             runs.append(_run(f"cls-{slug}", "cls", "synthetic", model, nfe,
                              accuracy=base, balanced_accuracy=base))  # fmt: skip
-    report = {
-        "settings": {"tasks": ["seg", "cls"], "preset": "tiny", "seed": 0, "device": "cpu",
-                     "bootstrap_iterations": 10, "bootstrap_fraction": 0.8},
-        "test": {"path": "t.zarr", "patients": ["p"], "images": {"seg": 4}, "image_size": [8, 8]},
-        "references": {"seg": "seg-real", "cls": "cls-real"}, "notes": [], "wall_s": 1.0,
-        "runs": runs,
-    }  # fmt: skip
+    report = fake_report(runs)
     series = nfe_series(report, "seg", "dice_mean")
     assert [n for n, _, _ in series["edm-l64"]] == [10, 50, 100]
     assert series["ve"][0][1] == pytest.approx(0.71)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fake_reports import fake_run
+from fake_reports import fake_report, fake_run
 from torch import nn
 from typer.testing import CliRunner
 
@@ -244,13 +244,7 @@ def test_correlation_table_and_report_section(phantom_store, tmp_path):
                                "stores": [str(store)], **entry})  # fmt: skip
         runs.append(_run(f"seg-s{nfe}", "seg", "edm-l64", nfe, dice_mean=0.85 - 0.1 * k))
         runs.append(_run(f"cls-s{nfe}", "cls", "edm-l64", nfe, accuracy=0.8, balanced_accuracy=0.8))
-    report = {
-        "settings": {"tasks": ["seg", "cls"], "preset": "tiny", "seed": 0, "device": "cpu",
-                     "bootstrap_iterations": 10, "bootstrap_fraction": 0.8},
-        "test": {"path": "t.zarr", "patients": ["p"], "images": {"seg": 4}, "image_size": [8, 8]},
-        "references": {"seg": "seg-real", "cls": "cls-real"}, "notes": [], "wall_s": 1.0,
-        "runs": runs,
-    }  # fmt: skip
+    report = fake_report(runs)
     quality = {
         "reference_runs": {"seg": "runs/seg-real", "cls": "runs/cls-real"}, "max_images": None,
         "selection": "every image", "diversity_distance": "ssim", "notes": ["a note"],
