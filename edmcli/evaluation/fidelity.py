@@ -36,6 +36,7 @@ bootstrap interval over the stores).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -596,6 +597,17 @@ def diversity_distance(image_size: int) -> tuple[Any, str | None]:
 
 
 # --------------------------------------------------------------------------- one image set
+def judgements(out: NetworkOutputs, labels: torch.Tensor, views: np.ndarray) -> dict[str, Any]:
+    """``label_fidelity`` and ``classifier_accuracy`` of the reference networks' outputs on
+    images conditioned on (or labelled with) ``labels`` (None where a network is absent)."""
+    return {
+        "label_fidelity": None
+        if out.seg_pred is None
+        else label_fidelity(out.seg_pred, labels, views),
+        "classifier_accuracy": None if out.cls_pred is None else view_accuracy(out.cls_pred, views),
+    }
+
+
 def score_images(
     nets: ReferenceNetworks,
     data: ImageSet,
@@ -612,12 +624,7 @@ def score_images(
     entry: dict[str, Any] = {
         "images_total": data.total,
         "images_scored": len(data.images),
-        "label_fidelity": None
-        if out.seg_pred is None
-        else label_fidelity(out.seg_pred, data.labels, data.views),
-        "classifier_accuracy": None
-        if out.cls_pred is None
-        else view_accuracy(out.cls_pred, data.views),
+        **judgements(out, data.labels, data.views),
         "distances": feature_distances(out.features, data.views, real.features, real_views, seed),
     }
     t2 = time.perf_counter()
@@ -667,12 +674,7 @@ def real_reference_entry(
         "split": split,
         "images": len(real.images),
         "patients": len(np.unique(real.patients)),
-        "label_fidelity": None
-        if outputs.seg_pred is None
-        else label_fidelity(outputs.seg_pred, real.labels, real.views),
-        "classifier_accuracy": None
-        if outputs.cls_pred is None
-        else view_accuracy(outputs.cls_pred, real.views),
+        **judgements(outputs, real.labels, real.views),
         "seconds": outputs.seconds,
     }
     halves = split_patients(real.patients, seed)
@@ -690,6 +692,70 @@ def real_reference_entry(
         }
     entry["summary"] = summary_metrics({**entry, "distances": distances_of_halves})
     return entry
+
+
+# --------------------------------------------------------------------------- decoder ceiling
+def reconstruct(vae: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 64
+                ) -> torch.Tensor:  # fmt: skip
+    """(N, 1, H, W) images in [0, 1] encoded and decoded by a Γ-VAE (posterior mean, the
+    latent a perfect diffusion model would have to generate), within the maps' sector."""
+    from edmcli.data.labels import sector_mask
+
+    device = next(vae.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = images[start : start + batch].to(device)
+            sector = sector_mask(labels[start : start + batch].long()).to(device)
+            out.append(vae.decode(vae.encode(x, sector), sector).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+def decoder_ceiling(nets: ReferenceNetworks, vae: nn.Module, real: ImageSet) -> dict[str, Any]:
+    """The real test images through a latent model's Γ-VAE, judged like synthetic images: the
+    label fidelity and classifier accuracy that a perfect generator of that latent space would
+    reach (its decoder's ceiling). Inception features are not computed here."""
+    t0 = time.perf_counter()
+    recon = reconstruct(vae, real.images, real.labels, nets.batch)
+    out = run_networks(dataclasses.replace(nets, inception=None), recon)
+    mse = ((recon - real.images) ** 2).mean().item()
+    return {
+        "images": len(real.images),
+        "psnr_db": float(10 * np.log10(1.0 / max(mse, 1e-12))),
+        **judgements(out, real.labels, real.views),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _ceiling_of(
+    nets: ReferenceNetworks, vae_run: str, real: ImageSet, device: torch.device, notes: list[str]
+) -> dict[str, Any] | None:
+    """:func:`decoder_ceiling` of the Γ-VAE run ``vae_run``, or None and a note when it cannot
+    be loaded (moved or deleted since sampling)."""
+    from edmcli.errors import EchoSynthError
+    from edmcli.runs.vae_run import load_vae_run
+
+    try:
+        loaded = load_vae_run(Path(vae_run), device)
+    except (EchoSynthError, OSError) as err:
+        notes.append(
+            f"decoder ceiling not measured: the Γ-VAE run {vae_run} cannot be loaded ({err})"
+        )
+        return None
+    vae, side = loaded.model, int(real.images.shape[-1])
+    if vae.config.image_size != side:
+        notes.append(
+            f"decoder ceiling not measured: the Γ-VAE run {vae_run} codes "
+            f"{vae.config.image_size}² images, the real test images are {side}²"
+        )
+        return None
+    sha = getattr(loaded, "sha256", None)
+    return {"vae_run": str(vae_run), "checkpoint_sha256": sha, **decoder_ceiling(nets, vae, real)}
+
+
+def store_vae_run(stores: list[str]) -> str | None:
+    """The Γ-VAE run recorded in the provenance of the first of ``stores`` (latent models)."""
+    return (DatasetStore(stores[0]).info.get("provenance") or {}).get("vae_run")
 
 
 # --------------------------------------------------------------------------- evaluate's section
@@ -723,6 +789,7 @@ def quality_section(
     real_out = run_networks(nets, real.images)
     real_entry = real_reference_entry(real, real_out, seed, real_split.store, real_split.split)
     stores = []
+    ceilings: dict[str, dict[str, Any] | None] = {}  # Γ-VAE run → its ceiling
     seen: set[str] = set()
     for plan in plans:
         spec = plan["spec"]
@@ -734,6 +801,15 @@ def quality_section(
         load_s = time.perf_counter() - t0
         entry = score_images(nets, data, real_out, real.views, seed, distance=distance)
         entry["seconds"]["load"] = load_s
+        entry["decoder_ceiling"] = None
+        vae_run = store_vae_run(spec.stores)
+        if vae_run is not None:
+            if vae_run not in ceilings:
+                ceilings[vae_run] = _ceiling_of(nets, vae_run, real, device, notes)
+            entry["decoder_ceiling"] = ceilings[vae_run]
+            if ceilings[vae_run] is not None:
+                entry["seconds"]["decoder_ceiling"] = ceilings[vae_run]["seconds"]
+                entry["seconds"]["total"] += ceilings[vae_run]["seconds"]
         entry["seconds"]["total"] += load_s
         stores.append({"label": spec.label, "slug": spec.slug, "model": spec.model,
                        "nfe": spec.nfe, "solver": spec.solver, "stores": spec.stores,

@@ -744,6 +744,7 @@ def quality_markdown(report: dict[str, Any]) -> list[str]:
             diversity_notes.append(text)
     if diversity_notes:
         lines += ["", "Diversity:", "", *(f"- {n}" for n in diversity_notes)]
+    lines += ceiling_markdown(quality)
     corr = quality.get("correlation")
     if corr:
         lines += ["", "### Which metric predicts utility", "",
@@ -782,6 +783,39 @@ def quality_markdown(report: dict[str, Any]) -> list[str]:
     if quality.get("notes"):
         lines += ["", *(f"- {n}" for n in quality["notes"])]
     lines += ["", f"Quality scoring took {quality['seconds']:.1f} s in all.", ""]
+    return lines
+
+
+def ceiling_markdown(quality: dict[str, Any]) -> list[str]:
+    """The decoder ceiling of each latent store's Γ-VAE (one line per Γ-VAE run), next to the
+    real test images' own label fidelity and accuracy."""
+    real = (quality.get("real") or {}).get("summary") or {}
+    groups: dict[str, tuple[dict[str, Any], list[str]]] = {}  # a Γ-VAE copied into two runs: once
+    for entry in quality["stores"]:
+        ceiling = entry.get("decoder_ceiling")
+        if ceiling:
+            key = ceiling.get("checkpoint_sha256") or ceiling["vae_run"]
+            groups.setdefault(key, (ceiling, []))[1].append(entry["label"])
+    if not groups:
+        return []
+    lines = ["", "### Decoder ceiling of the latent models", "",
+             "The real test images encoded and decoded by the store's Γ-VAE, judged by the same "
+             "networks: what a perfect generator of that latent space would reach. A label Dice "
+             "far below the real images' shows the Γ-VAE, not the diffusion model, limiting the "
+             "synthetic data.", ""]  # fmt: skip
+    for c, labels in groups.values():
+        fid = (c.get("label_fidelity") or {}).get("all")
+        acc = (c.get("classifier_accuracy") or {}).get("all")
+        parts = [f"PSNR {c['psnr_db']:.1f} dB"]
+        if fid:
+            parts.append(f"label Dice {_q(fid['dice_mean'], True)} % (real images "
+                         f"{_q(real.get('label_dice'), True)} %)")  # fmt: skip
+        if acc:
+            parts.append(f"acc. {_q(acc['accuracy'], True)} % (real images "
+                         f"{_q(real.get('synthetic_accuracy'), True)} %)")  # fmt: skip
+        run = Path(c["vae_run"])
+        names = ", ".join(f"`{name}`" for name in labels)
+        lines.append(f"- Γ-VAE `{run.parent.name}/{run.name}` ({names}): " + "; ".join(parts))
     return lines
 
 

@@ -28,7 +28,8 @@ PNG = b"\x89PNG"
 
 
 # --------------------------------------------------------------------------- helpers
-def label_copy_store(real, path, k=2, shift=0, noise=0.0, model="edm-l64", nfe=9, seed=0):
+def label_copy_store(real, path, k=2, shift=0, noise=0.0, model="edm-l64", nfe=9, seed=0,
+                     vae_run=None):  # fmt: skip
     """A store posing as ``sample`` output from the train split of ``real``: ``k`` samples per
     source map, each image the map's labels drawn as intensities (rolled by ``shift`` columns:
     a generator that misplaces its structures; plus uniform noise of amplitude ``noise``)."""
@@ -44,6 +45,8 @@ def label_copy_store(real, path, k=2, shift=0, noise=0.0, model="edm-l64", nfe=9
         "run": str(path.parent / "no-such-run"), "label_store": str(real),
         "generator_patients": reader.patients(["train", "val"]),
     }  # fmt: skip
+    if vae_run is not None:
+        provenance["vae_run"] = str(vae_run)
     extra = {"source_index": np.dtype("int64"), "transform": np.dtype("int16"),
              "seed": np.dtype("int64")}  # fmt: skip
     group = create_store(path, n, h, w, {"provenance": provenance}, extra_fields=extra)
@@ -154,6 +157,54 @@ def test_classifier_accuracy_on_synthetic_images_by_hand(phantom_store, tmp_path
     assert acc["all"]["accuracy"] == pytest.approx(share_a4c)
     assert acc["A4C"]["accuracy"] == 1.0 and acc["A2C"]["accuracy"] == 0.0
     assert fd.view_accuracy(views, np.full(len(views), -1)) is None
+
+
+# --------------------------------------------------------------------------- decoder ceiling
+class RollVAE(nn.Module):
+    """A "Γ-VAE" whose latent is the image and whose decoder shifts it ``shift`` columns."""
+
+    def __init__(self, shift: int = 0, size: int = 32) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))
+        self.shift = shift
+        self.config = type("Config", (), {"image_size": size})()
+
+    def encode(self, image: torch.Tensor, sector: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def decode(self, latent: torch.Tensor, sector: torch.Tensor) -> torch.Tensor:
+        return torch.roll(latent, self.shift, dims=3)
+
+
+def test_decoder_ceiling_is_the_label_fidelity_of_the_reconstructions(phantom_store, tmp_path):
+    copies = fd.load_synthetic([str(label_copy_store(phantom_store, tmp_path / "c.zarr"))], None, 0)
+    exact = fd.decoder_ceiling(_nets(32), RollVAE(0), copies)
+    assert exact["label_fidelity"]["all"]["dice_mean"] == 1.0 and exact["psnr_db"] > 100
+    assert exact["images"] == len(copies.images) and exact["seconds"] > 0
+    # a decoder that misplaces structures by 3 columns scores what a generator doing so scores
+    shifted = fd.decoder_ceiling(_nets(32), RollVAE(3), copies)
+    rolled = fd.load_synthetic([str(label_copy_store(phantom_store, tmp_path / "r.zarr", shift=3))],
+                               None, 0)  # fmt: skip
+    direct = fd.run_networks(_nets(32), rolled.images)
+    want = fd.label_fidelity(direct.seg_pred, rolled.labels, rolled.views)
+    assert shifted["label_fidelity"]["all"]["dice_mean"] == pytest.approx(want["all"]["dice_mean"])
+    assert shifted["label_fidelity"]["all"]["dice_mean"] < 1.0
+    assert shifted["classifier_accuracy"] == fd.view_accuracy(direct.cls_pred, rolled.views)
+
+
+def test_decoder_ceiling_of_a_missing_or_mismatched_vae_is_a_note(tmp_path, monkeypatch):
+    import edmcli.runs.vae_run as vae_run
+
+    notes: list[str] = []
+    real = fd.ImageSet(torch.zeros(2, 1, 16, 16), torch.zeros(2, 16, 16, dtype=torch.uint8),
+                       np.zeros(2, int), np.array(["p", "p"]), None, 2)  # fmt: skip
+    assert fd._ceiling_of(_nets(16), str(tmp_path / "gone"), real, "cpu", notes) is None
+    assert "cannot be loaded" in notes[-1] and "gone" in notes[-1]
+    monkeypatch.setattr(
+        vae_run, "load_vae_run", lambda *a, **k: type("L", (), {"model": RollVAE()})
+    )
+    assert fd._ceiling_of(_nets(16), "v", real, "cpu", notes) is None
+    assert "codes 32² images, the real test images are 16²" in notes[-1]
 
 
 # --------------------------------------------------------------------------- distances, diversity
@@ -294,8 +345,19 @@ def test_fidelity_needs_a_real_reference_run(phantom_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_with_fidelity_reports_quality_and_correlation(phantom_store, tmp_path):
-    stores = [label_copy_store(phantom_store, tmp_path / f"n{nfe}.zarr", shift=s, nfe=nfe, seed=s)
+def test_evaluate_with_fidelity_reports_quality_and_correlation(
+    phantom_store, tmp_path, monkeypatch
+):
+    import edmcli.runs.vae_run as vae_run
+
+    load = vae_run.load_vae_run  # the n5 store's "Γ-VAE" decodes exactly; n19's is gone
+    loaded = type("Loaded", (), {"model": RollVAE(size=32)})
+    monkeypatch.setattr(
+        vae_run, "load_vae_run", lambda run, *a: loaded if run.name == "exact" else load(run, *a)
+    )
+    vaes = {5: tmp_path / "exact", 19: tmp_path / "gone", 99: None}
+    stores = [label_copy_store(phantom_store, tmp_path / f"n{nfe}.zarr", shift=s, nfe=nfe, seed=s,
+                               vae_run=vaes[nfe])
               for nfe, s in ((5, 3), (19, 1), (99, 0))]  # fmt: skip
     args = ["evaluate", "--train", str(phantom_store), *(a for s in stores for a in
             ("--train", str(s))), "--test", str(phantom_store), "--out", str(tmp_path / "e"),
@@ -314,7 +376,16 @@ def test_evaluate_with_fidelity_reports_quality_and_correlation(phantom_store, t
         assert entry["seconds"]["total"] > 0 and "label_dice" in entry["summary"]
         assert entry["diversity"]["images"]["groups"] == 24
     assert quality["correlation"]["stores"] == [s["slug"] for s in quality["stores"]]
+    ceiling = quality["stores"][0]["decoder_ceiling"]
+    assert ceiling["vae_run"] == str(tmp_path / "exact")
+    assert ceiling["images"] == quality["real"]["images"]
+    assert ceiling["label_fidelity"]["all"]["dice_mean"] == pytest.approx(
+        quality["real"]["summary"]["label_dice"]
+    )  # an exact decoder gives back the real images' own score
+    assert [s["decoder_ceiling"] for s in quality["stores"][1:]] == [None, None]
+    assert any("gone" in note and "cannot be loaded" in note for note in quality["notes"])
     md = (tmp_path / "e" / "report.md").read_text()
     assert "## Quality of the synthetic data" in md and "Which metric predicts utility" in md
+    assert "### Decoder ceiling of the latent models" in md and "/exact` (`n5`)" in md
     assert (tmp_path / "e" / "plots" / "quality_vs_dice.png").read_bytes()[:4] == PNG
     assert "quality of n5" in result.output
