@@ -24,20 +24,32 @@ DEMO_NFE = 35  # Heun with 18 steps: the tiny model needs more than 5 steps (NFE
 DEMO_PATIENTS = 50
 DEMO_SPLIT = "5:1:4"  # train:val:test patients: ≥ 20 test patients for a patient-level interval
 PIXEL_MODEL = "edm"  # the pixel-space model the quick bench measures against DEMO_MODEL
+# View conditioning with classifier-free guidance (w = 1): on the calibrated phantom it lifts the
+# synthetic-trained view accuracy from 65.0 % to 77.5 % (real-trained 85.0 %) at equal NFE,
+# training length and seed, Dice unchanged (74.1 → 74.5). "none" is the paper's map-only model.
+DEMO_CLASS_COND = "view"
 
 
 def run_demo(
-    out: Path = Path("demo"), n_patients: int = DEMO_PATIENTS, seed: int = 0, device: str = "auto"
+    out: Path = Path("demo"),
+    n_patients: int = DEMO_PATIENTS,
+    seed: int = 0,
+    device: str = "auto",
+    class_cond: str = DEMO_CLASS_COND,
 ) -> dict[str, Any] | None:
-    """Run the demo under ``out``; returns the evaluation report (None on non-main ranks)."""
+    """Run the demo under ``out``; returns the evaluation report (None on non-main ranks).
+    ``class_cond``: the generator's conditioning besides the label map (``view``, ``view-phase``
+    or ``none``, the paper's map-only model)."""
     from edmcli.bench.bench import bench
     from edmcli.data.prepare import prepare
     from edmcli.evaluation.evaluate import evaluate
+    from edmcli.runs.diffusion_run import check_class_cond
     from edmcli.sampling.preview import preview_samples
     from edmcli.sampling.sample import sample
     from edmcli.training.diffusion import train_diffusion
     from edmcli.training.vae import train_vae
 
+    check_class_cond(class_cond)  # a typo fails now, not after the Γ-VAE's minutes
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EchoSynthError(f"demo output {out} is a file; name a folder")
@@ -85,7 +97,7 @@ def run_demo(
         )),
         ("train-diffusion", lambda: train_diffusion(
             DEMO_MODEL, store, vae=vae_run, run=diffusion_run, preset="tiny", device=device,
-            seed=seed, preview=preview_samples,
+            seed=seed, preview=preview_samples, class_cond=class_cond,
         )),
         ("sample", lambda: sample(
             run=diffusion_run, nfe=DEMO_NFE, compile=False, out=synthetic, device=device,
@@ -107,7 +119,7 @@ def run_demo(
     bench_result = json.loads((bench_dir / "bench.json").read_text())
     page = out / "report.md"
     tmp = page.with_name(f".{page.name}.tmp")
-    tmp.write_text(front_page(report, bench_result, out))
+    tmp.write_text(front_page(report, bench_result, out, class_cond))
     os.replace(tmp, page)
     console.rule("[bold]demo: done")
     console.print(f"everything is under {out}; the summary is {page}", highlight=False)
@@ -191,21 +203,39 @@ def quality_lines(report: dict[str, Any]) -> list[str]:
             fmt = (lambda x: f"{100 * x:.1f} %") if percent else (lambda x: f"{x:.3g}")
             against = f" (real test images: {fmt(ref)})" if ref is not None else ""
             lines.append(f"- {text}: {fmt(value)}{against}")
+        fid = ((store.get("decoder_ceiling") or {}).get("label_fidelity") or {}).get("all")
+        if fid:
+            lines.append(
+                f"- decoder ceiling: the real test images through the model's Γ-VAE reach label "
+                f"fidelity {100 * fid['dice_mean']:.1f} % (what a perfect generator of its "
+                f"latent space would reach)"
+            )
     return lines
 
 
-def front_page(report: dict[str, Any], bench_result: dict[str, Any], out: Path) -> str:
-    """``report.md`` of the demo: the two answers first, then pictures and links."""
+def front_page(
+    report: dict[str, Any],
+    bench_result: dict[str, Any],
+    out: Path,
+    class_cond: str | None = DEMO_CLASS_COND,
+) -> str:
+    """``report.md`` of the demo: the two answers first, then pictures and links.
+    ``class_cond``: the generator's class conditioning (None or ``"none"``: map only)."""
     out = Path(out)
+    conditioning = (
+        " (map only, as in the paper)"
+        if class_cond in (None, "none")
+        else f" conditioned on the label map and the {class_cond} (classifier-free guidance w = 1)"
+    )
     test = report["test"]
     n_test = len(test["patients"])
     images = ", ".join(f"{n} images for {task}" for task, n in test["images"].items())
     lines = [
         "# echo-synth demo",
         "",
-        f"Phantom echoes at {DEMO_SIZE}² → Γ-VAE L64 → {DEMO_MODEL.upper()} (tiny presets) → a "
-        f"synthetic store sampled at NFE {DEMO_NFE} → networks trained on real or on synthetic "
-        f"images, tested on the same {n_test} held-out real patients ({images}).",
+        f"Phantom echoes at {DEMO_SIZE}² → Γ-VAE L64 → {DEMO_MODEL.upper()}{conditioning} (tiny "
+        f"presets) → a synthetic store sampled at NFE {DEMO_NFE} → networks trained on real or on "
+        f"synthetic images, tested on the same {n_test} held-out real patients ({images}).",
         "",
         "## 1. Does synthetic data train as well as real data?",
         "",

@@ -61,6 +61,8 @@ def test_front_page_answers_first_and_links_only_existing_pictures(tmp_path):
     assert first == tuple(sorted(first))
     assert "20 held-out real patients" in page and f"NFE {DEMO_NFE}" in page
     assert "![dice](evaluation/plots/dice.png)" in page and "missing" not in page
+    assert "EDM-L64 conditioned on the label map and the view" in page
+    assert "EDM-L64 (map only, as in the paper)" in front_page(report, result, tmp_path, "none")
 
 
 @pytest.mark.parametrize("kind", ["seg", "cls"])
@@ -68,3 +70,20 @@ def test_gap_rows_without_a_real_reference(kind):
     report = {"runs": [fake_run(f"{kind}-syn", kind, dice_mean=0.8, accuracy=0.5)]}
     (row,) = gap_rows(report)
     assert row[1] == "–" and row[3] == "–"
+
+
+def test_quality_lines_state_each_metric_next_to_the_real_value_and_the_decoder_ceiling():
+    from edmcli.demo import quality_lines
+
+    store = {"label": "edm-l64-nfe35", "images_scored": 600, "seconds": {"total": 12.0},
+             "summary": {"label_dice": 0.583, "synthetic_accuracy": 0.745},
+             "decoder_ceiling": {"label_fidelity": {"all": {"dice_mean": 0.75}}}}  # fmt: skip
+    quality = {"real": {"summary": {"label_dice": 0.868}}, "stores": [store]}
+    lines = quality_lines({"quality": quality})
+    assert lines[0] == "`edm-l64-nfe35` (600 images scored in 12 s):"
+    assert "58.3 % (real test images: 86.8 %)" in lines[1]
+    assert lines[2].endswith("on synthetic images: 74.5 %")  # no real value given
+    assert "decoder ceiling" in lines[3] and "label fidelity 75.0 %" in lines[3]
+    store["decoder_ceiling"] = None  # a pixel-space model has none
+    assert not any("decoder ceiling" in line for line in quality_lines({"quality": quality}))
+    assert quality_lines({}) == []

@@ -54,6 +54,8 @@ CASES = [
      "churn -5.0 must be at least 0"),
     ("unknown model", lambda t, s: ["sample", "--model", "edm-l32"], "edm-l32"),
     ("demo into a file", lambda t, s: ["demo", "--out", t / "f.txt"], "is a file"),
+    ("demo with an unknown conditioning", lambda t, s: ["demo", "--out", t / "d", "--class-cond",
+                                                        "views"], "--class-cond 'views'"),
     ("evaluate patience 0", lambda t, s: ["evaluate", "--train", s, "--test", s, "--out", t / "e",
                                           "--preset", "tiny", "--patience", "0", "--device",
                                           "cpu"], "patience"),
