@@ -201,7 +201,9 @@ def test_decoder_ceiling_of_a_missing_or_mismatched_vae_is_a_note(tmp_path, monk
     assert fd._ceiling_of(_nets(16), str(tmp_path / "gone"), real, "cpu", notes) is None
     assert "cannot be loaded" in notes[-1] and "gone" in notes[-1]
     monkeypatch.setattr(
-        vae_run, "load_vae_run", lambda *a, **k: type("L", (), {"model": RollVAE()})
+        vae_run,
+        "load_vae_run",
+        lambda *a, **k: type("L", (), {"model": RollVAE(), "sha256": "0" * 64}),
     )
     assert fd._ceiling_of(_nets(16), "v", real, "cpu", notes) is None
     assert "codes 32² images, the real test images are 16²" in notes[-1]
@@ -351,7 +353,7 @@ def test_evaluate_with_fidelity_reports_quality_and_correlation(
     import edmcli.runs.vae_run as vae_run
 
     load = vae_run.load_vae_run  # the n5 store's "Γ-VAE" decodes exactly; n19's is gone
-    loaded = type("Loaded", (), {"model": RollVAE(size=32)})
+    loaded = type("Loaded", (), {"model": RollVAE(size=32), "sha256": "0" * 64})
     monkeypatch.setattr(
         vae_run, "load_vae_run", lambda run, *a: loaded if run.name == "exact" else load(run, *a)
     )
@@ -378,6 +380,7 @@ def test_evaluate_with_fidelity_reports_quality_and_correlation(
     assert quality["correlation"]["stores"] == [s["slug"] for s in quality["stores"]]
     ceiling = quality["stores"][0]["decoder_ceiling"]
     assert ceiling["vae_run"] == str(tmp_path / "exact")
+    assert ceiling["checkpoint_sha256"] == "0" * 64
     assert ceiling["images"] == quality["real"]["images"]
     assert ceiling["label_fidelity"]["all"]["dice_mean"] == pytest.approx(
         quality["real"]["summary"]["label_dice"]
