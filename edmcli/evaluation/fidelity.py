@@ -753,11 +753,6 @@ def _ceiling_of(
     return {"vae_run": str(vae_run), "checkpoint_sha256": loaded.sha256, **ceiling}
 
 
-def store_vae_run(stores: list[str]) -> str | None:
-    """The Γ-VAE run recorded in the provenance of the first of ``stores`` (latent models)."""
-    return (DatasetStore(stores[0]).info.get("provenance") or {}).get("vae_run")
-
-
 # --------------------------------------------------------------------------- evaluate's section
 def quality_section(
     plans: list[dict[str, Any]],
@@ -801,7 +796,7 @@ def quality_section(
         load_s = time.perf_counter() - t0
         entry = score_images(nets, data, real_out, real.views, seed, distance=distance)
         entry["seconds"]["load"] = load_s
-        vae_run = store_vae_run(spec.stores)
+        vae_run = spec.provenance[0].get("vae_run")  # latent models: their Γ-VAE run
         if vae_run is not None and vae_run not in ceilings:  # measured once per Γ-VAE run
             ceilings[vae_run] = _ceiling_of(nets, vae_run, real, device, notes)
             if ceilings[vae_run] is not None:
