@@ -624,7 +624,7 @@ def bench(
     MONAI's; writes bench.json and throughput.png under --out."""
     options = _options(locals(), "as_json")
     from edmcli.bench.bench import bench as stage
-    from edmcli.bench.bench import render
+    from edmcli.bench.render import render
 
     result = stage(**options, log=lambda line: err_console.print(line, highlight=False))
     render(result, err_console if as_json else console)

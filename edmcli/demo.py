@@ -158,7 +158,7 @@ def gap_rows(report: dict[str, Any]) -> list[list[str]]:
 def throughput_line(bench_result: dict[str, Any], nfe: int = DEMO_NFE) -> str:
     """One sentence: images/s of the latent model and the pixel model at ``nfe``, their ratio
     and its FLOP ceiling, from a ``bench`` result."""
-    from edmcli.bench.bench import images_per_second, per_image_flops
+    from edmcli.bench.ratios import images_per_second, per_image_flops
 
     scale = bench_result["scales"][0]
     entries = {e["model"]: e for e in scale["entries"]}

@@ -71,8 +71,8 @@ _DIFFUSION = {
 # 1e-4; Adam = AdamW with weight decay 0; the paper names no batch size, EMA or clipping: none of
 # the latter two), trained "until convergence": a run stops after ``patience`` validations (once
 # per epoch: ``validate_every`` None) whose score (mean Dice / accuracy on real validation images,
-# evaluate.choose_validation) does not beat the best by more than ``min_delta``, counted from step
-# ``min_steps``, and at the latest at the paper's 250 epochs (``epochs``: the cap).
+# train_specs.choose_validation) does not beat the best by more than ``min_delta``, counted from
+# step ``min_steps``, and at the latest at the paper's 250 epochs (``epochs``: the cap).
 # Schedule (both presets): a linear warm-up, then reduce-on-plateau — the rate × ``plateau_factor``
 # after ``plateau_patience`` validations without improvement, not below ``lr_min_ratio``·lr.
 # EfficientNetV2-S from scratch is batch-normalised: its BN statistics and Adam's moment estimates
@@ -91,7 +91,7 @@ _DIFFUSION = {
 # count.
 # ``tiny``: 64² phantom stores on a 2-core CPU, sized for the demo (two training stores × seg +
 # cls): a step budget (``steps``) and an epoch cap (``epochs``), whichever comes first
-# (downstream.run_length), with validations every 20–25 steps. The demo's real store has ≈ 80
+# (run_length.run_length), with validations every 20–25 steps. The demo's real store has ≈ 80
 # train images (5 steps per epoch: the cap of 80 epochs ends it at ≈ 400 steps), its synthetic
 # store ≈ 440 (27 steps per epoch: the budget ends it at ≈ 15 epochs). Worst case (no early stop)
 # at the per-step costs of docs/design.md: 4 runs × 400 steps ≈ 2 × (1.3 + 3.3) min; the lead's

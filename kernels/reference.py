@@ -1,15 +1,40 @@
-"""Torch reference for the fused SPADE normalisation.
+"""SPADE group normalisation in plain torch: the reference, and the modulation step it shares.
 
 y = GroupNorm(x; num_groups, eps, affine-free) * (1 + gamma) + beta, optionally followed by SiLU.
-Statistics are accumulated in fp32 whatever the input dtype; the output has the input's dtype.
-This is the ground truth that the Triton kernel is tested against, and the path used wherever
-the kernel cannot run (CPU, no Triton).
+
+:func:`spade_group_norm_reference` is the ground truth that the Triton kernel is tested against,
+and the path used wherever the kernel cannot run (CPU, no Triton): statistics are accumulated in
+fp32 whatever the input dtype; the output has the input's dtype. Its modulation step
+:func:`modulate` is also the one of the custom op's torch formulation
+(:mod:`kernels.spade_norm_op`), which computes its statistics itself (it returns them for its
+backward) in the fused path's accumulation dtype :func:`acc_dtype`, the dtype of the Triton
+kernels too. This module imports no Triton.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+__all__ = ["acc_dtype", "modulate", "spade_group_norm_reference"]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the fused path (the Triton kernels and the custom op's torch
+    formulation) for an input dtype: fp64 for fp64, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def modulate(
+    x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, silu: bool = False
+) -> torch.Tensor:
+    """The SPADE step ``x_hat * (1 + gamma) + beta`` (then SiLU if ``silu``) on the normalised
+    ``x_hat``, computed in x_hat's dtype (gamma and beta are converted to it)."""
+    acc = x_hat.dtype
+    y = x_hat * (1.0 + gamma.to(acc)) + beta.to(acc)
+    if silu:
+        y = F.silu(y)
+    return y
 
 
 def spade_group_norm_reference(
@@ -37,7 +62,4 @@ def spade_group_norm_reference(
         :func:`kernels.spade_group_norm` does it.
     """
     x_hat = F.group_norm(x.float(), num_groups, eps=eps)
-    y = x_hat * (1.0 + gamma.float()) + beta.float()
-    if silu:
-        y = F.silu(y)
-    return y.to(x.dtype)
+    return modulate(x_hat, gamma, beta, silu).to(x.dtype)

@@ -36,10 +36,9 @@ from types import ModuleType
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import spade_group_norm_reference
+from .reference import acc_dtype, modulate, spade_group_norm_reference
 
 __all__ = [
     "BACKENDS",
@@ -182,24 +181,19 @@ def _device_guard(x: Tensor) -> contextlib.AbstractContextManager:
 
 
 # ----------------------------------------------------------------------------------------------
-# torch formulation of the op (devices without kernels); same maths as the Triton kernels
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# torch formulation of the op (devices without kernels); same maths as the Triton kernels, the
+# modulation step shared with the reference
 
 
 def _forward_torch(
     x: Tensor, gamma: Tensor, beta: Tensor, num_groups: int, eps: float, silu: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xg = x.to(acc).reshape(x.shape[0], num_groups, -1)
     var, mean = torch.var_mean(xg, dim=-1, correction=0)
     rstd = torch.rsqrt(var + eps)
     x_hat = ((xg - mean[..., None]) * rstd[..., None]).reshape(x.shape)
-    y = x_hat * (1.0 + gamma.to(acc)) + beta.to(acc)
-    if silu:
-        y = F.silu(y)
+    y = modulate(x_hat, gamma, beta, silu)
     return y.to(x.dtype).contiguous(), mean, rstd
 
 
@@ -213,7 +207,7 @@ def _backward_torch(
     num_groups: int,
     silu: bool,
 ) -> list[Tensor]:
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     shape = (x.shape[0], num_groups, -1)
     mean, rstd = mean.to(acc)[..., None], rstd.to(acc)[..., None]
     x_hat = (x.to(acc).reshape(shape) - mean) * rstd
@@ -258,7 +252,7 @@ def _spade_group_norm_fake(
     x: Tensor, gamma: Tensor, beta: Tensor, num_groups: int, eps: float, silu: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    mean = x.new_empty((x.shape[0], num_groups), dtype=_acc_dtype(x.dtype))
+    mean = x.new_empty((x.shape[0], num_groups), dtype=acc_dtype(x.dtype))
     return y, mean, torch.empty_like(mean)
 
 

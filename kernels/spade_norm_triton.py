@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import acc_dtype
+
 #: whether this copy of the module holds interpreted kernels (``TRITON_INTERPRET=1`` at import)
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
@@ -521,11 +523,6 @@ def _sm_count(device_type: str, index: int | None) -> int:
     if device_type == "cuda":
         return torch.cuda.get_device_properties(index).multi_processor_count
     return 1  # the interpreter runs programs one after another: few programs are fastest
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the kernels for an input dtype: fp64 for fp64, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_sizes(num_rows: int, row_len: int) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edmcli.bench.ratios import reference_images_per_s
 from edmcli.errors import EchoSynthError
 
 __all__ = [
@@ -52,16 +53,6 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def sdm_reference(entries: Sequence[dict[str, Any]]) -> float | None:
-    """Images/s of ``sdm`` at 1000 NFE among ``entries`` (its cost model's prediction)."""
-    for entry in entries:
-        if entry["model"] == "sdm":
-            for row in entry["throughput"]:
-                if row["nfe"] == 1000:
-                    return row["images_per_s"]
-    return None
-
-
 def plot_throughput(scales: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """Fig. 4: images/s against NFE per model, one panel per scale (``{"title", "entries"}``);
     None when no scale has an entry."""
@@ -86,7 +77,7 @@ def plot_throughput(scales: Sequence[dict[str, Any]], path: Path) -> Path | None
         ax.set_ylabel("images / s")
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(scale["title"], fontsize=9)
-        ref = sdm_reference(scale["entries"])
+        ref = reference_images_per_s(scale["entries"])
         if ref:
             right = ax.secondary_yaxis(
                 "right", functions=(lambda y, r=ref: y / r, lambda q, r=ref: q * r)

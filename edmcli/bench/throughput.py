@@ -1,16 +1,14 @@
-"""Generation throughput: per-NFE network cost, fixed costs, and the linear cost model.
+"""Measuring one target's generation throughput: per-NFE network cost, fixed costs, the cost
+model they give, and its end-to-end check.
 
-Generating a batch of B images with a budget of N network evaluations costs
-
-    seconds(N) = fixed + N · per_nfe,         images/s(N) = B / seconds(N),
-
-where ``per_nfe`` is one denoiser call with SPADE γ/β taken from the cache (the path sampling
-uses; compiled when compilation is on) and ``fixed`` is what a batch costs once whatever N is:
+``per_nfe`` is one denoiser call with SPADE γ/β taken from the cache (the path sampling uses;
+compiled when compilation is on) and ``fixed`` is what a batch costs once whatever N is:
 building the γ/β cache, the Γ-VAE decode (latent models) and writing the batch to a store
-(uint8 conversion, device → host copy, one Zarr shard). :class:`CostModel` holds the two
-numbers and predicts every NFE; :func:`measure_target` times the parts and then checks the model
-end to end with :func:`edmcli.sampling.pipeline.generate` (plus the store write) at a few NFEs
-(:func:`pick_check_nfes`), reporting predicted and measured seconds side by side.
+(uint8 conversion, device → host copy, one Zarr shard). :func:`measure_target` times the parts,
+forms the :class:`~edmcli.bench.costmodel.CostModel` and then checks it end to end with
+:func:`edmcli.sampling.pipeline.generate` (plus the store write) at a few NFEs
+(:func:`~edmcli.bench.costmodel.pick_check_nfes`), reporting predicted and measured seconds side
+by side. On CUDA the batch is auto-sized to the card's memory (:func:`fit_batch`).
 
 The solver's own arithmetic per step (a few element-wise ops on the batch) is not in
 ``per_nfe``; the end-to-end check measures it with everything else. The check uses a solver that
@@ -21,11 +19,8 @@ so that every NFE of the list is reachable; Heun's 2N − 1 evaluations cost the
 from __future__ import annotations
 
 import functools
-import gc
 import tempfile
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,203 +28,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from edmcli.bench.flops import NetworkFlops, decoder_flops, mfu, network_flops
-from edmcli.bench.timing import Timing, plan_repeats, time_call
+from edmcli.bench.costmodel import CostModel, pick_check_nfes, relative_error
+from edmcli.bench.flops import NetworkFlops, decoder_flops, mfu
+from edmcli.bench.measurer import Measurer, Settings, oom_errors, release_memory
+from edmcli.bench.targets import Target, target_flops
+from edmcli.bench.timing import Timing, time_call
 from edmcli.data.labels import sector_mask
 from edmcli.data.phantom import generate_patient
-from edmcli.data.store import STRING_FIELDS, create_store, write_block
+from edmcli.data.store_format import STRING_FIELDS
+from edmcli.data.store_writer import create_store, write_block
 from edmcli.models.registry import get_spec
 from edmcli.sampling.nfe import plan
 from edmcli.sampling.pipeline import generate
 from edmcli.sampling.sample import EXTRA_FIELDS, compile_denoiser
 from edmcli.sampling.solvers import nfe_cost
 
-__all__ = [
-    "Budget",
-    "CostModel",
-    "Measurer",
-    "Rate",
-    "Settings",
-    "Target",
-    "check_solver",
-    "fit_batch",
-    "fit_cost_model",
-    "label_batch",
-    "measure_target",
-    "pick_check_nfes",
-    "relative_error",
-    "target_flops",
-]
+__all__ = ["StoreWriter", "check_solver", "fit_batch", "label_batch", "measure_target"]
 
 SIGMA = 1.0  # noise level of the timed calls (the cost does not depend on it)
 BATCH_CAP = 256  # the largest batch the CUDA auto-sizing tries
 MEMORY_FRACTION = 0.7  # of the card's memory that the auto-sized batch may plan to use
-
-
-# --------------------------------------------------------------------------- the cost model
-@dataclass(frozen=True)
-class CostModel:
-    """Seconds per batch of ``batch`` images at N NFE: ``fixed_s + N · per_nfe_s``."""
-
-    batch: int
-    per_nfe_s: float
-    fixed_s: float
-
-    def seconds(self, nfe: float) -> float:
-        """Predicted seconds for one batch at ``nfe`` network evaluations."""
-        return self.fixed_s + nfe * self.per_nfe_s
-
-    def images_per_s(self, nfe: float) -> float:
-        """Predicted images per second at ``nfe``: ``batch / seconds(nfe)``."""
-        return self.batch / self.seconds(nfe)
-
-    def to_dict(self) -> dict[str, float]:
-        return {"batch": self.batch, "per_nfe_s": self.per_nfe_s, "fixed_s": self.fixed_s}
-
-
-def fit_cost_model(nfes: Sequence[float], seconds: Sequence[float], batch: int) -> CostModel:
-    """Least-squares ``seconds ≈ fixed + nfe · per_nfe`` through end-to-end timings at two or
-    more distinct NFEs (exact through two points)."""
-    n = np.asarray(nfes, dtype=float)
-    t = np.asarray(seconds, dtype=float)
-    if n.shape != t.shape or len(np.unique(n)) < 2:
-        raise ValueError("fit_cost_model needs timings at two or more distinct NFEs.")
-    slope, intercept = np.polyfit(n, t, 1)
-    return CostModel(batch, float(slope), float(intercept))
-
-
-def relative_error(predicted: float, measured: float) -> float:
-    """``(predicted − measured) / measured``."""
-    return (predicted - measured) / measured
-
-
-def pick_check_nfes(
-    nfes: Sequence[int], seconds_of: Callable[[int], float], budget_s: float, most: int = 3
-) -> list[int]:
-    """Up to ``most`` NFEs of ``nfes`` to time end to end within ``budget_s`` predicted seconds:
-    the smallest, then the largest that still fits, then the one nearest their geometric middle
-    that fits. Empty when even the smallest does not fit."""
-    ordered = sorted(set(int(n) for n in nfes))
-    if not ordered or most < 1 or seconds_of(ordered[0]) > budget_s:
-        return []
-    chosen = [ordered[0]]
-    left = budget_s - seconds_of(ordered[0])
-    if most >= 2:
-        fits = [n for n in ordered[1:] if seconds_of(n) <= left]
-        if fits:
-            chosen.append(fits[-1])
-            left -= seconds_of(fits[-1])
-    if most >= 3 and len(chosen) == 2:
-        middle = (chosen[0] * chosen[1]) ** 0.5
-        inner = [n for n in ordered if chosen[0] < n < chosen[1] and seconds_of(n) <= left]
-        if inner:
-            chosen.append(min(inner, key=lambda n: abs(np.log(n / middle))))
-    return sorted(chosen)
-
-
-def fit_batch(peak_1: int, peak_2: int, budget_bytes: float, cap: int = BATCH_CAP) -> int:
-    """The largest power-of-two batch (≤ ``cap``) whose peak memory, extrapolated linearly from
-    the peaks at batch 1 and 2, stays within ``budget_bytes``; at least 1."""
-    per_image = max(peak_2 - peak_1, 1)
-    fixed = peak_1 - per_image
-    fits = int((budget_bytes - fixed) // per_image)
-    if fits < 1:
-        return 1
-    best = 1 << (min(fits, cap).bit_length() - 1)
-    return max(1, best)
-
-
-def check_solver(model: str) -> str:
-    """The solver of the end-to-end check: the model's own when it spends one NFE per step, else
-    ``euler`` (same network cost per NFE as Heun, and every NFE reachable)."""
-    solver = get_spec(model).solver
-    return solver if nfe_cost(solver, 2) == 2 else "euler"
-
-
-# --------------------------------------------------------------------------- planning
-@dataclass(frozen=True)
-class Budget:
-    """Time limits of the measurements of one configuration.
-
-    Attributes:
-        measure_s: seconds for one timing, warm-up and repeats together (None: no limit).
-        optional_cap_s: optional paths (γ/β recomputed at every NFE, the MONAI peer) are not
-            timed for a network whose one call is predicted to take longer (None: always).
-        check_s: predicted seconds of all end-to-end checks of one model together.
-    """
-
-    measure_s: float | None
-    optional_cap_s: float | None
-    check_s: float
-
-
-class Rate:
-    """Running estimate of the FLOP/s this device achieves, to predict a call's seconds."""
-
-    def __init__(self) -> None:
-        self.flops_per_s: float | None = None
-
-    def predict(self, flops: float) -> float | None:
-        return None if self.flops_per_s is None else flops / self.flops_per_s
-
-    def update(self, flops: float, seconds: float) -> None:
-        if flops > 0 and seconds > 0:
-            self.flops_per_s = flops / seconds
-
-
-@dataclass
-class Target:
-    """One configuration of one model to measure.
-
-    Attributes:
-        label: its name in tables and plots (the model name, or the run folder's name).
-        model: the registry name.
-        preset: ``paper``, ``tiny`` or ``run``.
-        image_size: pixels of the images (and label maps).
-        net_size: side of the network input (pixels or latent).
-        meta_net: builds the preconditioned network (called under the meta device: FLOPs).
-        load_net: the network on a device, eval mode (random or trained weights).
-        meta_vae: builds the Γ-VAE (meta device) for latent models, else None.
-        load_vae: the Γ-VAE on a device, for latent models, else None.
-        weights: ``"random"`` or where trained weights came from.
-        nfes: NFEs of the throughput curve.
-        batch: images per batch; None: auto-sized (CUDA).
-    """
-
-    label: str
-    model: str
-    preset: str
-    image_size: int
-    net_size: int
-    meta_net: Callable[[], nn.Module]
-    load_net: Callable[[torch.device], nn.Module]
-    meta_vae: Callable[[], nn.Module] | None = None
-    load_vae: Callable[[torch.device], nn.Module] | None = None
-    weights: str = "random"
-    nfes: list[int] = field(default_factory=list)
-    batch: int | None = None
-
-
-@dataclass
-class Settings:
-    """How one configuration is measured (shared by the targets of a scale)."""
-
-    device: torch.device
-    autocast: torch.dtype | None  # bf16 autocast, or None for fp32
-    compile: bool
-    repeats: int
-    budget: Budget
-    rate: Rate = field(default_factory=Rate)
-    log: Callable[[str], None] = print
-
-    def precision(self) -> str:
-        return "bf16" if self.autocast is torch.bfloat16 else "fp32"
-
-    def autocast_ctx(self, dtype: torch.dtype | None = None) -> AbstractContextManager:
-        dtype = self.autocast if dtype is None else dtype
-        if dtype is None or dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype)
 
 
 @functools.lru_cache(maxsize=4)
@@ -277,67 +95,16 @@ class StoreWriter:
         self.count += 1
 
 
-# --------------------------------------------------------------------------- measuring
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _oom_errors() -> tuple[type[BaseException], ...]:
-    return (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (RuntimeError,)
-
-
-class Measurer:
-    """Times the calls of one target under the settings' budget, records what it skipped."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.s = settings
-        self.skipped: dict[str, str] = {}
-
-    def time(self, fn: Callable[[], object], flops: float, always_warm: bool = False) -> Timing:
-        s = self.s
-        warm = always_warm or s.device.type == "cuda"
-        warmup, repeats = plan_repeats(s.rate.predict(flops), s.repeats, s.budget.measure_s, warm)
-        timing = time_call(fn, s.device, repeats, warmup)
-        s.rate.update(flops, timing.median_s)
-        return timing
-
-    def time_keep(self, fn: Callable[[], Any], flops: float) -> tuple[Timing, Any]:
-        """:meth:`time` of ``fn`` and the output of its last call (a γ/β cache, decoded images:
-        a paper-scale CPU call is not paid twice to time it and then use it)."""
-        out: list[Any] = [None]
-
-        def call() -> None:
-            out[0] = fn()
-
-        return self.time(call, flops), out[0]
-
-    def optional(self, name: str, flops: float) -> bool:
-        """Whether an optional path of a call of ``flops`` fits the settings' cap."""
-        cap = self.s.budget.optional_cap_s
-        predicted = self.s.rate.predict(flops)
-        if cap is None or predicted is None or predicted <= cap:
-            return True
-        self.skipped[name] = (
-            f"not timed: one call is predicted to take {predicted:.0f} s (> {cap:.0f} s, the "
-            "cap of this configuration)"
-        )
-        return False
-
-    def attempt(self, name: str, fn: Callable[[], Any]) -> Any:
-        """``fn()``, or None with the reason recorded when it runs out of memory or fails to
-        compile (a benchmark reports that rather than stopping)."""
-        try:
-            return fn()
-        except _oom_errors() as exc:
-            self.skipped[name] = f"out of memory ({str(exc).splitlines()[0][:120]})"
-        except Exception as exc:  # compilation and kernel failures: report, go on
-            if not name.endswith(("compiled", "triton", "torch_spade")):
-                raise
-            self.skipped[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-        _release(self.s.device)
-        return None
+def fit_batch(peak_1: int, peak_2: int, budget_bytes: float, cap: int = BATCH_CAP) -> int:
+    """The largest power-of-two batch (≤ ``cap``) whose peak memory, extrapolated linearly from
+    the peaks at batch 1 and 2, stays within ``budget_bytes``; at least 1."""
+    per_image = max(peak_2 - peak_1, 1)
+    fixed = peak_1 - per_image
+    fits = int((budget_bytes - fixed) // per_image)
+    if fits < 1:
+        return 1
+    best = 1 << (min(fits, cap).bit_length() - 1)
+    return max(1, best)
 
 
 def _auto_batch(net, target: Target, settings: Settings, vae) -> tuple[int, dict[str, Any]]:
@@ -346,7 +113,7 @@ def _auto_batch(net, target: Target, settings: Settings, vae) -> tuple[int, dict
     device = settings.device
 
     def peak(batch: int) -> int:
-        _release(device)
+        release_memory(device)
         torch.cuda.reset_peak_memory_stats(device)
         labels = label_batch(batch, target.image_size, device)
         x = torch.randn(batch, 1, target.net_size, target.net_size, device=device)
@@ -362,17 +129,17 @@ def _auto_batch(net, target: Target, settings: Settings, vae) -> tuple[int, dict
     p1 = peak(1)
     try:
         p2 = peak(2)
-    except _oom_errors():
-        _release(device)
+    except oom_errors():
+        release_memory(device)
         return 1, {"peak_batch_1": p1, "peak_batch_2": None, "device_bytes": total}
     batch = fit_batch(p1, p2, MEMORY_FRACTION * total)
     while batch > 1:
         try:
             peak(batch)
             break
-        except _oom_errors():
+        except oom_errors():
             batch //= 2
-    _release(device)
+    release_memory(device)
     return batch, {"peak_batch_1": p1, "peak_batch_2": p2, "device_bytes": total,
                    "fraction": MEMORY_FRACTION, "cap": BATCH_CAP}  # fmt: skip
 
@@ -383,11 +150,6 @@ def _path_entry(timing: Timing | None, flops_per_call: float, peak: float | None
     achieved = flops_per_call / timing.median_s
     return {**timing.to_dict(), "flops": flops_per_call, "achieved_flops_per_s": achieved,
             "mfu": mfu(achieved, peak)}  # fmt: skip
-
-
-def target_flops(target: Target) -> NetworkFlops:
-    """The target network's FLOPs per sample (:func:`network_flops`, on meta)."""
-    return network_flops(target.meta_net, target.net_size, target.image_size)
 
 
 def measure_target(
@@ -483,10 +245,10 @@ def measure_target(
         checks = _checks(target, runner, labels, labels_np, vae, writer, model, s, m,
                          warm=best == "nfe_cached_compiled")  # fmt: skip
     vae = cache = compiled = runner = None
-    _release(device)
+    release_memory(device)
     peer_record = peer(net.net, labels, s, flops) if peer is not None else None
     net = None
-    _release(device)
+    release_memory(device)
     per_call = {
         "spade_cache": flops.spade_cache * batch,
         "nfe_cached_eager": flops.cached * batch,
@@ -561,6 +323,13 @@ def _cuda_variants(net, x, sigma, labels, cache, batch, flops, s: Settings, m: M
         if timing is not None:
             out[name] = timing
     return out
+
+
+def check_solver(model: str) -> str:
+    """The solver of the end-to-end check: the model's own when it spends one NFE per step, else
+    ``euler`` (same network cost per NFE as Heun, and every NFE reachable)."""
+    solver = get_spec(model).solver
+    return solver if nfe_cost(solver, 2) == 2 else "euler"
 
 
 def _checks(target, runner, labels, labels_np, vae, writer, model, s, m, warm) -> list:

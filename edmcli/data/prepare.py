@@ -14,16 +14,9 @@ from PIL import Image
 from edmcli.data.labels import OUTSIDE, SPLITS
 from edmcli.data.phantom import generate_patient
 from edmcli.data.sources import Source, load_item
-from edmcli.data.store import (
-    SampleMeta,
-    atomic_store_path,
-    check_replaceable,
-    create_store,
-    mark_complete,
-    meta_columns,
-    samples_per_shard,
-    write_block,
-)
+from edmcli.data.store_format import SampleMeta, meta_columns, samples_per_shard
+from edmcli.data.store_replace import atomic_store_path, check_replaceable
+from edmcli.data.store_writer import create_store, mark_complete, write_block
 from edmcli.errors import DataError
 
 Progress = Callable[[int], None]

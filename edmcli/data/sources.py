@@ -15,7 +15,7 @@ import numpy as np
 
 from edmcli.data.labels import SECTOR, add_sector_label, invalid_label_values, sector_from_image
 from edmcli.data.readers import read_2d, strip_suffix
-from edmcli.data.store import UNKNOWN
+from edmcli.data.store_format import UNKNOWN
 from edmcli.errors import DataError
 
 CAMUS_VIEWS = {"2CH": "A2C", "4CH": "A4C"}

@@ -41,8 +41,9 @@ import torch
 from torch import nn
 
 from edmcli.data.labels import mask_at
+from edmcli.models.ddpm import DDPMEpsModel
 from edmcli.models.masked import masked_mean
-from edmcli.models.preconditioning import DDPMEpsModel, vp_sigma
+from edmcli.models.preconditioning import vp_sigma
 
 __all__ = [
     "DDPMLoss",

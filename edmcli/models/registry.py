@@ -1,9 +1,10 @@
 """The one registry of generative models: a :class:`ModelSpec` per model name.
 
 Everything that asks "is this a latent model", "which solver, schedule or NFE by default",
-"which preconditioning and loss", "which batch does the paper train with" or "which UNet under a
-preset" asks the spec (:func:`get_spec`). Adding a model is one :func:`register_model` call with
-its classes; nothing else in the package names models.
+"which preconditioning and loss", "which batch does the paper train with", "which UNet under a
+preset" or "which model is the paper's throughput reference" asks the spec (:func:`get_spec`,
+:func:`paper_reference`). Adding a model is one :func:`register_model` call with its classes;
+nothing else in the package names models.
 
 | name | space | precond. | ``paper`` UNet (default size) | solver, schedule, NFE |
 |---|---|---|---|---|
@@ -17,9 +18,11 @@ its classes; nothing else in the package names models.
 ``sdm`` is the published SDM configuration (echo_from_noise): 1000 steps of the cosine schedule,
 learned variance (the UNet outputs ε and v; hybrid loss), x₀ clipped to [−1, 1] while sampling
 (:attr:`ModelSpec.precond_defaults`); ``noise_schedule="linear"``, ``learn_sigma=False``,
-``clip_denoised=False`` give the original DDPM. The EDM ρ = 7 schedule of ``ve`` and ``vp`` is
-EDM's σ range 0.002–80 clipped to the network's (VE 0.02–80, VP 0.002–80), the default of the
-authors' ``generatev2.py``; their native Table-1 schedules stay available by name.
+``clip_denoised=False`` give the original DDPM. SDM at these 1000 steps is the reference of the
+paper's throughput study (section IV.C, Fig. 4; :attr:`ModelSpec.paper_reference_nfe`). The
+EDM ρ = 7 schedule of ``ve`` and ``vp`` is EDM's σ range 0.002–80 clipped to the network's (VE
+0.02–80, VP 0.002–80), the default of the authors' ``generatev2.py``; their native Table-1
+schedules stay available by name.
 
 SPADE sits in the middle and decoder blocks in every ``paper`` preset (the authors' code; SDM's
 "middle and output blocks"). The ``paper`` EDM networks reproduce the authors' parameter counts
@@ -45,8 +48,9 @@ from typing import Any
 
 from torch import nn
 
+from edmcli.models.ddpm import DDPMEpsModel
 from edmcli.models.diffusion_loss import DDPMLoss, DiffusionLoss, EDMLoss, VELoss, VPLoss
-from edmcli.models.preconditioning import DDPMEpsModel, EDMPrecond, VEPrecond, VPPrecond
+from edmcli.models.preconditioning import EDMPrecond, VEPrecond, VPPrecond
 from edmcli.models.unet import SpadeUNet, SpadeUNetConfig
 
 __all__ = [
@@ -62,6 +66,7 @@ __all__ = [
     "is_latent",
     "loss_settings",
     "model_names",
+    "paper_reference",
     "register_model",
     "unet_config",
     "unregister_model",
@@ -90,6 +95,9 @@ class ModelSpec:
         paper_batch: global training batch of the paper (section III.E).
         precond_defaults: preconditioning parameters of the model over the class defaults
             (what :func:`build_model` and a new training run use; a run records them all).
+        paper_reference_nfe: the NFE at which this model is the reference of the paper's
+            throughput study (``sdm`` at its own 1000 steps; :func:`paper_reference`), None for
+            every other model.
     """
 
     name: str
@@ -103,6 +111,7 @@ class ModelSpec:
     preview_solver: str = "euler"
     paper_batch: int = 24
     precond_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    paper_reference_nfe: int | None = None
 
     @property
     def is_latent(self) -> bool:
@@ -147,6 +156,15 @@ def get_spec(name: str) -> ModelSpec:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(_REGISTRY)}.") from None
+
+
+def paper_reference() -> ModelSpec:
+    """The spec of the paper's throughput reference: the registered model with a
+    :attr:`ModelSpec.paper_reference_nfe` (``sdm``)."""
+    for spec in _REGISTRY.values():
+        if spec.paper_reference_nfe is not None:
+            return spec
+    raise ValueError("No registered model is the paper's throughput reference.")
 
 
 def _check_preset(preset: str) -> None:
@@ -225,6 +243,7 @@ register_model(
         preview_solver="ddim",
         paper_batch=24,
         precond_defaults=SDM_PRECOND,
+        paper_reference_nfe=1000,
     )
 )
 register_model(ModelSpec("edm", EDMPrecond, EDMLoss, {"paper": _ADM, "tiny": _TINY}))

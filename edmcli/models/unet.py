@@ -2,7 +2,8 @@
 
 One configurable network covers the ADM layout of EDM (192 ch, mult 1-2-3-4, 3 blocks, attention
 at 32/16/8) and the DDPM++/NCSN++-style layouts of VP/VE (128 ch, mult 2-2-2, skip scale
-sqrt(1/2), additive noise embedding, Fourier features for NCSN++), see ``presets.py``.
+sqrt(1/2), additive noise embedding, Fourier features for NCSN++), see the presets of
+:mod:`edmcli.models.registry`.
 
 Layout (as the ADM UNet of Dhariwal & Nichol, reorganised by Karras et al.): an input conv, then
 per level ``num_blocks`` residual blocks (a down-sampling residual block opens every level but the

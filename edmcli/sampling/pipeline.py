@@ -9,10 +9,10 @@ A model that learns its variance (SDM, ``learn_sigma``) is sampled by ``ddpm_anc
 that variance unless the solver options name another (``variance="small"`` or ``"large"``).
 
 A class-conditional model takes one class per sample and a guidance scale w
-(:mod:`edmcli.models.preconditioning`): w = 1 (the default) is the conditional denoiser, one
-network evaluation per denoiser call; w = 0 the unconditional one; any other w runs both
-branches as one forward of the doubled batch, with the SPADE γ/β cache built once per batch and
-tiled once for both: :func:`network_evaluations` per denoiser call, 2 per sample.
+(:mod:`edmcli.models.guidance`): w = 1 (the default) is the conditional denoiser, one network
+evaluation per denoiser call; w = 0 the unconditional one; any other w runs both branches as one
+forward of the doubled batch, with the SPADE γ/β cache built once per batch and tiled once for
+both: :func:`~edmcli.models.guidance.guidance_branches` per denoiser call, 2 per sample.
 """
 
 from __future__ import annotations
@@ -23,16 +23,10 @@ import torch
 from torch import nn
 
 from edmcli.data.labels import sector_mask
-from edmcli.models.preconditioning import guidance_branches
+from edmcli.models.guidance import guidance_branches
 from edmcli.models.registry import get_spec
 from edmcli.sampling.schedules import network_sigmas
 from edmcli.sampling.solvers import SOLVERS
-
-
-def network_evaluations(guidance: float | None) -> int:
-    """Network evaluations per sample of one denoiser call at guidance scale ``guidance``: 2
-    when both classifier-free guidance branches run (w not None, 0 or 1), else 1."""
-    return guidance_branches(guidance)
 
 
 def model_sigmas(
@@ -138,7 +132,7 @@ def generate(
         extra["guidance"] = float(guidance)
     with torch.no_grad():
         cache = net.spade_cache(labels) if use_cache else None
-        if cache is not None and network_evaluations(guidance) == 2:
+        if cache is not None and guidance_branches(guidance) == 2:
             cache = cache.tile(2)  # γ/β of both branches, computed once, copied once per batch
 
         inside = sector_mask(labels, net_size).to(device) > 0 if pin_outside else None

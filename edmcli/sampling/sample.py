@@ -31,25 +31,20 @@ from edmcli.console import console, print_summary, progress
 from edmcli.data.dataset import PHASES, codes
 from edmcli.data.label_transforms import LabelMapTransform
 from edmcli.data.labels import VIEWS
-from edmcli.data.store import (
-    ATTRS_KEY,
-    STRING_FIELDS,
-    DatasetStore,
-    create_store,
-    jsonable,
-    mark_complete,
-    replace_store,
-    write_block,
-)
+from edmcli.data.store import DatasetStore
+from edmcli.data.store_format import ATTRS_KEY, STRING_FIELDS, jsonable
+from edmcli.data.store_replace import replace_store
+from edmcli.data.store_writer import create_store, mark_complete, write_block
 from edmcli.errors import EchoSynthError
 from edmcli.faults import maybe_kill
+from edmcli.models.guidance import guidance_branches
 from edmcli.models.registry import get_spec
 from edmcli.runs.diffusion_run import LoadedDiffusion, check_class_cond, class_ids
 from edmcli.runs.distributed import DistEnv
 from edmcli.runs.folder import load_run_config, load_training_patients
 from edmcli.runs.grids import save_image_grid
 from edmcli.sampling.nfe import NFEError, StepPlan, plan
-from edmcli.sampling.pipeline import generate, network_evaluations
+from edmcli.sampling.pipeline import generate
 from edmcli.sampling.solvers import nfe_cost
 
 EXTRA_FIELDS = {"source_index": np.dtype("int64"), "transform": np.dtype("int16"),
@@ -105,10 +100,10 @@ class SampleResult:
 
 def guided_plan(solver: str, nfe: int, guidance: float | None) -> StepPlan:
     """The steps that spend exactly ``nfe`` network evaluations when every denoiser call costs
-    :func:`~edmcli.sampling.pipeline.network_evaluations` (``guidance``) of them: as
+    :func:`~edmcli.models.guidance.guidance_branches` (``guidance``) of them: as
     :func:`~edmcli.sampling.nfe.plan` for one per call; with two (classifier-free guidance
     branches) half the calls, and an unreachable budget is refused with the two nearest."""
-    per_call = network_evaluations(guidance)
+    per_call = guidance_branches(guidance)
     if per_call == 1:
         return plan(solver, nfe)
     costs = [per_call * nfe_cost(solver, n) for n in range(1, max(int(nfe), 1) + 2)]
@@ -267,7 +262,7 @@ def run_sampling(
         "pin_outside": request.pin_outside,
         "class_cond": settings.class_cond or "none",
         "guidance": request.guidance,
-        "network_evaluations_per_denoiser_call": network_evaluations(request.guidance),
+        "network_evaluations_per_denoiser_call": guidance_branches(request.guidance),
         "seed": request.seed,
         "k": request.k,
         "holdout": request.holdout,
@@ -473,7 +468,7 @@ def sample(
     if solver not in SOLVERS:
         raise EchoSynthError(f"solver {solver!r} is unknown; choose from {', '.join(SOLVERS)}")
     class_cond, guidance = resolve_guidance(run_dir, guidance)
-    nfe = spec.nfe * network_evaluations(guidance) if nfe is None else nfe
+    nfe = spec.nfe * guidance_branches(guidance) if nfe is None else nfe
     split_list = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else splits
     step_plan = guided_plan(solver, nfe, guidance)
     env = init_distributed(device)

@@ -33,7 +33,8 @@ from collections.abc import Callable
 
 import torch
 
-from edmcli.models.preconditioning import ddpm_alphas_cumprod
+from edmcli.models.ddpm import ddpm_alphas_cumprod
+from edmcli.models.preconditioning import vp_sigma
 
 __all__ = [
     "EDM_SIGMA_MAX",
@@ -46,7 +47,6 @@ __all__ = [
     "network_sigmas",
     "snap_sigmas",
     "ve_sigmas",
-    "vp_sigma64",
     "vp_sigmas",
 ]
 
@@ -154,12 +154,6 @@ def ve_sigmas(
     return snap_sigmas(torch.cat([levels, levels.new_zeros(1)]), round_sigma)
 
 
-def vp_sigma64(t: torch.Tensor, beta_d: float = 19.9, beta_min: float = 0.1) -> torch.Tensor:
-    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) in float64."""
-    t = torch.as_tensor(t, dtype=torch.float64)
-    return torch.expm1(0.5 * beta_d * t**2 + beta_min * t).sqrt()
-
-
 def vp_sigmas(
     n: int,
     beta_d: float = 19.9,
@@ -176,7 +170,7 @@ def vp_sigmas(
             f"{beta_min}, {eps_s}."
         )
     t = 1 + _fractions(n) * (eps_s - 1)
-    levels = vp_sigma64(t, beta_d, beta_min)
+    levels = vp_sigma(t, beta_d, beta_min)  # t is float64: so is sigma
     return snap_sigmas(torch.cat([levels, levels.new_zeros(1)]), round_sigma)
 
 

@@ -1,8 +1,8 @@
 """ODE/SDE solvers for sampling a denoiser in the sigma parameterisation.
 
 Every model of the project is a denoiser D(x; sigma) of x = y + sigma n (the preconditionings of
-:mod:`edmcli.models.preconditioning`; the DDPM model through x = x_t / sqrt(abar_t),
-sigma = sqrt((1 - abar) / abar)). The probability-flow ODE is then
+:mod:`edmcli.models.preconditioning`; the DDPM model of :mod:`edmcli.models.ddpm` through
+x = x_t / sqrt(abar_t), sigma = sqrt((1 - abar) / abar)). The probability-flow ODE is then
 
     dx / dsigma = (x - D(x; sigma)) / sigma,
 
@@ -234,7 +234,7 @@ def ddpm_ancestral(
     * ``"small"`` (default): the posterior's, beta~_ts = (1 - abar_s) / (1 - abar_t) beta_ts;
     * ``"large"``: beta_ts;
     * ``"learned"``: exp(v' log beta_ts + (1 - v') log beta~_ts), where ``denoise`` returns the
-      pair (D, v') (a :class:`~edmcli.models.preconditioning.DDPMEpsModel` with
+      pair (D, v') (a :class:`~edmcli.models.ddpm.DDPMEpsModel` with
       ``learn_sigma`` called with ``return_variance=True``).
 
     beta_ts and beta~_ts are those of the chain of the schedule's own timesteps, so a strided

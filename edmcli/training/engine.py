@@ -17,7 +17,7 @@ Optional, off by default (the Γ-VAE and diffusion trainings do not use them):
   resume follows the same path as one started with that length.
 
 Exact resume: everything random is a function of (seed, step) or (seed, epoch, sample): the data
-order (:mod:`edmcli.training.sampler`), the augmentation of each sample (seeded by the task from
+order (:mod:`edmcli.training.batch_order`), the augmentation of each sample (seeded by the task from
 ``(epoch, index)``) and the model's own noise (the global torch RNG is reseeded at every step).
 A run killed at any point and rerun ends with the same weights as an uninterrupted run on CPU.
 
@@ -54,8 +54,8 @@ from edmcli.runs.checkpoint import (
 )
 from edmcli.runs.distributed import DistEnv, all_reduce_mean, broadcast_flag
 from edmcli.runs.folder import MetricsLog
+from edmcli.training.batch_order import ResumableDistributedSampler
 from edmcli.training.ema import EMA
-from edmcli.training.sampler import ResumableDistributedSampler
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "plateau")

@@ -1,19 +1,15 @@
+"""The dataset store as written and read: plain Zarr round trip, the reader's columns, selections
+and summary, and the stores it refuses to open."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import zarr
 
-from edmcli.data.prepare import assign_splits, parse_split_ratio, prepare_phantom
-from edmcli.data.store import (
-    DatasetStore,
-    SampleMeta,
-    atomic_store_path,
-    create_store,
-    mark_complete,
-    meta_columns,
-    write_block,
-)
+from edmcli.data.store import DatasetStore
+from edmcli.data.store_format import SampleMeta, meta_columns
+from edmcli.data.store_writer import create_store, mark_complete, write_block
 from edmcli.errors import DataError
 
 
@@ -77,38 +73,3 @@ def test_non_stores_are_refused(tmp_path):
     (tmp_path / "broken.zarr" / "zarr.json").write_text("{not json")
     with pytest.raises(DataError, match="not a readable Zarr store"):
         DatasetStore(tmp_path / "broken.zarr")
-
-
-def test_failed_write_leaves_no_store(tmp_path):
-    out = tmp_path / "s.zarr"
-    with pytest.raises(RuntimeError):
-        with atomic_store_path(out) as tmp:
-            create_store(tmp, 4, 8, 8, {})
-            raise RuntimeError("crash while writing")
-    assert not out.exists() and not list(tmp_path.iterdir())
-
-
-def test_existing_store_needs_overwrite(tmp_path):
-    out = tmp_path / "p.zarr"
-    prepare_phantom(out, 1, 16, 0, (1, 0, 0))
-    with pytest.raises(DataError, match="--overwrite"):
-        prepare_phantom(out, 1, 16, 0, (1, 0, 0))
-    prepare_phantom(out, 2, 16, 0, (1, 0, 0), overwrite=True)
-    assert len(DatasetStore(out)) == 8
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]
-
-
-def test_split_ratio_parsing_and_assignment():
-    assert parse_split_ratio("8:1:1") == pytest.approx((0.8, 0.1, 0.1))
-    assert parse_split_ratio("400,50,50") == pytest.approx((0.8, 0.1, 0.1))
-    for bad in ("8:1", "a:b:c", "0:1:1", "-1:1:1"):
-        with pytest.raises(DataError, match="split-ratio"):
-            parse_split_ratio(bad)
-    patients = [f"p{i:03d}" for i in range(500)]
-    split = assign_splits(patients, (0.8, 0.1, 0.1), seed=0)
-    counts = {s: list(split.values()).count(s) for s in ("train", "val", "test")}
-    assert counts == {"train": 400, "val": 50, "test": 50}
-    assert split == assign_splits(list(reversed(patients)), (0.8, 0.1, 0.1), seed=0)
-    assert split != assign_splits(patients, (0.8, 0.1, 0.1), seed=1)
-    small = assign_splits(["a", "b", "c"], (0.8, 0.1, 0.1), seed=0)
-    assert sorted(small.values()) == ["test", "train", "val"]

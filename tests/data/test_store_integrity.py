@@ -1,4 +1,4 @@
-"""Store integrity: damaged stores are refused in one sentence, --overwrite deletes only stores."""
+"""Store integrity: damaged stores are refused in one sentence."""
 
 from __future__ import annotations
 
@@ -12,17 +12,9 @@ import pytest
 import zarr
 
 from edmcli.data.prepare import prepare_phantom
-from edmcli.data.store import (
-    ATTRS_KEY,
-    DatasetStore,
-    SampleMeta,
-    check_replaceable,
-    create_store,
-    mark_complete,
-    meta_columns,
-    replace_store,
-    write_block,
-)
+from edmcli.data.store import DatasetStore
+from edmcli.data.store_format import ATTRS_KEY, SampleMeta, meta_columns
+from edmcli.data.store_writer import create_store, mark_complete, write_block
 from edmcli.errors import DataError
 
 # 6 patients × 4 = 24 samples at 16²; shard=8 gives three shards per array and column.
@@ -198,71 +190,3 @@ def test_partly_written_store_marked_complete_keeps_its_absent_chunks(tmp_path):
     (out / "labels" / "c" / "0" / "0" / "0").unlink()
     with pytest.raises(DataError, match=r"labels/c/0/0/0 is missing"):
         DatasetStore(out)
-
-
-# --overwrite ------------------------------------------------------------------------------
-
-
-def test_overwrite_refuses_a_folder_that_is_not_a_store(tmp_path):
-    thesis = tmp_path / "mythesis"
-    thesis.mkdir()
-    (thesis / "chapter1.tex").write_text("precious")
-    with pytest.raises(DataError, match="refuses to delete .*not an echo-synth dataset store"):
-        _prepare(thesis, overwrite=True)
-    assert (thesis / "chapter1.tex").read_text() == "precious"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mythesis"]
-
-
-def test_overwrite_replaces_a_store_and_an_empty_folder(tmp_path):
-    out = _prepare(tmp_path / "p.zarr")
-    before = DatasetStore(out).info["created"]
-    prepare_phantom(out, 2, SIZE, 1, (1, 0, 0), overwrite=True)
-    assert len(DatasetStore(out)) == 8 and DatasetStore(out).info["created"] >= before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    prepare_phantom(empty, 1, SIZE, 0, (1, 0, 0), overwrite=True)
-    assert len(DatasetStore(empty)) == 4
-
-
-def test_check_replaceable_refusals(tmp_path, monkeypatch):
-    store = _prepare(tmp_path / "s.zarr")
-    check_replaceable(store)
-    check_replaceable(tmp_path / "missing")
-    (tmp_path / "notes.txt").write_text("x")
-    link = tmp_path / "link.zarr"
-    link.symlink_to(store)
-    cases = {
-        tmp_path / "notes.txt": "it is a file",
-        link: "symbolic link",
-        Path("/"): "current directory or a folder above it",
-        tmp_path: "not an echo-synth dataset store",
-    }
-    for path, reason in cases.items():
-        with pytest.raises(DataError, match=reason):
-            check_replaceable(path)
-    monkeypatch.chdir(store)
-    for path in (Path("."), store, Path("..")):
-        with pytest.raises(DataError, match="current directory or a folder above it"):
-            check_replaceable(path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(store))
-    with pytest.raises(DataError, match="home directory"):
-        check_replaceable(store)
-    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
-    (store / "my-notes.txt").write_text("keep me")  # a store someone put a file into
-    with pytest.raises(DataError, match="holds my-notes.txt"):
-        replace_store(store)
-    (store / "my-notes.txt").unlink()
-    replace_store(store)
-    assert not store.exists() and (tmp_path / "notes.txt").exists()
-
-
-def test_leftover_partial_that_is_not_ours_is_kept(tmp_path):
-    out = tmp_path / "p.zarr"
-    foreign = tmp_path / ".p.zarr.partial"
-    foreign.mkdir()
-    (foreign / "keep.txt").write_text("x")
-    with pytest.raises(DataError, match="is in the way"):
-        _prepare(out)
-    assert (foreign / "keep.txt").exists() and not out.exists()

@@ -22,7 +22,7 @@ from edmcli.evaluation.bootstrap import (
     subset_indices,
     subset_size,
 )
-from edmcli.evaluation.metrics import balanced_accuracy
+from edmcli.evaluation.metrics.classification import balanced_accuracy
 
 
 # --------------------------------------------------------------------------- paper protocol
@@ -227,7 +227,8 @@ def _plan(name: str, task: str, kind: str, store: Path) -> dict:
 
 def test_report_carries_paper_subsets_and_paired_patient_intervals(phantom_store):
     from edmcli.evaluation.downstream import load_split
-    from edmcli.evaluation.report import build_report, markdown
+    from edmcli.evaluation.report.data import build_report
+    from edmcli.evaluation.report.markdown import markdown
 
     seg = load_split(phantom_store, "test")
     cls = seg.select(seg.views >= 0)

@@ -21,8 +21,9 @@ from edmcli.evaluation.downstream import (
     build_view_classifier,
     segmenter_layout,
 )
-from edmcli.evaluation.evaluate import choose_validation, parse_train_spec
-from edmcli.evaluation.report import nfe_series, plot_vs_nfe, write_report
+from edmcli.evaluation.report import write_report
+from edmcli.evaluation.report.plots import nfe_series, plot_vs_nfe
+from edmcli.evaluation.train_specs import choose_validation, parse_train_spec
 from edmcli.runs.folder import record_training_patients
 
 runner = CliRunner()

@@ -18,6 +18,7 @@ from edmcli.models.registry import (
     get_spec,
     is_latent,
     model_names,
+    paper_reference,
     register_model,
     unregister_model,
 )
@@ -38,6 +39,11 @@ def test_the_paper_models_and_their_facts():
     assert get_spec("edm-l64").net_size(256) == 64 and get_spec("edm").net_size(64) == 64
     with pytest.raises(ValueError, match="valid names: sdm, edm"):
         get_spec("edm-l32")
+
+
+def test_the_paper_throughput_reference_is_sdm_at_1000_nfe():
+    assert [n for n in MODEL_NAMES if get_spec(n).paper_reference_nfe is not None] == ["sdm"]
+    assert paper_reference() is get_spec("sdm") and paper_reference().paper_reference_nfe == 1000
 
 
 def test_registering_twice_or_without_a_preset_is_refused():

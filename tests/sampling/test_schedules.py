@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from edmcli.models.preconditioning import DDPMEpsModel, ddpm_alphas_cumprod, vp_sigma
+from edmcli.models.ddpm import DDPMEpsModel, ddpm_alphas_cumprod
+from edmcli.models.preconditioning import vp_sigma
 from edmcli.models.registry import MODEL_NAMES, get_spec
 from edmcli.models.unet import SpadeUNet, SpadeUNetConfig
 from edmcli.sampling.schedules import (
@@ -18,7 +19,6 @@ from edmcli.sampling.schedules import (
     edm_sigmas,
     snap_sigmas,
     ve_sigmas,
-    vp_sigma64,
     vp_sigmas,
 )
 
@@ -96,7 +96,7 @@ def test_vp_levels_match_closed_form(n):
     )
     # the endpoints that EDM quotes for VP sampling: sigma(1) ~ 152, sigma(1e-3) ~ 0.0100
     assert sig[0].item() == pytest.approx(math.sqrt(math.expm1(0.5 * 19.9 + 0.1)), rel=1e-12)
-    assert vp_sigma64(torch.tensor(1.0)).item() == pytest.approx(152.0, rel=2e-3)
+    assert vp_sigma(torch.tensor(1.0, dtype=torch.float64)).item() == pytest.approx(152.0, rel=2e-3)
 
 
 def test_ddpm_full_schedule_is_every_discrete_level():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from tiny_nets import small_config
 
-from edmcli.models.preconditioning import DDPMEpsModel, cosine_alphas_cumprod
+from edmcli.models.ddpm import DDPMEpsModel, ddpm_alphas_cumprod
 from edmcli.models.unet import SpadeUNet
 from edmcli.sampling.pipeline import generate, solver_options_for
 from edmcli.sampling.schedules import ddpm_sigmas, ddpm_timesteps
@@ -26,7 +26,7 @@ F64 = torch.float64
 
 
 def cosine_sigmas(n: int) -> torch.Tensor:
-    return ddpm_sigmas(n, alphas_cumprod=cosine_alphas_cumprod())
+    return ddpm_sigmas(n, alphas_cumprod=ddpm_alphas_cumprod(noise_schedule="cosine"))
 
 
 def step_variances(sig: float, nxt: float) -> tuple[float, float]:
@@ -84,7 +84,7 @@ def textbook_learned(eps_frac_model, x_T, zs, abar):
 
 def test_learned_variance_sampler_equals_improved_ddpm_textbook():
     mu, s = 0.1, 0.4
-    abar = cosine_alphas_cumprod(1000)
+    abar = ddpm_alphas_cumprod(1000, noise_schedule="cosine")
     sig_t = ((1 - abar) / abar).sqrt()
     shape = (2, 1, 4, 4)
     g = torch.Generator().manual_seed(5)
@@ -113,7 +113,7 @@ def test_learned_variance_sampler_equals_improved_ddpm_textbook():
 
 
 def test_respaced_variance_interpolates_beta_and_beta_tilde_of_the_strided_chain():
-    abar = cosine_alphas_cumprod(1000)
+    abar = ddpm_alphas_cumprod(1000, noise_schedule="cosine")
     steps = 10
     taus = ddpm_timesteps(steps)  # 999, 888, ..., 0
     sigmas = cosine_sigmas(steps)
@@ -201,7 +201,7 @@ class GaussianOracleNet(SpadeUNet):
 def test_generate_samples_a_learned_variance_model_with_its_variance():
     mu, s = 0.1, 0.3
     model = DDPMEpsModel(
-        GaussianOracleNet(cosine_alphas_cumprod(1000), mu, s),
+        GaussianOracleNet(ddpm_alphas_cumprod(1000, noise_schedule="cosine"), mu, s),
         noise_schedule="cosine", learn_sigma=True, clip_denoised=True,
     ).eval()  # fmt: skip
     assert solver_options_for(model, "ddpm_ancestral", None) == {"variance": "learned"}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from edmcli.errors import EchoSynthError
-from edmcli.models.preconditioning import ddpm_alphas_cumprod
+from edmcli.models.ddpm import ddpm_alphas_cumprod
 from edmcli.models.registry import MODEL_NAMES, get_spec
 from edmcli.sampling.nfe import NFEError, StepPlan, plan
 from edmcli.sampling.schedules import ddpm_sigmas, edm_sigmas, ve_sigmas, vp_sigmas

@@ -19,7 +19,6 @@ from edmcli.runs.distributed import DistEnv
 from edmcli.runs.folder import MetricsLog, prepare_run_dir
 from edmcli.training.ema import EMA
 from edmcli.training.engine import TrainConfig, Trainer, TrainingInterrupted, TrainingTask
-from edmcli.training.sampler import ResumableDistributedSampler
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -159,19 +158,6 @@ def test_metrics_log_drops_lines_past_the_resumed_step(tmp_path):
     path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"step": 8, "cut')
     MetricsLog(path, resume_step=4)
     assert path.read_text() == '{"step": 2}\n{"step": 4}\n'
-
-
-def test_sampler_is_a_pure_function_of_position():
-    full = list(ResumableDistributedSampler(10, 3, seed=1))
-    assert len(full) == 9 and len(set(full)) == 9
-    later = ResumableDistributedSampler(10, 3, seed=1)
-    later.set_position(0, 2)
-    assert list(later) == full[6:]
-    ranks = [ResumableDistributedSampler(10, 2, seed=1, rank=r, world_size=2) for r in (0, 1)]
-    a, b = (list(s) for s in ranks)
-    assert not set(a) & set(b) and len(a) == len(b) == 4
-    with pytest.raises(ValueError, match="cannot fill one global batch"):
-        ResumableDistributedSampler(3, 2, seed=0, world_size=2)
 
 
 def test_ema_tracks_weights_with_warmup():

@@ -1,23 +1,26 @@
-"""Downstream metrics on hand-computed cases and against a brute-force Hausdorff reference."""
+"""Segmentation metrics on hand-computed cases, against a brute-force Hausdorff reference, and the
+batched versions (Dice, HD95, percentile Hausdorff) against the per-image ones and MONAI."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
-from edmcli.evaluation.metrics import (
-    accuracy,
-    balanced_accuracy,
-    classification_metrics,
-    confusion_matrix,
+from edmcli.evaluation.metrics.segmentation import (
     dice_per_structure,
     hausdorff_distance,
+    hausdorff_percentile,
     image_diagonal,
+    mask_edges,
     segmentation_metrics,
+    structure_dice,
+    structure_hd95,
     to_scoring_labels,
 )
 
@@ -155,19 +158,57 @@ def test_bad_segmentation_inputs():
         dice_per_structure(a.astype(np.float32), a)
 
 
-def test_confusion_matrix_accuracy_balanced_accuracy():
-    pred, target = [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]
-    np.testing.assert_array_equal(confusion_matrix(pred, target), [[1, 0], [1, 3]])
-    assert accuracy(pred, target) == pytest.approx(4 / 5)
-    assert balanced_accuracy(pred, target) == pytest.approx((1 / 1 + 3 / 4) / 2)
-    # Always answering the majority class: accuracy flatters, balanced accuracy does not.
-    assert accuracy([1] * 5, target) == pytest.approx(0.8)
-    assert balanced_accuracy([1] * 5, target) == pytest.approx(0.5)
-    # A class absent from the ground truth has no recall: only present classes count.
-    assert balanced_accuracy([1, 0, 1], [1, 1, 1]) == pytest.approx(2 / 3)
-    m = classification_metrics(pred, target)
-    assert m["correct"].tolist() == [1, 0, 1, 1, 1] and m["accuracy"] == pytest.approx(0.8)
-    with pytest.raises(ValueError, match="outside 0..1"):
-        accuracy([0, 2], [0, 1])
-    with pytest.raises(ValueError, match="no predictions"):
-        accuracy([], [])
+# --------------------------------------------------------------------------- batched
+def test_mask_edges_are_the_inner_boundary():
+    m = torch.zeros(1, 5, 5, dtype=torch.bool)
+    m[0, 1:4, 1:4] = True
+    edges = mask_edges(m)[0]
+    assert edges.sum() == 8 and not edges[2, 2]  # a ring around the centre
+    m[0, 0:3, 0:3] = True  # touching the border: border pixels are edges (border value 0)
+    assert mask_edges(m)[0, 0, 1]
+
+
+def test_hausdorff_by_hand():
+    a = torch.zeros(2, 9, 9, dtype=torch.bool)
+    b = torch.zeros(2, 9, 9, dtype=torch.bool)
+    a[0, 2, 2], b[0, 2, 5] = True, True  # single pixels 3 apart
+    a[1, 2:5, 2:5], b[1, 2:5, 4:7] = True, True  # a 3×3 square moved by 2 columns
+    assert hausdorff_percentile(a, b, None).tolist() == [3.0, 2.0]
+    assert hausdorff_percentile(a, b, None, spacing=(1.0, 0.5)).tolist() == [1.5, 1.0]
+    b[1] = False
+    assert np.isnan(hausdorff_percentile(a, b, 95)[1])  # an empty mask: the caller decides
+
+
+def test_batched_hausdorff_matches_monai():
+    from monai.metrics import compute_hausdorff_distance
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.avg_pool2d(torch.rand(20, 1, 24, 24, generator=g), 5, 1, 2)[:, 0]
+    a, b = x > 0.52, torch.roll(x, 2, 1) > 0.5
+    a[0, :4] = True  # a mask on the border
+    for percentile in (95, None):
+        mine = hausdorff_percentile(a, b, percentile, spacing=(0.5, 0.3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = compute_hausdorff_distance(
+                a[:, None].float(), b[:, None].float(), include_background=True,
+                percentile=percentile, spacing=(0.5, 0.3),
+            )[:, 0].numpy()  # fmt: skip
+        both = a.flatten(1).any(1).numpy() & b.flatten(1).any(1).numpy()
+        assert both.sum() > 15
+        np.testing.assert_allclose(mine[both], ref[both], rtol=1e-5, atol=1e-5)
+
+
+def test_fast_dice_and_hd95_equal_the_downstream_metrics():
+    g = torch.Generator().manual_seed(0)
+    x = F.avg_pool2d(torch.rand(12, 1, 20, 20, generator=g), 5, 1, 2)[:, 0]
+    a = (x * 12).long() % 5
+    b = torch.roll(a, 1, 2)
+    a[0], b[0] = 0, 0  # both empty
+    a[1] = 4  # only the sector: every structure missing from the prediction
+    np.testing.assert_allclose(structure_dice(a, b), dice_per_structure(a, b), atol=1e-12)
+    values, failed = structure_hd95(a, b)
+    for name, structure in (("lv_endocardium", 1), ("lv_myocardium", 2), ("left_atrium", 3)):
+        ref, ref_failed = hausdorff_distance(a, b, structure, percentile=95)
+        np.testing.assert_allclose(values[name], ref, rtol=1e-5, atol=1e-5)
+        assert (failed[name] == ref_failed).all()

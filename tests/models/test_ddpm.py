@@ -1,5 +1,7 @@
-"""The SDM baseline as published (echo_from_noise): cosine schedule, learned variance, hybrid
-loss, clipped x_0; and the original DDPM kept as an option that still gives today's results.
+"""The DDPM model (edmcli.models.ddpm): its linear schedule against a hand computation, the
+sigma parameterisation and x_0 prediction; the SDM baseline as published (echo_from_noise):
+cosine schedule, learned variance, hybrid loss, clipped x_0; and the original DDPM kept as an
+option that still gives today's results.
 
 Closed forms are computed here independently of the model: the cosine abar by hand, the
 Gaussian KL with ``torch.distributions.kl_divergence``, the decoder likelihood with the CDF of
@@ -18,16 +20,11 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from edmcli.errors import EchoSynthError
+from edmcli.models.ddpm import DDPMEpsModel, ddpm_alphas_cumprod, ddpm_betas
 from edmcli.models.diffusion_loss import (
     DDPMLoss,
     discretized_gaussian_log_likelihood,
     normal_kl,
-)
-from edmcli.models.preconditioning import (
-    DDPMEpsModel,
-    cosine_alphas_cumprod,
-    ddpm_alphas_cumprod,
-    ddpm_betas,
 )
 from edmcli.models.registry import build_loss, build_model, precond_settings, unet_config
 from edmcli.models.unet import SpadeUNet
@@ -59,6 +56,64 @@ def grid_batch(n: int = 6, seed: int = 0):
     return images, labels, labels > 0
 
 
+def label_maps(n: int = 2, size: int = 8) -> torch.Tensor:
+    return torch.randint(0, 5, (n, size, size), generator=torch.Generator().manual_seed(3))
+
+
+# ---------------------------------------------------------------------------- the DDPM model
+def test_ddpm_schedule_matches_hand_computation():
+    abar = ddpm_alphas_cumprod(1000, 1e-4, 0.02)
+    prod, hand = 1.0, []
+    for i in range(1000):
+        prod *= 1 - (1e-4 + (0.02 - 1e-4) * i / 999)
+        hand.append(prod)
+    torch.testing.assert_close(abar, torch.tensor(hand, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert abar[0].item() == pytest.approx(1 - 1e-4)
+    assert abar[-1].item() == pytest.approx(4.04e-5, rel=1e-2)  # the well-known DDPM endpoint
+    model = tiny_model()
+    torch.testing.assert_close(model.alphas_cumprod, abar.float())
+    torch.testing.assert_close(model.betas[[0, -1]], torch.tensor([1e-4, 0.02]))
+    torch.testing.assert_close(torch.cumprod(1 - model.betas.double(), 0), abar, rtol=1e-6, atol=0)
+    sig = ((1 - abar) / abar).sqrt().float()
+    torch.testing.assert_close(model.sigmas, sig)
+    torch.testing.assert_close(model.sigma(torch.tensor([0, 999])), sig[[0, 999]])
+    assert model.sigma_min == pytest.approx(sig[0].item()) and model.sigma_max > 150
+
+
+def test_ddpm_timestep_of_every_discrete_sigma_is_exact():
+    model = tiny_model()
+    assert torch.equal(model.timestep(model.sigmas), torch.arange(1000))
+    assert torch.equal(model.round_sigma(model.sigmas[[3, 500]] * 1.0001), model.sigmas[[3, 500]])
+
+
+def test_ddpm_sigma_parameterisation_and_x0_prediction():
+    model = tiny_model()
+    x0, eps = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    t = torch.tensor([10, 700])
+    abar = model.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    # x = x_t / sqrt(abar) = x0 + sigma_t eps.
+    sigma = model.sigma(t).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t / abar.sqrt(), x0 + sigma * eps)
+    # x0_from_eps inverts the forward noising.
+    torch.testing.assert_close(model.x0_from_eps(x_t, t, eps), x0, rtol=1e-4, atol=1e-4)
+    lab = label_maps()
+    with torch.no_grad():
+        eps_hat = model.predict_eps(x_t, t, lab)
+        x0_hat = model.predict_x0(x_t, t, lab)
+        torch.testing.assert_close(x0_hat, (x_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt())
+        # The uniform denoiser: D(x; sigma_t) = x - sigma_t eps_hat(x_t, t) = x0_hat.
+        x = x_t / abar.sqrt()
+        torch.testing.assert_close(model(x, sigma.flatten(), lab), x0_hat, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            model(x, sigma.flatten(), lab, return_eps=True), eps_hat, rtol=1e-4, atol=1e-4
+        )
+    with pytest.raises(ValueError, match="integer timesteps"):
+        model.predict_eps(x_t, torch.tensor([1.0, 2.0]), lab)
+    with pytest.raises(ValueError, match="0..999"):
+        model.predict_eps(x_t, torch.tensor([0, 1000]), lab)
+
+
 # ---------------------------------------------------------------------------- cosine schedule
 def test_cosine_alphas_cumprod_by_hand():
     T, s = 1000, 0.008
@@ -66,7 +121,7 @@ def test_cosine_alphas_cumprod_by_hand():
     def f(t):
         return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
 
-    abar = cosine_alphas_cumprod(T)
+    abar = ddpm_alphas_cumprod(T, noise_schedule="cosine")
     for t in (0, 1, 10, 250, 500, 900, 998):  # abar of x_{t+1} = f(t + 1) / f(0)
         assert abar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-10)
     assert abar[0].item() == pytest.approx(1 - (1 - f(1) / f(0)), rel=1e-12)
@@ -85,7 +140,7 @@ def test_cosine_alphas_cumprod_by_hand():
 
 def test_learned_variance_interpolation_at_v_minus_one_zero_one():
     model = tiny_model(noise_schedule="cosine", learn_sigma=True)
-    abar = cosine_alphas_cumprod(1000)
+    abar = ddpm_alphas_cumprod(1000, noise_schedule="cosine")
     abar_prev = torch.cat([torch.ones(1, dtype=F64), abar[:-1]])
     beta = 1 - abar / abar_prev
     tilde = (1 - abar_prev) / (1 - abar) * beta

@@ -1,4 +1,5 @@
-"""The order in which training sees samples: a pure function of (seed, epoch, rank).
+"""The order in which training sees samples, batch by batch: a pure function of (seed, epoch,
+rank).
 
 Because the order depends on nothing else, a run resumed at step *s* sees exactly the batches an
 uninterrupted run sees from step *s* on, whatever the number of DataLoader workers.

@@ -10,13 +10,13 @@ import torch
 import yaml
 
 from edmcli.errors import EchoSynthError
-from edmcli.evaluation.downstream import (
+from edmcli.evaluation.evaluate import evaluate
+from edmcli.evaluation.run_length import (
     RunLength,
     run_length,
     stop_reason,
     stopping_config,
 )
-from edmcli.evaluation.evaluate import evaluate
 from edmcli.settings import resolve
 from edmcli.training.engine import TrainConfig
 
