@@ -1,0 +1,138 @@
+"""The ``evaluate`` command: downstream segmentation and view classification trained on each
+store and scored on real held-out images."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edmcli.config import ConfigOption
+
+from .errors import user_errors
+from .options import BatchOpt, DeviceOpt, Precision, PrecisionOpt, WorkersOpt, stage_options
+
+
+class LrScheduleChoice(str, enum.Enum):
+    constant = "constant"
+    cosine = "cosine"
+    plateau = "plateau"
+
+
+class TaskChoice(str, enum.Enum):
+    seg = "seg"
+    cls = "cls"
+    both = "both"
+
+
+class PresetChoice(str, enum.Enum):
+    paper = "paper"
+    tiny = "tiny"
+
+
+class CheckpointChoice(str, enum.Enum):
+    real = "real"
+    synthetic = "synthetic"
+    last = "last"
+
+
+@user_errors
+def evaluate(
+    train: Annotated[
+        list[str],
+        typer.Option(
+            "--train",
+            help="Dataset store whose train split trains one run; repeat for several runs "
+            "(one per synthetic dataset, and the real store for the reference line); "
+            "'a.zarr,b.zarr' trains one run on the union.",
+        ),
+    ],
+    test: Annotated[
+        Path, typer.Option("--test", help="Real dataset store; its test split is scored.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the runs, report.json/.md and plots.")
+    ] = Path("evaluation"),
+    preset: Annotated[
+        PresetChoice,
+        typer.Option(
+            help="paper (256², to convergence, at most 250 epochs) or tiny (CPU minutes, 64²)."
+        ),
+    ] = PresetChoice.paper,
+    task: Annotated[
+        TaskChoice, typer.Option(help="seg (DynUNet), cls (EfficientNetV2-S A2C/A4C) or both.")
+    ] = TaskChoice.both,
+    size: Annotated[int | None, typer.Option(help="Network input side (resamples).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps per run.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per run (if no --steps).")] = None,
+    batch: BatchOpt = None,
+    lr: Annotated[float | None, typer.Option(help="Adam(W) learning rate.")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="EMA decay (0: none).")] = None,
+    validate_every: Annotated[
+        int | None, typer.Option(help="Steps between validations (best checkpoint).")
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(help="Stop a run after this many validations in a row without improvement."),
+    ] = None,
+    min_delta: Annotated[
+        float | None, typer.Option(help="Smallest validation gain that counts as improvement.")
+    ] = None,
+    min_steps: Annotated[
+        int | None, typer.Option(help="Steps before validations count towards --patience.")
+    ] = None,
+    lr_schedule: Annotated[
+        LrScheduleChoice | None,
+        typer.Option(help="After the warm-up: constant, cosine, or plateau (cut on a plateau)."),
+    ] = None,
+    deep_supervision: Annotated[
+        bool | None, typer.Option(help="DynUNet deep-supervision heads.")
+    ] = None,
+    augment: Annotated[
+        bool | None, typer.Option(help="Geometric + intensity augmentation.")
+    ] = None,
+    num_workers: WorkersOpt = None,
+    checkpoint: Annotated[
+        CheckpointChoice,
+        typer.Option(
+            help="Which checkpoint of each run is tested: real (best on real validation images: "
+            "--val, else a real --train store's val split, else the test store's), synthetic "
+            "(best on the run's own val split: sample --holdout), or last."
+        ),
+    ] = CheckpointChoice.real,
+    val: Annotated[
+        Path | None,
+        typer.Option(help="Real store whose val split picks the checkpoints (--checkpoint real)."),
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap iterations.")] = 1000,
+    bootstrap_fraction: Annotated[
+        float, typer.Option(help="Fraction of the test set per bootstrap subset.")
+    ] = 0.8,
+    precision: PrecisionOpt = Precision.auto,
+    device: DeviceOpt = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of training and of the bootstrap.")] = 0,
+    fidelity: Annotated[
+        bool,
+        typer.Option(
+            help="Also judge each synthetic store in seconds with the real-trained networks "
+            "(label fidelity, accuracy on synthetic, FD/KID/PRDC, diversity) and, with 3 or "
+            "more, rank each metric against the downstream Dice and accuracy.",
+        ),
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Train a segmenter and a view classifier on each --train store and score them on the
+    held-out real --test split; write report.json, report.md and plots. Rerun to resume."""
+    options = stage_options(locals(), "train", "test", "out", "preset", "task", "bootstrap",
+                            "bootstrap_fraction", "precision", "device", "seed", "checkpoint",
+                            "val", "fidelity")  # fmt: skip
+    from edmcli.evaluation.evaluate import evaluate as stage
+
+    stage(
+        train, test, out, preset.value, ["seg", "cls"] if task is TaskChoice.both else [task.value],
+        options, device=device, seed=seed, precision=precision.value,
+        bootstrap_iterations=bootstrap, bootstrap_fraction=bootstrap_fraction,
+        checkpoint=checkpoint.value, val=val, fidelity=fidelity,
+    )  # fmt: skip

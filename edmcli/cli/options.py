@@ -1,0 +1,58 @@
+"""Options that several commands share (their types, help and defaults) and the one path from
+parsed options to a stage function's keyword arguments."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any
+
+import typer
+
+# Options shared by the training commands (the engine's settings); None: the preset decides.
+BatchOpt = Annotated[int | None, typer.Option(help="Global batch size.")]
+BatchGpuOpt = Annotated[
+    int | None, typer.Option(help="Per-process micro-batch (gradient accumulation).")
+]
+LrOpt = Annotated[float | None, typer.Option(help="AdamW learning rate.")]
+EmaOpt = Annotated[float | None, typer.Option(help="EMA decay per step.")]
+CheckpointEveryOpt = Annotated[int | None, typer.Option(help="Steps between checkpoints.")]
+LogEveryOpt = Annotated[int | None, typer.Option(help="Steps between log lines.")]
+GridEveryOpt = Annotated[int | None, typer.Option(help="Steps between image grids.")]
+WorkersOpt = Annotated[int | None, typer.Option(help="DataLoader workers.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed.")]
+
+
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        envvar="ECHO_SYNTH_THREADS",
+        help="CPU threads for torch (default: every core this process may use; one line warns "
+        "when other processes already load them).",
+    ),
+]
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+PrecisionOpt = Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")]
+RunOption = typer.Option(
+    "--run",
+    "--run-dir",
+    help="Run folder (default runs/<model>).",
+)
+
+
+def stage_options(values: dict[str, Any], *drop: str) -> dict[str, Any]:
+    """A command's parsed options as the stage function's keyword arguments: the one path from
+    flags (and ``--config`` YAML, which arrives as the options' defaults) to settings. Enums
+    become their values; ``config`` and ``drop`` are left out."""
+    skip = {"config", *drop}
+    return {
+        k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items() if k not in skip
+    }
