@@ -33,7 +33,6 @@ from edmcli.bench.flops import network_flops, peak_flops  # noqa: E402
 from edmcli.bench.throughput import label_batch  # noqa: E402
 from edmcli.data.labels import sector_mask  # noqa: E402
 from edmcli.models.registry import (  # noqa: E402
-    PIXEL_SIZE,
     build_loss,
     build_model,
     get_spec,
@@ -41,6 +40,7 @@ from edmcli.models.registry import (  # noqa: E402
     model_names,
     precond_settings,
 )
+from edmcli.settings import PIXEL_SIZE  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -17,25 +17,17 @@ from typing import Any
 
 from edmcli.console import console
 from edmcli.errors import EchoSynthError
+from edmcli.settings import PIPELINES
 
-DEMO_SIZE = 64
-DEMO_MODEL = "edm-l64"
-DEMO_NFE = 35  # Heun with 18 steps: the tiny model needs more than 5 steps (NFE 9)
-DEMO_PATIENTS = 50
-DEMO_SPLIT = "5:1:4"  # train:val:test patients: ≥ 20 test patients for a patient-level interval
-PIXEL_MODEL = "edm"  # the pixel-space model the quick bench measures against DEMO_MODEL
-# View conditioning with classifier-free guidance (w = 1): on the calibrated phantom it lifts the
-# synthetic-trained view accuracy from 65.0 % to 77.5 % (real-trained 85.0 %) at equal NFE,
-# training length and seed, Dice unchanged (74.1 → 74.5). "none" is the paper's map-only model.
-DEMO_CLASS_COND = "view"
+DEMO = PIPELINES["demo"]  # what the demo runs: one named row of the settings table
 
 
 def run_demo(
     out: Path = Path("demo"),
-    n_patients: int = DEMO_PATIENTS,
+    n_patients: int = DEMO["n_patients"],
     seed: int = 0,
     device: str = "auto",
-    class_cond: str = DEMO_CLASS_COND,
+    class_cond: str = DEMO["class_cond"],
 ) -> dict[str, Any] | None:
     """Run the demo under ``out``; returns the evaluation report (None on non-main ranks).
     ``class_cond``: the generator's conditioning besides the label map (``view``, ``view-phase``
@@ -58,7 +50,7 @@ def run_demo(
             f"the demo needs at least 10 phantom patients (train, validation and test), got "
             f"{n_patients}"
         )
-    store = out / "phantom64.zarr"
+    store = out / f"phantom{DEMO['size']}.zarr"
     if store.exists():  # a rerun continues; with other data it would silently mix two demos
         from edmcli.data.store import DatasetStore
 
@@ -69,15 +61,16 @@ def run_demo(
                 f"{out} holds a demo of {count} phantom patients (another --n-patients or "
                 f"--seed); rerun with those settings to continue it, or use another --out"
             )
-    vae_run, diffusion_run = out / "runs" / "vae-l64", out / "runs" / DEMO_MODEL
-    synthetic = out / "synthetic" / f"{DEMO_MODEL}-nfe{DEMO_NFE}.zarr"
+    model, nfe, latent, preset = DEMO["model"], DEMO["nfe"], DEMO["latent"], DEMO["preset"]
+    vae_run, diffusion_run = out / "runs" / f"vae-l{latent}", out / "runs" / model
+    synthetic = out / "synthetic" / f"{model}-nfe{nfe}.zarr"
 
     def prepare_step():
         if store.exists():
             console.print(f"using {store}", highlight=False)
             return
-        result = prepare(store, source="phantom", size=DEMO_SIZE, n_patients=n_patients, seed=seed,
-                         split_ratio=DEMO_SPLIT)  # fmt: skip
+        result = prepare(store, source="phantom", size=DEMO["size"], n_patients=n_patients,
+                         seed=seed, split_ratio=DEMO["split_ratio"])  # fmt: skip
         console.print(f"wrote {result.path}: {result.samples} images", highlight=False)
 
     bench_dir = out / "bench"
@@ -87,24 +80,24 @@ def run_demo(
         if done.is_file() and json.loads(done.read_text()).get("complete"):
             console.print(f"using {done}", highlight=False)
             return
-        bench([DEMO_MODEL, PIXEL_MODEL], preset="tiny", nfe=[1, DEMO_NFE], compile=False,
+        bench([model, DEMO["pixel_model"]], preset=preset, nfe=[1, nfe], compile=False,
               peer=False, device=device, out=bench_dir)  # fmt: skip
 
     steps = [
         ("prepare", prepare_step),
         ("train-vae", lambda: train_vae(
-            store, 64, run=vae_run, preset="tiny", device=device, seed=seed,
+            store, latent, run=vae_run, preset=preset, device=device, seed=seed,
         )),
         ("train-diffusion", lambda: train_diffusion(
-            DEMO_MODEL, store, vae=vae_run, run=diffusion_run, preset="tiny", device=device,
+            model, store, vae=vae_run, run=diffusion_run, preset=preset, device=device,
             seed=seed, preview=preview_samples, class_cond=class_cond,
         )),
         ("sample", lambda: sample(
-            run=diffusion_run, nfe=DEMO_NFE, compile=False, out=synthetic, device=device,
+            run=diffusion_run, nfe=nfe, compile=False, out=synthetic, device=device,
             seed=seed,
         )),
         ("evaluate", lambda: evaluate(
-            [str(store), str(synthetic)], store, out / "evaluation", preset="tiny",
+            [str(store), str(synthetic)], store, out / "evaluation", preset=preset,
             device=device, seed=seed, fidelity=True,
         )),
         ("bench", bench_step),
@@ -155,14 +148,14 @@ def gap_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def throughput_line(bench_result: dict[str, Any], nfe: int = DEMO_NFE) -> str:
+def throughput_line(bench_result: dict[str, Any], nfe: int = DEMO["nfe"]) -> str:
     """One sentence: images/s of the latent model and the pixel model at ``nfe``, their ratio
     and its FLOP ceiling, from a ``bench`` result."""
     from edmcli.bench.ratios import images_per_second, per_image_flops
 
     scale = bench_result["scales"][0]
     entries = {e["model"]: e for e in scale["entries"]}
-    latent, pixel = entries.get(DEMO_MODEL), entries.get(PIXEL_MODEL)
+    latent, pixel = entries.get(DEMO["model"]), entries.get(DEMO["pixel_model"])
     if latent is None or pixel is None:
         return "The quick bench measured only one of the two models; see bench/bench.json."
     a, b = images_per_second(latent, nfe), images_per_second(pixel, nfe)
@@ -217,7 +210,7 @@ def front_page(
     report: dict[str, Any],
     bench_result: dict[str, Any],
     out: Path,
-    class_cond: str | None = DEMO_CLASS_COND,
+    class_cond: str | None = DEMO["class_cond"],
 ) -> str:
     """``report.md`` of the demo: the two answers first, then pictures and links.
     ``class_cond``: the generator's class conditioning (None or ``"none"``: map only)."""
@@ -230,11 +223,13 @@ def front_page(
     test = report["test"]
     n_test = len(test["patients"])
     images = ", ".join(f"{n} images for {task}" for task, n in test["images"].items())
+    size, model, nfe, latent = DEMO["size"], DEMO["model"], DEMO["nfe"], DEMO["latent"]
     lines = [
         "# echo-synth demo",
         "",
-        f"Phantom echoes at {DEMO_SIZE}² → Γ-VAE L64 → {DEMO_MODEL.upper()}{conditioning} (tiny "
-        f"presets) → a synthetic store sampled at NFE {DEMO_NFE} → networks trained on real or on "
+        f"Phantom echoes at {size}² → Γ-VAE L{latent} → {model.upper()}{conditioning} "
+        f"({DEMO['preset']} presets) → a synthetic store sampled at NFE {nfe} → networks trained "
+        f"on real or on "
         f"synthetic images, tested on the same {n_test} held-out real patients ({images}).",
         "",
         "## 1. Does synthetic data train as well as real data?",
@@ -254,7 +249,7 @@ def front_page(
     if quality:
         lines += ["## Quality of the synthetic data (seconds, no training)", "", *quality, ""]
     pictures = [("synthetic samples (label map, image)",
-                 out / "synthetic" / f"{DEMO_MODEL}-nfe{DEMO_NFE}-grid.png")]  # fmt: skip
+                 out / "synthetic" / f"{model}-nfe{nfe}-grid.png")]  # fmt: skip
     pictures += [(Path(p).stem.replace("_", " "), out / "evaluation" / p)
                  for p in report.get("plots", [])]  # fmt: skip
     pictures.append(("throughput vs NFE", out / "bench" / "throughput.png"))

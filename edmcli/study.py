@@ -33,6 +33,7 @@ import yaml
 
 from edmcli.console import console
 from edmcli.errors import EchoSynthError
+from edmcli.settings import PIPELINES
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("store", "source", "size", "n_patients", "split_ratio", "camus_dir", "folder",
@@ -45,6 +46,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 TOP = ("out", "seed", "device", "models", *SECTIONS)
 STAGES = ("prepare", "train-vae", "train-diffusion", "sample", "evaluate", "bench")
 WAIT_POLL_S = 5.0
+STUDY = PIPELINES["study"]  # what a config leaves out: one named row of the settings table
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -85,9 +87,8 @@ def load_config(path: Path) -> dict[str, Any]:
         or not all(isinstance(n, int) and n >= 1 for n in nfes)
     ):
         raise EchoSynthError(f"{path}: sample.nfe must be a list of integers ≥ 1, got {nfes!r}")
-    config.setdefault("out", "study")
-    config.setdefault("seed", 0)
-    config.setdefault("device", "auto")
+    for key in ("out", "seed", "device"):
+        config.setdefault(key, STUDY[key])
     return config
 
 
@@ -149,10 +150,11 @@ def run_study(config_path: Path, *, only: list[str] | None = None) -> dict[str, 
     log = StudyLog(out)
     seed, device, models = config["seed"], config["device"], config["models"]
     data = dict(config["data"])
-    size = data.get("size", 256)
-    store = Path(data.pop("store", None) or out / f"{data.get('source', 'phantom')}{size}.zarr")
+    size = data.get("size", STUDY["size"])
+    source = data.get("source", STUDY["source"])
+    store = Path(data.pop("store", None) or out / f"{source}{size}.zarr")
     train = config["train"]
-    preset = train.get("preset", "paper")
+    preset = train.get("preset", STUDY["train_preset"])
     latents = sorted({get_spec(m).latent for m in models if get_spec(m).is_latent})
     runs = out / "runs"
 
@@ -201,7 +203,7 @@ def run_study(config_path: Path, *, only: list[str] | None = None) -> dict[str, 
         work = partial(train_diffusion, model, store, vae=vae, run=runs / model,
                        preview=preview_samples, **diffusion_settings)  # fmt: skip
         stage("train-diffusion", f"train-diffusion {model}", diffusion_settings, work)
-    sampling = {"compile": False, **config["sample"], "seed": seed, "device": device}
+    sampling = {"compile": STUDY["compile"], **config["sample"], "seed": seed, "device": device}
     nfes = sampling.pop("nfe")
     synthetic = []
     for model in models:
@@ -211,13 +213,13 @@ def run_study(config_path: Path, *, only: list[str] | None = None) -> dict[str, 
             work = partial(sample, run=runs / model, nfe=nfe, out=path, **sampling)
             stage("sample", f"sample {model} nfe {nfe}", sampling, work)
     train_specs = [str(store), *map(str, synthetic)]
-    evaluation = {"preset": "paper", "fidelity": True, **config["evaluate"], "seed": seed,
-                  "device": device}  # fmt: skip
+    evaluation = {"preset": STUDY["evaluate_preset"], "fidelity": STUDY["fidelity"],
+                  **config["evaluate"], "seed": seed, "device": device}  # fmt: skip
     work = partial(evaluate, train_specs, store, out / "evaluation", **evaluation)
     stage("evaluate", "evaluate", {**evaluation, "train": train_specs}, work)
     if config.get("bench") is not None:
-        options = {"models": models, "nfe": [1, *nfes], "peer": True, **config["bench"],
-                   "device": device}  # fmt: skip
+        options = {"models": models, "nfe": [1, *nfes], "peer": STUDY["bench_peer"],
+                   **config["bench"], "device": device}  # fmt: skip
         work = partial(bench, out=out / "bench", reports=[out / "evaluation"], **options)
         stage("bench", "bench", options, work, main_only=True)
     record = log.read()

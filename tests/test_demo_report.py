@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from fake_reports import fake_run
 
-from edmcli.demo import DEMO_MODEL, DEMO_NFE, PIXEL_MODEL, front_page, gap_rows, throughput_line
+from edmcli.demo import DEMO, front_page, gap_rows, throughput_line
+
+LATENT, PIXEL = DEMO["model"], DEMO["pixel_model"]
 
 
 def _gap(value):
@@ -40,8 +42,8 @@ def test_gap_rows_read_values_and_patient_intervals():
 def test_throughput_line_is_the_ratio_of_the_cost_models():
     # latent: 4 images in 1 + 35 × 0.1 s = 4.5 s; pixel: 4 in 1 + 35 × 1.0 s = 36 s → 8×
     result = {"environment": {"device_name": "test CPU"}, "settings": {"device": "cpu"},
-              "scales": [{"entries": [_entry(DEMO_MODEL, 4, 1.0, 0.1, 10.0, decode=5.0),
-                                      _entry(PIXEL_MODEL, 4, 1.0, 1.0, 100.0)]}]}  # fmt: skip
+              "scales": [{"entries": [_entry(LATENT, 4, 1.0, 0.1, 10.0, decode=5.0),
+                                      _entry(PIXEL, 4, 1.0, 1.0, 100.0)]}]}  # fmt: skip
     line = throughput_line(result, nfe=35)
     assert "**8.0× faster**" in line
     assert f"FLOP ratio {3500 / 355:.1f}×" in line and "test CPU" in line
@@ -51,15 +53,15 @@ def test_throughput_line_is_the_ratio_of_the_cost_models():
 
 def test_front_page_answers_first_and_links_only_existing_pictures(tmp_path):
     result = {"environment": {}, "settings": {"device": "cpu"},
-              "scales": [{"entries": [_entry(DEMO_MODEL, 4, 1.0, 0.1, 1.0),
-                                      _entry(PIXEL_MODEL, 4, 1.0, 1.0, 1.0)]}]}  # fmt: skip
+              "scales": [{"entries": [_entry(LATENT, 4, 1.0, 0.1, 1.0),
+                                      _entry(PIXEL, 4, 1.0, 1.0, 1.0)]}]}  # fmt: skip
     report = {**_report(), "plots": ["plots/dice.png", "plots/missing.png"]}
     (tmp_path / "evaluation" / "plots").mkdir(parents=True)
     (tmp_path / "evaluation" / "plots" / "dice.png").write_bytes(b"png")
     page = front_page(report, result, tmp_path)
     first = page.index("## 1."), page.index("## 2."), page.index("## Pictures")
     assert first == tuple(sorted(first))
-    assert "20 held-out real patients" in page and f"NFE {DEMO_NFE}" in page
+    assert "20 held-out real patients" in page and f"NFE {DEMO['nfe']}" in page
     assert "![dice](evaluation/plots/dice.png)" in page and "missing" not in page
     assert "EDM-L64 conditioned on the label map and the view" in page
     assert "EDM-L64 (map only, as in the paper)" in front_page(report, result, tmp_path, "none")

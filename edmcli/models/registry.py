@@ -52,10 +52,10 @@ from edmcli.models.ddpm import DDPMEpsModel
 from edmcli.models.diffusion_loss import DDPMLoss, DiffusionLoss, EDMLoss, VELoss, VPLoss
 from edmcli.models.preconditioning import EDMPrecond, VEPrecond, VPPrecond
 from edmcli.models.unet import SpadeUNet, SpadeUNetConfig
+from edmcli.settings import PIXEL_SIZE, PRESET_NAMES
 
 __all__ = [
     "MODEL_NAMES",
-    "PRESET_NAMES",
     "ModelSpec",
     "build_loss",
     "build_model",
@@ -71,11 +71,6 @@ __all__ = [
     "unet_config",
     "unregister_model",
 ]
-
-PRESET_NAMES = ("paper", "tiny")
-# Pixel side of the stores each preset is sized for; a latent model's network side is the
-# pixel side × latent / 256 (the paper's latents are named by their side at 256²).
-PIXEL_SIZE = {"paper": 256, "tiny": 64}
 
 
 @dataclass(frozen=True)
