@@ -50,11 +50,18 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def process_layout() -> tuple[int, int, int]:
+    """(world size, rank, local rank) of this process: ``torchrun``'s variables, else (1, 0, 0)."""
+    return (
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
 def init_distributed(device_spec: str) -> DistEnv:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1), else run alone."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank, local_rank = process_layout()
     device = resolve_device(device_spec, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

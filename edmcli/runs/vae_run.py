@@ -122,11 +122,20 @@ class LoadedVAE:
     sha256: str
 
 
-def load_vae_run(
-    run: Path, device: torch.device, checkpoint: Path | None = None, sha256: str | None = None
-) -> LoadedVAE:
-    """Load the EMA weights of a ``train-vae`` run: its newest checkpoint, or ``checkpoint``
-    (checked against ``sha256`` when given: a latent model must decode with its own VAE)."""
+@dataclass(frozen=True)
+class VAERunRef:
+    """A Γ-VAE run and the checkpoint chosen in it, checked from its files alone (config, the
+    checkpoint's presence and hash); nothing loaded. :func:`open_vae_run` loads it."""
+
+    settings: VAESettings
+    run: Path  # as given
+    checkpoint: Path  # as found
+    sha256: str
+
+
+def find_vae_run(run: Path, checkpoint: Path | None = None, sha256: str | None = None) -> VAERunRef:
+    """The checks of :func:`load_vae_run` that need no weights: a ``train-vae`` run, its newest
+    checkpoint (or ``checkpoint``, checked against ``sha256`` when given)."""
     run = Path(run)
     config = load_run_config(run)
     if config.get("kind") != "vae":
@@ -146,7 +155,20 @@ def load_vae_run(
             f"the Γ-VAE checkpoint {checkpoint} changed since the diffusion model was trained "
             "(its hash differs)"
         )
-    model = GammaVAE(settings.model_config())
-    model.load_state_dict(load_checkpoint(checkpoint, "cpu")["ema"])
+    return VAERunRef(settings, run, checkpoint, digest)
+
+
+def open_vae_run(ref: VAERunRef, device: torch.device) -> LoadedVAE:
+    """Build the Γ-VAE of ``ref`` and load its checkpoint's EMA weights."""
+    model = GammaVAE(ref.settings.model_config())
+    model.load_state_dict(load_checkpoint(ref.checkpoint, "cpu")["ema"])
     model = model.to(device).eval().requires_grad_(False)
-    return LoadedVAE(model, settings, run.resolve(), checkpoint.resolve(), digest)
+    return LoadedVAE(model, ref.settings, ref.run.resolve(), ref.checkpoint.resolve(), ref.sha256)
+
+
+def load_vae_run(
+    run: Path, device: torch.device, checkpoint: Path | None = None, sha256: str | None = None
+) -> LoadedVAE:
+    """Load the EMA weights of a ``train-vae`` run: its newest checkpoint, or ``checkpoint``
+    (checked against ``sha256`` when given: a latent model must decode with its own VAE)."""
+    return open_vae_run(find_vae_run(run, checkpoint, sha256), device)

@@ -21,8 +21,7 @@ imports sampling (the CLI hands in :func:`edmcli.sampling.preview.preview_sample
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,39 +30,35 @@ import torch
 from torch import nn
 
 from edmcli.data.augment import AugmentConfig, PairedAugment
-from edmcli.data.dataset import PHASES, EchoDataset, codes
-from edmcli.data.labels import VIEWS, sector_mask
+from edmcli.data.dataset import EchoDataset
+from edmcli.data.labels import sector_mask
 from edmcli.data.store import DatasetStore
-from edmcli.errors import EchoSynthError
 from edmcli.models.masked import masked_mean
-from edmcli.models.registry import (
-    build_loss,
-    get_spec,
-    loss_settings,
-    precond_settings,
-    unet_config,
-)
-from edmcli.models.unet import SpadeUNetConfig
-from edmcli.runs.diffusion_run import (
-    CLASS_CONDITIONS,
-    CLASS_DROPOUT,
-    DiffusionSettings,
-    build_network,
-    check_class_cond,
-    check_model_name,
-    class_ids,
-)
-from edmcli.runs.folder import Dependency, frozen_dependency
+from edmcli.models.registry import build_loss, loss_settings
+from edmcli.runs.diffusion_run import DiffusionSettings, build_network, class_ids
+from edmcli.runs.folder import Dependency
 from edmcli.runs.grids import save_image_grid
-from edmcli.runs.vae_run import LoadedVAE, load_latent_stats, load_vae_run
-from edmcli.settings import resolve, training_steps
-from edmcli.training.engine import TrainConfig, TrainingTask
-from edmcli.training.run import train_config_dict, train_run
+from edmcli.runs.vae_run import LoadedVAE, open_vae_run
+from edmcli.training.diffusion_plan import (
+    PRECOND_SETTINGS,
+    UNET_SETTINGS,
+    DiffusionTrainingPlan,
+    PreviewFn,
+    class_settings,
+    diffusion_run_settings,
+    plan_train_diffusion,
+    settings_dict,
+)
+from edmcli.training.engine import TrainingTask
+from edmcli.training.run import train_run
+
+__all__ = [
+    "PRECOND_SETTINGS", "UNET_SETTINGS", "DiffusionTask", "DiffusionTrainingPlan", "PreviewFn",
+    "class_drop_mask", "class_settings", "diffusion_settings", "last_validation",
+    "plan_train_diffusion", "run_train_diffusion", "settings_dict", "train_diffusion",
+]  # fmt: skip
 
 CHECK_SIGMA = 0.5  # the denoising check's noise level (σ_data of EDM: a "moderate" σ)
-UNET_SETTINGS = ("dropout", "spade_placement", "model_channels")
-PRECOND_SETTINGS = ("noise_schedule", "learn_sigma", "clip_denoised", "sigma_data")
-PreviewFn = Callable[[nn.Module, torch.Tensor, DiffusionSettings, "LoadedVAE | None"], torch.Tensor]
 CLASS_DROP_STREAM = 0xC1A55  # seed stream of the classifier-free guidance dropout
 
 
@@ -91,124 +86,12 @@ def diffusion_settings(
     precond_overrides: dict[str, Any] | None = None,
     run: Path | None = None,
 ) -> tuple[DiffusionSettings, LoadedVAE | None]:
-    """Validate the model, the store and (for latent models) the Γ-VAE run; build the settings."""
-    check_model_name(model)
-    spec = get_spec(model)
-    store = DatasetStore(data)
-    height, width = store.image_size
-    if height != width:
-        raise EchoSynthError(f"{data} has non-square images ({height}×{width})")
-    labels_seen = store.info.get("label_names", {})
-    if labels_seen.get("4") != "sector" or labels_seen.get("1") != "lv_endocardium":
-        raise EchoSynthError(
-            f"{data} does not use the label convention (0 outside, 1 LV, 2 myocardium, 3 LA, "
-            "4 sector); rebuild it with echo-synth prepare"
-        )
-    bad = store.invalid_label_values()
-    if bad:
-        raise EchoSynthError(
-            f"{data} has label values {bad} outside the convention 0..4; rebuild it with "
-            "echo-synth prepare"
-        )
-    loaded = None
-    net_size = height
-    if spec.is_latent:
-        if vae is None:
-            raise EchoSynthError(
-                f"{model} runs in the Γ-VAE latent space: it needs a Γ-VAE run (vae; train one "
-                f"with echo-synth train-vae --latent {spec.latent})"
-            )
-        frozen = frozen_dependency(run, "vae") if run is not None else None
-        if frozen is not None and frozen.source_run == Path(vae).resolve():
-            # resuming: the Γ-VAE checkpoint this run was trained with, from its own copy
-            loaded = load_vae_run(frozen.folder, torch.device("cpu"), frozen.checkpoint,
-                                  frozen.sha256)  # fmt: skip
-            vae_run, vae_checkpoint = frozen.source_run, frozen.source_checkpoint
-        else:
-            loaded = load_vae_run(vae, torch.device("cpu"))
-            vae_run, vae_checkpoint = loaded.run, loaded.checkpoint
-        if loaded.settings.latent != spec.latent:
-            raise EchoSynthError(
-                f"the Γ-VAE run {vae} is an L{loaded.settings.latent} but {model} needs an "
-                f"L{spec.latent} (train-vae --latent {spec.latent})"
-            )
-        if loaded.settings.image_size != height:
-            raise EchoSynthError(
-                f"the Γ-VAE run {vae} was trained on {loaded.settings.image_size}² images but "
-                f"{data} holds {height}² images"
-            )
-        net_size = loaded.settings.latent_size
-    precond_overrides = dict(precond_overrides or {})
-    sigma_data_source = None
-    if loaded is not None and "sigma_data" in precond_settings(model):
-        stats = load_latent_stats(loaded.run)
-        if "sigma_data" in precond_overrides:
-            sigma_data_source = "set"
-        elif stats is not None:
-            precond_overrides["sigma_data"] = round(float(stats["sigma_data"]), 6)
-            sigma_data_source = "measured: std of the Γ-VAE run's encoded training latents"
-        else:
-            sigma_data_source = "assumed (the Γ-VAE run records no latent statistics)"
-    try:
-        precond = precond_settings(model, **precond_overrides)
-        config = unet_config(model, preset, net_size, precond=precond, **unet_overrides)
-        config_dict = asdict(config)
-        SpadeUNetConfig(**config_dict)
-    except ValueError as exc:
-        raise EchoSynthError(f"{model} network settings: {exc}") from None
-    if not config_dict.get("num_classes"):
-        config_dict.pop("num_classes", None)  # map only: the config runs recorded before classes
-    settings = DiffusionSettings(
-        model=model,
-        data=str(Path(data).resolve()),
-        preset=preset,
-        image_size=height,
-        net_size=net_size,
-        unet=_plain(config_dict),
-        precond=_plain(precond),
-        vae_run=str(vae_run) if loaded else None,
-        vae_checkpoint=str(vae_checkpoint) if loaded else None,
-        vae_sha256=loaded.sha256 if loaded else None,
-        sigma_data_source=sigma_data_source,
+    """Validate the model, the store and (for latent models) the Γ-VAE run; build the settings
+    (:func:`~edmcli.training.diffusion_plan.diffusion_run_settings`) and load the Γ-VAE."""
+    settings, ref = diffusion_run_settings(
+        model, data, preset, vae, unet_overrides, precond_overrides, run=run
     )
-    return settings, loaded
-
-
-def class_settings(values: dict[str, Any], data: Path) -> tuple[str | None, float | None]:
-    """(class_cond, class_dropout) of resolved settings ``values``; a conditioning needs the
-    training images' view (and phase) recorded in ``data``."""
-    class_cond = check_class_cond(values.get("class_cond"))
-    dropout = values.get("class_dropout")
-    if class_cond is None:
-        if dropout is not None:
-            raise EchoSynthError("class_dropout needs a class conditioning (--class-cond view)")
-        return None, None
-    dropout = CLASS_DROPOUT if dropout is None else float(dropout)
-    if not 0.0 <= dropout < 1.0:
-        raise EchoSynthError(f"class_dropout {dropout} must be in [0, 1)")
-    store = DatasetStore(data)
-    rows = store.indices("train")
-    known = class_ids(
-        class_cond,
-        torch.from_numpy(codes(store.column("view")[rows], VIEWS)),
-        torch.from_numpy(codes(store.column("phase")[rows], PHASES)),
-    )
-    if not bool((known < CLASS_CONDITIONS[class_cond]).any()):
-        what = "view" if class_cond == "view" else "view and phase"
-        raise EchoSynthError(
-            f"--class-cond {class_cond} needs the {what} of the training images, but the train "
-            f"split of {data} records none"
-        )
-    return class_cond, dropout
-
-
-def _plain(value: Any) -> Any:
-    """Tuples → lists, so the settings round-trip through YAML unchanged."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
+    return settings, open_vae_run(ref, torch.device("cpu")) if ref is not None else None
 
 
 class DiffusionTask(TrainingTask):
@@ -322,8 +205,34 @@ class DiffusionTask(TrainingTask):
         return {}
 
 
-def settings_dict(settings: DiffusionSettings) -> dict[str, Any]:
-    return asdict(settings)
+def run_train_diffusion(plan: DiffusionTrainingPlan) -> dict[str, Any] | None:
+    """Train (or resume) the planned diffusion run: load its Γ-VAE (a latent model), then train;
+    returns the run's summary on the main rank."""
+    settings = plan.settings
+    loaded_vae = open_vae_run(plan.vae, torch.device("cpu")) if plan.vae is not None else None
+
+    def make_task(env):
+        if loaded_vae is not None:
+            loaded_vae.model.to(env.device)
+        return DiffusionTask(settings, loaded_vae, plan.preview, seed=plan.train_config.seed)
+
+    depends_on = []
+    if loaded_vae is not None:
+        depends_on.append(Dependency("vae", Path(settings.vae_run), Path(settings.vae_checkpoint),
+                                     settings.vae_sha256))  # fmt: skip
+    return train_run(
+        run=plan.run,
+        device=plan.placement.device,
+        resolved=plan.resolved,
+        data=settings.data,
+        train_config=plan.train_config,
+        make_task=make_task,
+        describe=plan.network,
+        report=lambda run, env: last_validation(run),
+        title=plan.model,
+        head={"model": plan.model, **_sigma_data_head(settings), **_class_head(settings)},
+        depends_on=depends_on,
+    )
 
 
 def train_diffusion(
@@ -345,49 +254,10 @@ def train_diffusion(
     ``spade_placement`` and ``model_channels`` change the model's UNet; ``class_cond`` ``view`` or
     ``view-phase`` makes it class-conditional, trained with ``class_dropout``). ``preview`` draws
     the sample grids. Returns the run's summary on the main rank."""
-    check_model_name(model)
-    spec = get_spec(model)
-    values = resolve("diffusion", preset, overrides, defaults={"batch": spec.paper_batch})
-    unet = {k: values[k] for k in UNET_SETTINGS if values.get(k) is not None}
-    precond = {k: values[k] for k in PRECOND_SETTINGS if values.get(k) is not None}
-    run = Path(run) if run is not None else Path("runs") / model
-    class_cond, class_dropout = class_settings(values, data)
-    if class_cond is not None:
-        unet["num_classes"] = CLASS_CONDITIONS[class_cond]
-    settings, loaded_vae = diffusion_settings(model, data, preset, vae, unet, precond, run=run)
-    settings.class_cond, settings.class_dropout = class_cond, class_dropout
-    if values.get("augment") is not None:
-        settings.augment = bool(values["augment"])
-    n_train = len(DatasetStore(data).indices("train"))
-    train_config = TrainConfig.from_values(values, training_steps(values, n_train), precision, seed)
-    resolved = {"kind": "diffusion", **settings_dict(settings),
-                **train_config_dict(train_config)}  # fmt: skip
-
-    def make_task(env):
-        if loaded_vae is not None:
-            loaded_vae.model.to(env.device)
-        return DiffusionTask(settings, loaded_vae, preview, seed=train_config.seed)
-
-    space = "latent" if loaded_vae else "pixels"
-    depends_on = []
-    if loaded_vae is not None:
-        depends_on.append(Dependency("vae", Path(settings.vae_run), Path(settings.vae_checkpoint),
-                                     settings.vae_sha256))  # fmt: skip
-    return train_run(
-        run=run,
-        device=device,
-        resolved=resolved,
-        data=settings.data,
-        train_config=train_config,
-        make_task=make_task,
-        describe=f"{model} ({preset}; {settings.net_size}² {space}"
-        + (f"; classes: {class_cond}, dropped with p = {class_dropout}" if class_cond else "")
-        + ")",
-        report=lambda run, env: last_validation(run),
-        title=model,
-        head={"model": model, **_sigma_data_head(settings), **_class_head(settings)},
-        depends_on=depends_on,
-    )
+    plan = plan_train_diffusion(model, data, vae=vae, run=run, preset=preset,
+                                precision=precision, device=device, seed=seed, preview=preview,
+                                **overrides)  # fmt: skip
+    return run_train_diffusion(plan)
 
 
 def _sigma_data_head(settings: DiffusionSettings) -> dict[str, Any]:

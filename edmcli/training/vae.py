@@ -1,4 +1,5 @@
-"""Training the Γ-VAE (``echo-synth train-vae``): the engine task and the stage function."""
+"""Training the Γ-VAE (``echo-synth train-vae``): the engine task and the stage function, planned
+first (:mod:`edmcli.training.vae_plan`), then run (:func:`run_train_vae`)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,24 @@ from edmcli.data.augment import AugmentConfig, PairedAugment
 from edmcli.data.dataset import EchoDataset
 from edmcli.data.labels import sector_mask
 from edmcli.data.store import DatasetStore
-from edmcli.errors import EchoSynthError
 from edmcli.models.gamma_vae import GammaVAE
 from edmcli.models.perceptual import MissingWeightsError, build_perceptual
 from edmcli.models.vae_loss import GammaVAELoss, GammaVAELossWeights
 from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
 from edmcli.runs.grids import save_image_grid
-from edmcli.runs.vae_run import VAESettings, save_latent_stats, settings_dict
-from edmcli.settings import resolve, training_steps
-from edmcli.training.engine import TrainConfig, TrainingTask
+from edmcli.runs.vae_run import VAESettings, save_latent_stats
+from edmcli.training.engine import TrainingTask
 from edmcli.training.reconstruction import reconstruction_quality
-from edmcli.training.run import train_config_dict, train_run
+from edmcli.training.run import train_run
+from edmcli.training.vae_plan import (
+    VAETrainingPlan,
+    missing_weights,
+    plan_train_vae,
+    vae_settings_and_config,
+)
+
+__all__ = ["GammaVAETask", "VAETrainingPlan", "plan_train_vae", "run_train_vae", "train_vae",
+           "vae_settings_and_config", "latent_statistics", "vae_quality"]  # fmt: skip
 
 
 class GammaVAETask(TrainingTask):
@@ -33,7 +41,7 @@ class GammaVAETask(TrainingTask):
         try:
             perceptual = build_perceptual(settings.perceptual)
         except MissingWeightsError as exc:
-            raise EchoSynthError(f"{exc} (or train with --perceptual none)") from None
+            raise missing_weights(exc) from None
         self.loss_fn = GammaVAELoss(
             prior_shape=settings.prior_shape,
             prior_rate=settings.prior_rate,
@@ -86,26 +94,28 @@ class GammaVAETask(TrainingTask):
 LOW_CORRELATION = 0.5  # below it the latent does not follow the image: say so
 
 
-def vae_settings_and_config(
-    data: Path, latent: int, values: dict[str, Any], seed: int, precision: str
-) -> tuple[VAESettings, TrainConfig]:
-    """Resolved settings → (VAESettings, TrainConfig), validated against the store."""
-    store = DatasetStore(data)
-    height, width = store.image_size
-    if height != width:
-        raise EchoSynthError(f"{data} has non-square images ({height}×{width})")
-    n_train = len(store.indices("train"))
-    if n_train == 0:
-        raise EchoSynthError(f"{data} has no training split")
-    settings = VAESettings(
-        data=str(Path(data).resolve()),
-        latent=latent,
-        image_size=height,
-        **{k: values[k] for k in _SETTING_KEYS if values.get(k) is not None},
+def run_train_vae(plan: VAETrainingPlan) -> dict[str, Any] | None:
+    """Train (or resume) the planned Γ-VAE run; returns its summary on the main rank."""
+    settings = plan.settings
+    summary = train_run(
+        run=plan.run,
+        device=plan.placement.device,
+        resolved=plan.resolved,
+        data=settings.data,
+        train_config=plan.train_config,
+        make_task=lambda env: GammaVAETask(settings),
+        describe=plan.network,
+        report=lambda run, env: vae_quality(run, settings, env.device),
+        title=plan.title,
     )
-    settings.validate()
-    steps = training_steps(values, n_train)
-    return settings, TrainConfig.from_values(values, steps, precision, seed)
+    correlation = (summary or {}).get("latent-image correlation")
+    if correlation is not None and correlation < LOW_CORRELATION:
+        console.print(
+            f"warning: the latent correlates {correlation:+.2f} with the downsampled image (a "
+            "latent that does not follow the image); raise w_latent (the tiny preset uses 10)",
+            highlight=False,
+        )
+    return summary
 
 
 def train_vae(
@@ -122,29 +132,9 @@ def train_vae(
     """Train (or resume) a Γ-VAE run on the train split of ``data``; ``overrides`` are settings
     of :data:`edmcli.settings.PRESETS` ``["vae"]`` (None: the preset decides). Returns the
     run's summary on the main rank."""
-    values = resolve("vae", preset, overrides)
-    settings, train_config = vae_settings_and_config(data, latent, values, seed, precision)
-    resolved = {"kind": "vae", "preset": preset, **settings_dict(settings),
-                **train_config_dict(train_config)}  # fmt: skip
-    summary = train_run(
-        run=Path(run) if run is not None else Path("runs") / f"vae-l{latent}",
-        device=device,
-        resolved=resolved,
-        data=settings.data,
-        train_config=train_config,
-        make_task=lambda env: GammaVAETask(settings),
-        describe=f"Γ-VAE L{latent} ({settings.image_size}² → {settings.latent_size}²)",
-        report=lambda run, env: vae_quality(run, settings, env.device),
-        title=f"Γ-VAE L{latent}",
-    )
-    correlation = (summary or {}).get("latent-image correlation")
-    if correlation is not None and correlation < LOW_CORRELATION:
-        console.print(
-            f"warning: the latent correlates {correlation:+.2f} with the downsampled image (a "
-            "latent that does not follow the image); raise w_latent (the tiny preset uses 10)",
-            highlight=False,
-        )
-    return summary
+    plan = plan_train_vae(data, latent, run=run, preset=preset, precision=precision,
+                          device=device, seed=seed, **overrides)  # fmt: skip
+    return run_train_vae(plan)
 
 
 @torch.no_grad()
@@ -203,10 +193,3 @@ def vae_quality(run: Path, settings: VAESettings, device: torch.device) -> dict[
         "train latent std in the sector (σ_data)": stats["sigma_data"],
         "train latent mean in the sector": stats["mean"],
     }
-
-
-_SETTING_KEYS = (
-    "base_channels", "num_res_blocks", "norm_groups", "prior_shape", "prior_rate",
-    "kl_direction", "perceptual", "w_recon", "w_perceptual", "w_kl", "w_latent",
-    "warmup_epochs", "augment",
-)  # fmt: skip

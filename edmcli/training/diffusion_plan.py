@@ -1,0 +1,273 @@
+"""The plan of ``train-diffusion``: every refusal and every resolved setting before any work.
+
+:func:`plan_train_diffusion` takes the arguments of
+:func:`edmcli.training.diffusion.train_diffusion` and returns a :class:`DiffusionTrainingPlan`
+(the run's settings and ``config.yaml``, its length in steps, the Γ-VAE checkpoint of a latent
+model, where it runs); :func:`edmcli.training.diffusion.run_train_diffusion` trains it. Planning
+reads the store (its metadata, and its label maps for values outside the convention) and the
+Γ-VAE run's files (config, latent statistics, the checkpoint's hash); it writes nothing, builds
+no network and loads no weights: a Γ-VAE checkpoint that exists but cannot be read is refused
+when the run loads it, before training.
+
+The plan imports torch: the model registry and the run settings it validates live in torch
+modules, as does the engine's :class:`~edmcli.training.engine.TrainConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edmcli.data.dataset import PHASES, codes
+from edmcli.data.labels import VIEWS
+from edmcli.data.store import DatasetStore
+from edmcli.errors import EchoSynthError
+from edmcli.models.registry import get_spec, precond_settings, unet_config
+from edmcli.models.unet import SpadeUNetConfig
+from edmcli.runs.diffusion_run import (
+    CLASS_CONDITIONS,
+    CLASS_DROPOUT,
+    DiffusionSettings,
+    check_class_cond,
+    check_model_name,
+    class_ids,
+)
+from edmcli.runs.folder import frozen_dependency
+from edmcli.runs.vae_run import LoadedVAE, VAERunRef, find_vae_run, load_latent_stats
+from edmcli.settings import resolve, training_steps
+from edmcli.training.engine import TrainConfig
+from edmcli.training.plan_common import Placement, length_line, place
+from edmcli.training.run import train_config_dict
+
+UNET_SETTINGS = ("dropout", "spade_placement", "model_channels")
+PRECOND_SETTINGS = ("noise_schedule", "learn_sigma", "clip_denoised", "sigma_data")
+PreviewFn = Callable[[nn.Module, torch.Tensor, DiffusionSettings, "LoadedVAE | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DiffusionTrainingPlan:
+    """A planned ``train-diffusion`` run: ``resolved`` is the ``config.yaml`` it writes (or checks
+    on resume); ``train_config.steps`` its length; ``vae`` the Γ-VAE checkpoint a latent model
+    encodes with (checked and hashed, not loaded); ``preview`` draws its sample grids."""
+
+    model: str
+    preset: str
+    run: Path
+    settings: DiffusionSettings
+    train_config: TrainConfig
+    resolved: dict[str, Any]
+    n_train: int  # training images of the store
+    placement: Placement
+    vae: VAERunRef | None = None
+    preview: PreviewFn | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.train_config.steps
+
+    @property
+    def network(self) -> str:
+        """The model as the run's header names it."""
+        s = self.settings
+        space = "latent" if self.vae is not None else "pixels"
+        classes = (
+            f"; classes: {s.class_cond}, dropped with p = {s.class_dropout}" if s.class_cond else ""
+        )
+        return f"{self.model} ({self.preset}; {s.net_size}² {space}{classes})"
+
+    def describe(self) -> list[str]:
+        s = self.settings
+        lines = [
+            f"train-diffusion: {self.network}, UNet {s.unet.get('model_channels')} channels",
+            self.placement.line(self.run),
+            f"data: train split of {s.data} ({s.image_size}²)",
+            length_line(self.train_config, self.n_train),
+        ]
+        if self.vae is not None:
+            lines.append(
+                f"Γ-VAE: {s.vae_run}, checkpoint {Path(str(s.vae_checkpoint)).name} (sha256 "
+                f"{str(s.vae_sha256)[:12]}…); σ_data {s.precond.get('sigma_data')} "
+                f"({s.sigma_data_source})"
+            )
+        if self.preview is not None and self.train_config.grid_every:
+            lines.append(f"sample grids every {self.train_config.grid_every} steps")
+        return lines
+
+
+def diffusion_run_settings(
+    model: str,
+    data: Path,
+    preset: str,
+    vae: Path | None,
+    unet_overrides: dict[str, Any],
+    precond_overrides: dict[str, Any] | None = None,
+    run: Path | None = None,
+) -> tuple[DiffusionSettings, VAERunRef | None]:
+    """Validate the model, the store and (for latent models) the Γ-VAE run, from their files;
+    build the settings. Returns the Γ-VAE checkpoint to load (None for a pixel model)."""
+    check_model_name(model)
+    spec = get_spec(model)
+    store = DatasetStore(data)
+    height, width = store.image_size
+    if height != width:
+        raise EchoSynthError(f"{data} has non-square images ({height}×{width})")
+    labels_seen = store.info.get("label_names", {})
+    if labels_seen.get("4") != "sector" or labels_seen.get("1") != "lv_endocardium":
+        raise EchoSynthError(
+            f"{data} does not use the label convention (0 outside, 1 LV, 2 myocardium, 3 LA, "
+            "4 sector); rebuild it with echo-synth prepare"
+        )
+    bad = store.invalid_label_values()
+    if bad:
+        raise EchoSynthError(
+            f"{data} has label values {bad} outside the convention 0..4; rebuild it with "
+            "echo-synth prepare"
+        )
+    ref = None
+    net_size = height
+    if spec.is_latent:
+        if vae is None:
+            raise EchoSynthError(
+                f"{model} runs in the Γ-VAE latent space: it needs a Γ-VAE run (vae; train one "
+                f"with echo-synth train-vae --latent {spec.latent})"
+            )
+        frozen = frozen_dependency(run, "vae") if run is not None else None
+        if frozen is not None and frozen.source_run == Path(vae).resolve():
+            # resuming: the Γ-VAE checkpoint this run was trained with, from its own copy
+            ref = find_vae_run(frozen.folder, frozen.checkpoint, frozen.sha256)
+            vae_run, vae_checkpoint = frozen.source_run, frozen.source_checkpoint
+        else:
+            ref = find_vae_run(vae)
+            vae_run, vae_checkpoint = ref.run.resolve(), ref.checkpoint.resolve()
+        if ref.settings.latent != spec.latent:
+            raise EchoSynthError(
+                f"the Γ-VAE run {vae} is an L{ref.settings.latent} but {model} needs an "
+                f"L{spec.latent} (train-vae --latent {spec.latent})"
+            )
+        if ref.settings.image_size != height:
+            raise EchoSynthError(
+                f"the Γ-VAE run {vae} was trained on {ref.settings.image_size}² images but "
+                f"{data} holds {height}² images"
+            )
+        net_size = ref.settings.latent_size
+    precond_overrides = dict(precond_overrides or {})
+    sigma_data_source = None
+    if ref is not None and "sigma_data" in precond_settings(model):
+        stats = load_latent_stats(ref.run)
+        if "sigma_data" in precond_overrides:
+            sigma_data_source = "set"
+        elif stats is not None:
+            precond_overrides["sigma_data"] = round(float(stats["sigma_data"]), 6)
+            sigma_data_source = "measured: std of the Γ-VAE run's encoded training latents"
+        else:
+            sigma_data_source = "assumed (the Γ-VAE run records no latent statistics)"
+    try:
+        precond = precond_settings(model, **precond_overrides)
+        config = unet_config(model, preset, net_size, precond=precond, **unet_overrides)
+        config_dict = asdict(config)
+        SpadeUNetConfig(**config_dict)
+    except ValueError as exc:
+        raise EchoSynthError(f"{model} network settings: {exc}") from None
+    if not config_dict.get("num_classes"):
+        config_dict.pop("num_classes", None)  # map only: the config runs recorded before classes
+    settings = DiffusionSettings(
+        model=model,
+        data=str(Path(data).resolve()),
+        preset=preset,
+        image_size=height,
+        net_size=net_size,
+        unet=_plain(config_dict),
+        precond=_plain(precond),
+        vae_run=str(vae_run) if ref else None,
+        vae_checkpoint=str(vae_checkpoint) if ref else None,
+        vae_sha256=ref.sha256 if ref else None,
+        sigma_data_source=sigma_data_source,
+    )
+    return settings, ref
+
+
+def class_settings(values: dict[str, Any], data: Path) -> tuple[str | None, float | None]:
+    """(class_cond, class_dropout) of resolved settings ``values``; a conditioning needs the
+    training images' view (and phase) recorded in ``data``."""
+    class_cond = check_class_cond(values.get("class_cond"))
+    dropout = values.get("class_dropout")
+    if class_cond is None:
+        if dropout is not None:
+            raise EchoSynthError("class_dropout needs a class conditioning (--class-cond view)")
+        return None, None
+    dropout = CLASS_DROPOUT if dropout is None else float(dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise EchoSynthError(f"class_dropout {dropout} must be in [0, 1)")
+    store = DatasetStore(data)
+    rows = store.indices("train")
+    known = class_ids(
+        class_cond,
+        torch.from_numpy(codes(store.column("view")[rows], VIEWS)),
+        torch.from_numpy(codes(store.column("phase")[rows], PHASES)),
+    )
+    if not bool((known < CLASS_CONDITIONS[class_cond]).any()):
+        what = "view" if class_cond == "view" else "view and phase"
+        raise EchoSynthError(
+            f"--class-cond {class_cond} needs the {what} of the training images, but the train "
+            f"split of {data} records none"
+        )
+    return class_cond, dropout
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists, so the settings round-trip through YAML unchanged."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def settings_dict(settings: DiffusionSettings) -> dict[str, Any]:
+    return asdict(settings)
+
+
+def plan_train_diffusion(
+    model: str,
+    data: Path,
+    *,
+    vae: Path | None = None,
+    run: Path | None = None,
+    preset: str = "paper",
+    precision: str = "auto",
+    device: str = "auto",
+    seed: int = 0,
+    preview: PreviewFn | None = None,
+    **overrides: Any,
+) -> DiffusionTrainingPlan:
+    """The plan of :func:`edmcli.training.diffusion.train_diffusion` (same arguments). Refuses,
+    in the stage's order: the model, the preset and settings, the class conditioning, the store
+    (missing, incomplete, non-square, not the label convention, label values outside it), the
+    Γ-VAE run of a latent model (missing, not a Γ-VAE run, no checkpoint, its checkpoint gone or
+    changed, another latent size or image size), the network settings, the length, the device
+    and the engine's settings (``TrainConfig.validate``)."""
+    check_model_name(model)
+    spec = get_spec(model)
+    values = resolve("diffusion", preset, overrides, defaults={"batch": spec.paper_batch})
+    unet = {k: values[k] for k in UNET_SETTINGS if values.get(k) is not None}
+    precond = {k: values[k] for k in PRECOND_SETTINGS if values.get(k) is not None}
+    run = Path(run) if run is not None else Path("runs") / model
+    class_cond, class_dropout = class_settings(values, data)
+    if class_cond is not None:
+        unet["num_classes"] = CLASS_CONDITIONS[class_cond]
+    settings, vae_ref = diffusion_run_settings(model, data, preset, vae, unet, precond, run=run)
+    settings.class_cond, settings.class_dropout = class_cond, class_dropout
+    if values.get("augment") is not None:
+        settings.augment = bool(values["augment"])
+    n_train = len(DatasetStore(data).indices("train"))
+    train_config = TrainConfig.from_values(values, training_steps(values, n_train), precision, seed)
+    resolved = {"kind": "diffusion", **settings_dict(settings),
+                **train_config_dict(train_config)}  # fmt: skip
+    placement = place(run, device, train_config)
+    return DiffusionTrainingPlan(model, preset, run, settings, train_config, resolved, n_train,
+                                 placement, vae_ref, preview)  # fmt: skip
