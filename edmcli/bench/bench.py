@@ -34,6 +34,9 @@ the cost model's prediction from SDM's measured per-NFE and fixed costs (it is n
 1000 NFE here), and every images/s is labelled measured or predicted. SDM and its 1000 NFE are
 the registry's :func:`~edmcli.models.registry.paper_reference`. The tables for people are
 :func:`edmcli.bench.render.render`.
+
+:func:`bench` is :func:`run_bench` of :func:`~edmcli.bench.bench_plan.plan_bench`: the plan makes
+every check and chooses the scales without building a network; the run measures and writes.
 """
 
 from __future__ import annotations
@@ -45,8 +48,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from edmcli.bench.bench_plan import BenchPlan, plan_bench
 from edmcli.bench.environment import device_peaks, environment
 from edmcli.bench.flops import NetworkFlops
 from edmcli.bench.measurer import Measurer, Settings
@@ -57,53 +59,20 @@ from edmcli.bench.plot import (
     pareto_front,
     plot_frontier,
     plot_throughput,
-    read_reports,
 )
 from edmcli.bench.ratios import RATIO_NFE, ratio_rows, reference_images_per_s
-from edmcli.bench.scales import CPU_BATCH, Scale, plan_scales
+from edmcli.bench.scales import CPU_BATCH, Scale
 from edmcli.bench.targets import Target, preset_target, run_target, target_flops
 from edmcli.bench.throughput import measure_target
 from edmcli.data.store_format import jsonable
-from edmcli.errors import EchoSynthError
-from edmcli.models.registry import model_names, paper_reference
-from edmcli.runs.diffusion_run import check_model_name, resolve_run
-from edmcli.runs.distributed import resolve_device
+from edmcli.models.registry import paper_reference
 
-__all__ = ["DEFAULT_NFES", "bench", "parse_models", "parse_nfes"]
+__all__ = [
+    "bench",
+    "run_bench",
+]
 
-DEFAULT_NFES = (1, 2, 5, 10, 20, 50, 100, 200)
-PRESET_CHOICES = ("auto", "tiny", "paper")
-DTYPE_CHOICES = ("auto", "fp32", "bf16")
 PEER_MODEL = "edm-l64"  # the model whose UNet meets MONAI's (else the first one measured)
-
-
-def _split(values: Sequence[str] | None) -> list[str]:
-    return [part.strip() for value in values or () for part in str(value).split(",")
-            if part.strip()]  # fmt: skip
-
-
-def parse_models(values: Sequence[str] | None) -> list[str]:
-    """``--models`` (repeatable, comma lists) → registry names, in order, each once."""
-    names = _split(values) or list(model_names())
-    for name in names:
-        check_model_name(name)
-    return list(dict.fromkeys(names))
-
-
-def parse_nfes(values: Sequence[str | int] | None) -> list[int]:
-    """``--nfe`` (repeatable, comma lists) → sorted distinct integers ≥ 1."""
-    if not values:
-        return list(DEFAULT_NFES)
-    out = []
-    for part in _split([str(v) for v in values]):
-        try:
-            nfe = int(part)
-        except ValueError:
-            raise EchoSynthError(f"--nfe {part!r} is not an integer") from None
-        if nfe < 1:
-            raise EchoSynthError(f"--nfe {nfe} must be at least 1 (network evaluations)")
-        out.append(nfe)
-    return sorted(set(out))
 
 
 def _write_json(path: Path, result: dict[str, Any]) -> None:
@@ -154,39 +123,23 @@ def bench(
     Raises:
         EchoSynthError: for a bad option, naming it.
     """
-    log = log or (lambda _line: None)
     start = time.perf_counter()
-    if preset not in PRESET_CHOICES:
-        raise EchoSynthError(f"--preset {preset!r}: choose from {', '.join(PRESET_CHOICES)}")
-    if dtype not in DTYPE_CHOICES:
-        raise EchoSynthError(f"--dtype {dtype!r}: choose from {', '.join(DTYPE_CHOICES)}")
-    if batch is not None and batch < 1:
-        raise EchoSynthError(f"--batch {batch} must be at least 1")
-    if repeats is not None and repeats < 1:
-        raise EchoSynthError(f"--repeats {repeats} must be at least 1")
-    runs = list(run or [])
-    if runs and models:
-        raise EchoSynthError("--models and --run: give one or the other (a run names its model)")
-    names = [] if runs else parse_models(models)
-    nfes = parse_nfes(nfe)
-    report_data = read_reports(list(reports or []))
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EchoSynthError(f"--out {out} is a file, not a folder")
-    dev = resolve_device(device)
-    if runs:
-        for path in runs:
-            resolve_run(None, path, Path("runs"))
-    autocast = (
-        torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and dev.type == "cuda") else None
-    )
+    return run_bench(plan_bench(
+        models, preset, run, nfe, batch, repeats, compile, peer, dtype, device, out, reports,
+        log,
+    ), started=start)  # fmt: skip
 
-    scales, notes = plan_scales(dev.type, preset, bool(runs), batch, repeats, compile, peer)
-    notes.insert(0, "weights are random for the presets: speed does not depend on them")
-    reference = paper_reference()
-    ref_nfe = reference.paper_reference_nfe
-    notes.append(f"{reference.name} at {ref_nfe} NFE is predicted by its cost model (never run "
-                 f"for {ref_nfe} NFE here)")  # fmt: skip
+
+def run_bench(plan: BenchPlan, *, started: float | None = None) -> dict[str, Any]:
+    """Measure ``plan`` (:func:`~edmcli.bench.bench_plan.plan_bench`) and write ``bench.json``
+    and the plots under ``plan.out``; returns the result (see :func:`bench`). ``started``: the
+    ``time.perf_counter()`` that the result's ``wall_s`` counts from (default: now)."""
+    start = time.perf_counter() if started is None else started
+    log = plan.log or (lambda _line: None)
+    names, runs, nfes = list(plan.models), list(plan.runs), list(plan.nfes)
+    dev, autocast, out, report_data = plan.device, plan.autocast, plan.out, list(plan.reports)
+    scales, notes = list(plan.scales), list(plan.notes)
+    ref_nfe = paper_reference().paper_reference_nfe
     peaks = device_peaks(dev)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
@@ -197,13 +150,13 @@ def bench(
         "peak_flops_per_s": peaks,
         "settings": {
             "models": names,
-            "preset": preset,
+            "preset": plan.preset,
             "runs": [str(p) for p in runs],
             "nfe": nfes,
-            "batch": batch,
-            "repeats": repeats,
-            "compile": compile,
-            "peer": peer,
+            "batch": plan.batch,
+            "repeats": plan.repeats,
+            "compile": plan.compile,
+            "peer": plan.peer,
             "precision": "bf16" if autocast else "fp32",
             "device": str(dev),
             "ratio_nfe": RATIO_NFE,

@@ -13,13 +13,17 @@ with classifier-free guidance scale ``guidance`` (default 1: the conditional den
 cost). ``--nfe`` counts network evaluations: with two guidance branches every denoiser call costs
 2, so the same NFE buys half the solver steps (:func:`guided_plan`). The store's provenance
 records the class conditioning, the guidance scale and the evaluations per denoiser call.
+
+:func:`sample` is :func:`run_sample` of :func:`~edmcli.sampling.sample_plan.plan_sample`: the
+plan makes every check and resolves every default without writing anything or loading a
+network; the run loads the network and samples.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,50 +43,30 @@ from edmcli.errors import EchoSynthError
 from edmcli.faults import maybe_kill
 from edmcli.models.guidance import guidance_branches
 from edmcli.models.registry import get_spec
-from edmcli.runs.diffusion_run import LoadedDiffusion, check_class_cond, class_ids
+from edmcli.runs.diffusion_run import LoadedDiffusion, class_ids
 from edmcli.runs.distributed import DistEnv
-from edmcli.runs.folder import load_run_config, load_training_patients
+from edmcli.runs.folder import load_training_patients
 from edmcli.runs.grids import save_image_grid
-from edmcli.sampling.nfe import NFEError, StepPlan, plan
 from edmcli.sampling.pipeline import generate
-from edmcli.sampling.solvers import nfe_cost
+from edmcli.sampling.sample_plan import (
+    PIN_OUTSIDE_DEFAULT,
+    SampleRequest,
+    SamplingPlan,
+    output_exists_error,
+    plan_sample,
+)
+
+__all__ = [
+    "EXTRA_FIELDS",
+    "SampleResult",
+    "compile_denoiser",
+    "run_sample",
+    "sample",
+    "source_classes",
+]
 
 EXTRA_FIELDS = {"source_index": np.dtype("int64"), "transform": np.dtype("int16"),
                 "seed": np.dtype("int64"), "source_split": str}  # fmt: skip
-PIN_OUTSIDE_DEFAULT = False
-HOLDOUT_STREAM = 7  # seed stream of the held-out patient draw
-
-
-@dataclass
-class SampleRequest:
-    model: str
-    label_store: str
-    splits: list[str]
-    k: int
-    n: int | None
-    nfe: int
-    solver: str
-    churn: float
-    seed: int
-    batch: int
-    chunk: int
-    compile: bool
-    spade_cache: bool
-    precision: str
-    holdout: float = 0.0  # fraction of source patients whose synthetic rows form split "val"
-    schedule: str | None = None  # σ schedule (None: the model's)
-    pin_outside: bool = PIN_OUTSIDE_DEFAULT
-    guidance: float | None = None  # classifier-free guidance scale (None: a map-only model)
-
-    def identity(self, loaded: LoadedDiffusion) -> dict[str, Any]:
-        """What the output store's content depends on (resume only when it is identical)."""
-        out = asdict(self)
-        for key in ("batch", "compile", "precision", "spade_cache"):
-            out.pop(key)  # change floating-point noise at most, not what is sampled
-        if out["guidance"] is None:
-            out.pop("guidance")  # map only: the identity of stores written before guidance
-        out.update(run=str(loaded.run), checkpoint_sha256=loaded.sha256)
-        return out
 
 
 @dataclass
@@ -98,78 +82,8 @@ class SampleResult:
     grid: Path | None
 
 
-def guided_plan(solver: str, nfe: int, guidance: float | None) -> StepPlan:
-    """The steps that spend exactly ``nfe`` network evaluations when every denoiser call costs
-    :func:`~edmcli.models.guidance.guidance_branches` (``guidance``) of them: as
-    :func:`~edmcli.sampling.nfe.plan` for one per call; with two (classifier-free guidance
-    branches) half the calls, and an unreachable budget is refused with the two nearest."""
-    per_call = guidance_branches(guidance)
-    if per_call == 1:
-        return plan(solver, nfe)
-    costs = [per_call * nfe_cost(solver, n) for n in range(1, max(int(nfe), 1) + 2)]
-    if nfe not in costs:
-        lo = max((c for c in costs if c < nfe), default=None)
-        hi = min(c for c in costs if c > nfe)
-        options = " or ".join(str(c) for c in (lo, hi) if c is not None)
-        raise EchoSynthError(
-            f"guidance {guidance} evaluates the network twice per denoiser call (conditional and "
-            f"unconditional), so {solver} cannot spend exactly {nfe} NFE; use {options}"
-        )
-    try:
-        inner = plan(solver, nfe // per_call)
-    except NFEError as exc:
-        raise EchoSynthError(
-            f"NFE {nfe} with guidance {guidance} is {nfe // per_call} denoiser calls of "
-            f"{per_call} network evaluations: {exc}"
-        ) from None
-    note = (
-        f"{inner.note.split(' = ')[0]} = {inner.nfe} denoiser calls × {per_call} (guidance "
-        f"{guidance}: conditional + unconditional in one batched forward) = {nfe} NFE"
-    )
-    return StepPlan(steps=inner.steps, nfe=int(nfe), note=note)
-
-
-def resolve_guidance(run_dir: Path, guidance: float | None) -> tuple[str | None, float | None]:
-    """(class conditioning of the run, guidance scale to sample with): a class-conditional run
-    samples with ``guidance`` (default 1, the conditional denoiser); a map-only run refuses one."""
-    class_cond = check_class_cond(load_run_config(run_dir).get("class_cond"))
-    if guidance is not None and (not np.isfinite(guidance) or guidance < 0):
-        raise EchoSynthError(f"--guidance {guidance} must be a finite number ≥ 0")
-    if class_cond is None:
-        if guidance is not None:
-            raise EchoSynthError(
-                f"--guidance needs a model trained with classes (train-diffusion --class-cond "
-                f"view); {run_dir} was trained on label maps only"
-            )
-        return None, None
-    return class_cond, 1.0 if guidance is None else float(guidance)
-
-
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, index, stream]).generate_state(1)[0])
-
-
-def _sources(request: SampleRequest) -> tuple[DatasetStore, np.ndarray, int]:
-    store = DatasetStore(request.label_store)
-    info_names = store.info.get("label_names", {})
-    if info_names.get("4") != "sector":
-        raise EchoSynthError(
-            f"label store {request.label_store} does not use the label convention "
-            "(0 outside, 1 LV, 2 myocardium, 3 LA, 4 sector)"
-        )
-    bad = store.invalid_label_values()
-    if bad:
-        raise EchoSynthError(
-            f"label store {request.label_store} has label values {bad} outside 0..4"
-        )
-    sources = store.indices(request.splits)
-    if len(sources) == 0:
-        raise EchoSynthError(f"{request.label_store} has no label maps in {request.splits}")
-    total = len(sources) * request.k
-    n = total if request.n is None else min(request.n, total)
-    if n < 1:
-        raise EchoSynthError("--n must be at least 1")
-    return store, sources, n
 
 
 def open_output(
@@ -191,10 +105,7 @@ def open_output(
         if saved == jsonable(identity) and "shard_done" in group.array_keys():
             return group
         if not overwrite:
-            raise EchoSynthError(
-                f"{out} exists and was not written by this exact sample command; pass "
-                "--overwrite to replace it (or rerun the original command to resume it)"
-            )
+            raise output_exists_error(out)
         replace_store(out)
     group = create_store(
         out, n, size, size, {"provenance": provenance, "sample_config": identity},
@@ -229,24 +140,12 @@ class _Job:
         return shard * chunk, min((shard + 1) * chunk, self.n)
 
 
-def run_sampling(
-    request: SampleRequest,
-    loaded: LoadedDiffusion,
-    out: Path,
-    env: DistEnv,
-    overwrite: bool = False,
-) -> SampleResult:
-    """Fill ``out`` with the samples this rank owns; rank 0 finalises the store."""
-    store, sources, n = _sources(request)
+def run_sampling(plan: SamplingPlan, loaded: LoadedDiffusion, env: DistEnv) -> SampleResult:
+    """Fill ``plan.out`` with the samples this rank owns; rank 0 finalises the store."""
+    request, out, n, step_plan = plan.request(), plan.out, plan.count, plan.step_plan
+    store = DatasetStore(request.label_store)
+    sources = np.array(plan.sources, dtype=np.intp)
     settings = loaded.settings
-    if store.image_size != (settings.image_size, settings.image_size):
-        raise EchoSynthError(
-            f"label store {request.label_store} holds {store.image_size[0]}² maps but the "
-            f"{request.model} run was trained on {settings.image_size}² images"
-        )
-    step_plan = guided_plan(request.solver, request.nfe, request.guidance)
-    if request.chunk % request.batch and request.batch < request.chunk:
-        raise EchoSynthError(f"--batch {request.batch} must divide --chunk {request.chunk}")
     provenance = {
         "source": "synthetic",
         "model": request.model,
@@ -277,7 +176,7 @@ def run_sampling(
     size = settings.image_size
     if env.is_main:
         identity = request.identity(loaded)
-        open_output(out, n, size, request.chunk, provenance, identity, overwrite)
+        open_output(out, n, size, request.chunk, provenance, identity, plan.overwrite)
     if env.distributed:
         torch.distributed.barrier()
     group = zarr.open_group(str(out), mode="r+")
@@ -291,7 +190,7 @@ def run_sampling(
         or (request.precision == "auto" and env.device.type == "cuda"),
         steps=step_plan.steps, transform=LabelMapTransform(size),
         columns={name: store.column(name) for name in (*STRING_FIELDS, "ef", "spacing")},
-        held_out=held_out_patients(store, sources, request),
+        held_out=np.array(plan.held_out, dtype=str),
     )  # fmt: skip
     todo = sum(hi - lo for lo, hi in map(job.shard_range, mine))
     start = time.perf_counter()
@@ -320,24 +219,6 @@ def generator_patients(loaded: LoadedDiffusion) -> list[str]:
     if loaded.vae is not None:
         patients |= set(load_training_patients(loaded.vae.run)["patients"])
     return sorted(patients)
-
-
-def held_out_patients(
-    store: DatasetStore, sources: np.ndarray, request: SampleRequest
-) -> np.ndarray:
-    """The source patients (a seeded ``holdout`` fraction, at least one when > 0) whose synthetic
-    rows are written as split ``val``: a synthetic validation set for downstream checkpoint
-    choice that shares no source patient with the training rows."""
-    if request.holdout <= 0:
-        return np.array([], dtype=str)
-    patients = np.array(sorted(set(store.column("patient")[sources].tolist())), dtype=str)
-    count = max(1, round(request.holdout * len(patients)))
-    if count >= len(patients):
-        raise EchoSynthError(
-            f"holdout {request.holdout} would hold back all {len(patients)} source patients"
-        )
-    rng = np.random.default_rng([request.seed, HOLDOUT_STREAM])
-    return np.sort(rng.choice(patients, size=count, replace=False))
 
 
 def _sample_shard(job: _Job, shard: int, advance) -> None:
@@ -445,60 +326,48 @@ def sample(
     read from the run. Solver and NFE default to the model's spec (with two guidance branches:
     the spec's steps, i.e. twice its NFE). ``guidance``: the classifier-free guidance scale of a
     class-conditional run (default 1); refused for a map-only run. Returns the summary (also
-    written next to the store) on the main rank."""
-    from edmcli.runs.diffusion_run import load_diffusion_run, resolve_run
+    written next to the store) on the main rank.
+
+    :func:`~edmcli.sampling.sample_plan.plan_sample` checks and plans, :func:`run_sample`
+    samples."""
+    return run_sample(plan_sample(
+        model, run=run, runs_root=runs_root, labels=labels, splits=splits, k=k, n=n, nfe=nfe,
+        solver=solver, churn=churn, seed=seed, batch=batch, chunk=chunk, compile=compile,
+        spade_cache=spade_cache, holdout=holdout, schedule=schedule, pin_outside=pin_outside,
+        guidance=guidance, out=out, overwrite=overwrite, precision=precision, device=device,
+    ))  # fmt: skip
+
+
+def run_sample(plan: SamplingPlan) -> dict[str, Any] | None:
+    """Sample ``plan`` (:func:`~edmcli.sampling.sample_plan.plan_sample`): load the run's
+    network, fill the output store under its lock (resuming it when this command started it),
+    write the summary next to it. Returns the summary on the main rank, None on the others."""
+    from edmcli.runs.diffusion_run import load_diffusion_run
     from edmcli.runs.distributed import broadcast_flag, init_distributed, shutdown_distributed
     from edmcli.runs.lock import store_lock
-    from edmcli.sampling.schedules import SCHEDULES
-    from edmcli.sampling.solvers import SOLVERS
 
-    if k < 1 or batch < 1 or chunk < 1:
-        raise EchoSynthError("k, batch and chunk must each be at least 1")
-    if not 0.0 <= holdout < 1.0:
-        raise EchoSynthError(f"holdout {holdout} must be in [0, 1)")
-    if schedule is not None and schedule not in SCHEDULES:
-        raise EchoSynthError(
-            f"schedule {schedule!r} is unknown; choose from {', '.join(SCHEDULES)}"
-        )
-    if churn < 0:
-        raise EchoSynthError(f"churn {churn} must be at least 0")
-    model, run_dir = resolve_run(model, run, runs_root)
-    spec = get_spec(model)
-    solver = solver or spec.solver
-    if solver not in SOLVERS:
-        raise EchoSynthError(f"solver {solver!r} is unknown; choose from {', '.join(SOLVERS)}")
-    class_cond, guidance = resolve_guidance(run_dir, guidance)
-    nfe = spec.nfe * guidance_branches(guidance) if nfe is None else nfe
-    split_list = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else splits
-    step_plan = guided_plan(solver, nfe, guidance)
-    env = init_distributed(device)
+    model, out = plan.model, plan.out
+    env = init_distributed(plan.device)
     try:
-        loaded = load_diffusion_run(model, run_dir, env.device)
-        request = SampleRequest(
-            model=model, label_store=str(labels or loaded.settings.data),
-            splits=[s for s in split_list if s], k=k, n=n, nfe=nfe, solver=solver, churn=churn,
-            seed=seed, batch=batch, chunk=chunk, compile=compile, spade_cache=spade_cache,
-            precision=precision, holdout=holdout, schedule=schedule, pin_outside=pin_outside,
-            guidance=guidance,
-        )  # fmt: skip
-        out = Path(out) if out is not None else Path("synthetic") / f"{model}-nfe{nfe}.zarr"
+        loaded = load_diffusion_run(model, plan.run_dir, env.device)
         if env.is_main:
             console.print(
-                f"sampling {model} ({run_dir}, step {loaded.step}) with {solver}: "
-                f"{step_plan.note} → {out}",
+                f"sampling {model} ({plan.run_dir}, step {loaded.step}) with {plan.solver}: "
+                f"{plan.step_plan.note} → {out}",
                 highlight=False,
             )
         with store_lock(
             out, enabled=env.is_main, agree=lambda refused: broadcast_flag(refused, env)
         ):
-            result = run_sampling(request, loaded, out, env, overwrite)
+            result = run_sampling(plan, loaded, env)
         if not env.is_main:
             return None
+        class_cond, guidance = plan.class_cond, plan.guidance
         summary = {
             "store": str(result.out),
             "samples": result.samples,
             "sampled now": result.sampled_now,
-            "solver": solver,
+            "solver": plan.solver,
             "steps": result.steps,
             "NFE": result.nfe,
             **({"class conditioning": class_cond, "guidance": guidance} if class_cond else {}),
