@@ -25,6 +25,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -134,9 +135,23 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def run_study(config_path: Path, *, only: list[str] | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Using:
+    """The plan of a prepare stage whose store exists: it is used as it is."""
+
+    store: Path
+
+    def describe(self) -> list[str]:
+        return [f"using {self.store}"]
+
+
+def run_study(
+    config_path: Path, *, only: list[str] | None = None, dry_run: bool = False
+) -> dict[str, Any]:
     """Run (or resume) the study of ``config_path``; ``only``: a subset of :data:`STAGES`.
-    Returns the ``study.json`` record."""
+    Returns the ``study.json`` record. ``dry_run``: plan every stage instead (each stage's
+    ``plan_*``: its refusals and resolved settings, printed), write nothing; a stage whose input
+    an earlier, unfinished stage makes is listed as waiting for it (its plan needs that input)."""
     from edmcli.models.registry import get_spec
 
     config = load_config(config_path)
@@ -146,7 +161,8 @@ def run_study(config_path: Path, *, only: list[str] | None = None) -> dict[str, 
     out = Path(config["out"])
     if out.exists() and not out.is_dir():
         raise EchoSynthError(f"study output {out} is a file; name a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
     log = StudyLog(out)
     seed, device, models = config["seed"], config["device"], config["models"]
     data = dict(config["data"])
@@ -157,12 +173,34 @@ def run_study(config_path: Path, *, only: list[str] | None = None) -> dict[str, 
     preset = train.get("preset", STUDY["train_preset"])
     latents = sorted({get_spec(m).latent for m in models if get_spec(m).is_latent})
     runs = out / "runs"
+    pending: set[str] = set()  # dry run: stages that would run, so later ones wait for them
 
-    def stage(name: str, key: str, settings: Any, work: Callable[[], Any], main_only=False):
+    def stage(
+        name: str,
+        key: str,
+        settings: Any,
+        work: Callable[[], Any],
+        plan: Callable[[], Any],
+        needs: tuple[str, ...] = (),
+        main_only: bool = False,
+    ):
         if only and name not in only:
             return
         if log.done(key, settings):
             console.print(f"study: {key} done, skipped", highlight=False)
+            return
+        if dry_run:
+            waits = [k for k in needs if k in pending]
+            if waits:
+                pending.add(key)
+                console.print(f"study: {key}: planned once {waits[0]} has run", highlight=False)
+                return
+            planned = plan()
+            if not isinstance(planned, _Using):  # an existing store: nothing to wait for
+                pending.add(key)
+            console.print(f"study: {key}: would run", highlight=False)
+            for line in planned.describe():
+                console.print(f"  {line}", highlight=False)
             return
         console.rule(f"[bold]study: {key}")
         if main_only and not _is_main():
@@ -175,12 +213,18 @@ def run_study(config_path: Path, *, only: list[str] | None = None) -> dict[str, 
             log.mark(key, settings, time.perf_counter() - start)
 
     from edmcli.bench.bench import bench
+    from edmcli.bench.bench_plan import plan_bench
     from edmcli.data.prepare import prepare
+    from edmcli.data.prepare_plan import plan_prepare
     from edmcli.evaluation.evaluate import evaluate
+    from edmcli.evaluation.evaluate_plan import plan_evaluate
     from edmcli.sampling.preview import preview_samples
     from edmcli.sampling.sample import sample
+    from edmcli.sampling.sample_plan import plan_sample
     from edmcli.training.diffusion import train_diffusion
+    from edmcli.training.diffusion_plan import plan_train_diffusion
     from edmcli.training.vae import train_vae
+    from edmcli.training.vae_plan import plan_train_vae
 
     def prepare_store():
         if store.exists():
@@ -188,40 +232,61 @@ def run_study(config_path: Path, *, only: list[str] | None = None) -> dict[str, 
             return
         prepare(store, seed=seed, **data)
 
-    stage("prepare", "prepare", {"store": str(store), **data}, prepare_store, main_only=True)
+    def plan_store():
+        if store.exists():
+            return _Using(store)
+        return plan_prepare(store, seed=seed, **data)
+
+    stage("prepare", "prepare", {"store": str(store), **data}, prepare_store, plan_store,
+          main_only=True)  # fmt: skip
     common = {"preset": preset, "device": device, "seed": seed,
               "precision": train.get("precision", "auto")}  # fmt: skip
     vae_settings = {**common, **(train.get("vae") or {})}
     for latent in latents:
-        run = runs / f"vae-l{latent}"
+        args = (store, latent)
+        kwargs = {"run": runs / f"vae-l{latent}", **vae_settings}
         stage("train-vae", f"train-vae l{latent}", vae_settings,
-              partial(train_vae, store, latent, run=run, **vae_settings))  # fmt: skip
+              partial(train_vae, *args, **kwargs), partial(plan_train_vae, *args, **kwargs),
+              needs=("prepare",))  # fmt: skip
     diffusion_settings = {**common, **(train.get("diffusion") or {})}
     for model in models:
         spec = get_spec(model)
         vae = runs / f"vae-l{spec.latent}" if spec.is_latent else None
-        work = partial(train_diffusion, model, store, vae=vae, run=runs / model,
-                       preview=preview_samples, **diffusion_settings)  # fmt: skip
-        stage("train-diffusion", f"train-diffusion {model}", diffusion_settings, work)
+        kwargs = {"vae": vae, "run": runs / model, "preview": preview_samples,
+                  **diffusion_settings}  # fmt: skip
+        needs = ("prepare", f"train-vae l{spec.latent}") if spec.is_latent else ("prepare",)
+        stage("train-diffusion", f"train-diffusion {model}", diffusion_settings,
+              partial(train_diffusion, model, store, **kwargs),
+              partial(plan_train_diffusion, model, store, **kwargs), needs=needs)  # fmt: skip
     sampling = {"compile": STUDY["compile"], **config["sample"], "seed": seed, "device": device}
     nfes = sampling.pop("nfe")
-    synthetic = []
+    synthetic, sample_keys = [], []
     for model in models:
         for nfe in nfes:
             path = out / "synthetic" / f"{model}-nfe{nfe}.zarr"
             synthetic.append(path)
-            work = partial(sample, run=runs / model, nfe=nfe, out=path, **sampling)
-            stage("sample", f"sample {model} nfe {nfe}", sampling, work)
+            key = f"sample {model} nfe {nfe}"
+            sample_keys.append(key)
+            kwargs = {"run": runs / model, "nfe": nfe, "out": path, **sampling}
+            stage("sample", key, sampling, partial(sample, **kwargs),
+                  partial(plan_sample, **kwargs), needs=(f"train-diffusion {model}",))  # fmt: skip
     train_specs = [str(store), *map(str, synthetic)]
     evaluation = {"preset": STUDY["evaluate_preset"], "fidelity": STUDY["fidelity"],
                   **config["evaluate"], "seed": seed, "device": device}  # fmt: skip
-    work = partial(evaluate, train_specs, store, out / "evaluation", **evaluation)
-    stage("evaluate", "evaluate", {**evaluation, "train": train_specs}, work)
+    args = (train_specs, store, out / "evaluation")
+    stage("evaluate", "evaluate", {**evaluation, "train": train_specs},
+          partial(evaluate, *args, **evaluation), partial(plan_evaluate, *args, **evaluation),
+          needs=("prepare", *sample_keys))  # fmt: skip
     if config.get("bench") is not None:
         options = {"models": models, "nfe": [1, *nfes], "peer": STUDY["bench_peer"],
                    **config["bench"], "device": device}  # fmt: skip
-        work = partial(bench, out=out / "bench", reports=[out / "evaluation"], **options)
-        stage("bench", "bench", options, work, main_only=True)
+        kwargs = {"out": out / "bench", "reports": [out / "evaluation"], **options}
+        stage("bench", "bench", options, partial(bench, **kwargs), partial(plan_bench, **kwargs),
+              needs=("evaluate",), main_only=True)  # fmt: skip
+    if dry_run:
+        console.print(f"study: dry run, nothing written; {len(pending)} stages to run",
+                      highlight=False)  # fmt: skip
+        return log.read()
     record = log.read()
     console.rule("[bold]study: done")
     console.print(f"everything is under {out}; stages in {log.path}", highlight=False)

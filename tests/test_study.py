@@ -104,3 +104,41 @@ def test_the_example_configs_load(name):
 
     config = load_config(Path(__file__).resolve().parents[1] / "examples" / name)
     assert config["models"] and config["sample"]["nfe"] and config["evaluate"]["fidelity"]
+
+
+def test_dry_run_plans_what_it_can_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    config = {"out": str(out), "device": "cpu", "models": ["edm-l64", "edm"],
+              "data": {"source": "phantom", "size": 64, "n_patients": 10, "split_ratio": "5:1:4"},
+              "train": {"preset": "tiny"}, "sample": {"nfe": [3]},
+              "bench": {"preset": "tiny", "nfe": [1]}}  # fmt: skip
+    result = runner.invoke(app, ["study", str(_write(tmp_path, **config)), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "prepare phantom (seed 0)" in result.output  # the prepare plan's own lines
+    for key in ("train-vae l64", "train-diffusion edm-l64", "train-diffusion edm"):
+        assert f"study: {key}: planned once prepare has run" in result.output
+    assert "study: sample edm nfe 3: planned once train-diffusion edm has run" in result.output
+    assert "study: bench: planned once evaluate has run" in result.output
+    assert not out.exists()
+
+
+def test_dry_run_plans_stages_whose_inputs_exist_and_refuses_their_bad_settings(tmp_path):
+    from plan_stores import tiny_store
+
+    store = tiny_store(tmp_path / "given.zarr", 32, 32)
+    out = tmp_path / "out"
+    config = {"out": str(out), "device": "cpu", "models": ["edm-l64", "edm"],
+              "data": {"store": str(store)}, "train": {"preset": "tiny"},
+              "sample": {"nfe": [3]}}  # fmt: skip
+    result = runner.invoke(app, ["study", str(_write(tmp_path, **config)), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"using {store}" in result.output
+    assert "study: train-vae l64: would run" in result.output
+    assert "study: train-diffusion edm: would run" in result.output  # a pixel model needs no VAE
+    assert "train-diffusion edm-l64: planned once train-vae l64 has run" in result.output
+    assert not out.exists()
+
+    config["train"]["diffusion"] = {"batch": 0}  # refused by the plan, before any training
+    with pytest.raises(EchoSynthError, match="batch 0"):
+        run_study(_write(tmp_path, **config), dry_run=True)
+    assert not out.exists()

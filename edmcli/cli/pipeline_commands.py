@@ -53,10 +53,18 @@ def study(
             "train-diffusion, sample, evaluate, bench.",
         ),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Plan every stage (its checks and resolved settings), print the plans, write "
+            "nothing.",
+        ),
+    ] = False,
 ) -> None:
     """The paper's study from one YAML file: prepare, the Γ-VAEs, every diffusion model,
     sampling at each NFE, quality metrics and evaluation of every store (Fig. 3), bench
     (Fig. 4). Each finished stage is recorded in OUT/study.json and skipped on a rerun."""
     from edmcli.study import run_study
 
-    run_study(config, only=only)
+    run_study(config, only=only, dry_run=dry_run)

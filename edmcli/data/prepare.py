@@ -17,11 +17,7 @@ from PIL import Image
 from edmcli.data.labels import OUTSIDE, SPLITS
 from edmcli.data.phantom import generate_patient
 from edmcli.data.prepare_plan import (
-    MAX_SIZE,
-    SOURCES,
     PreparePlan,
-    assign_splits,
-    parse_split_ratio,
     plan_phantom,
     plan_prepare,
     plan_source,
@@ -33,10 +29,14 @@ from edmcli.data.store_writer import create_store, mark_complete, write_block
 from edmcli.errors import DataError
 
 __all__ = [
-    "MAX_SIZE", "SOURCES", "PreparePlan", "PrepareResult", "assign_splits", "parse_split_ratio",
-    "plan_prepare", "prepare", "prepare_from_source", "prepare_phantom", "resize_pair",
-    "run_prepare", "to_uint8",
-]  # fmt: skip
+    "PrepareResult",
+    "prepare",
+    "prepare_from_source",
+    "prepare_phantom",
+    "resize_pair",
+    "run_prepare",
+    "to_uint8",
+]
 
 Progress = Callable[[int], None]
 

@@ -40,23 +40,22 @@ from edmcli.runs.folder import Dependency
 from edmcli.runs.grids import save_image_grid
 from edmcli.runs.vae_run import LoadedVAE, open_vae_run
 from edmcli.training.diffusion_plan import (
-    PRECOND_SETTINGS,
-    UNET_SETTINGS,
     DiffusionTrainingPlan,
     PreviewFn,
-    class_settings,
     diffusion_run_settings,
     plan_train_diffusion,
-    settings_dict,
 )
 from edmcli.training.engine import TrainingTask
 from edmcli.training.run import train_run
 
 __all__ = [
-    "PRECOND_SETTINGS", "UNET_SETTINGS", "DiffusionTask", "DiffusionTrainingPlan", "PreviewFn",
-    "class_drop_mask", "class_settings", "diffusion_settings", "last_validation",
-    "plan_train_diffusion", "run_train_diffusion", "settings_dict", "train_diffusion",
-]  # fmt: skip
+    "DiffusionTask",
+    "class_drop_mask",
+    "diffusion_settings",
+    "last_validation",
+    "run_train_diffusion",
+    "train_diffusion",
+]
 
 CHECK_SIGMA = 0.5  # the denoising check's noise level (σ_data of EDM: a "moderate" σ)
 CLASS_DROP_STREAM = 0xC1A55  # seed stream of the classifier-free guidance dropout

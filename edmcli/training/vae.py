@@ -28,11 +28,15 @@ from edmcli.training.vae_plan import (
     VAETrainingPlan,
     missing_weights,
     plan_train_vae,
-    vae_settings_and_config,
 )
 
-__all__ = ["GammaVAETask", "VAETrainingPlan", "plan_train_vae", "run_train_vae", "train_vae",
-           "vae_settings_and_config", "latent_statistics", "vae_quality"]  # fmt: skip
+__all__ = [
+    "GammaVAETask",
+    "run_train_vae",
+    "train_vae",
+    "latent_statistics",
+    "vae_quality",
+]
 
 
 class GammaVAETask(TrainingTask):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edmcli.data.prepare import assign_splits, parse_split_ratio
+from edmcli.data.prepare_plan import assign_splits, parse_split_ratio
 from edmcli.errors import DataError
 
 

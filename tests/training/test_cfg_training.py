@@ -14,7 +14,8 @@ from edmcli.data.prepare import prepare_phantom
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
-from edmcli.sampling.sample import guided_plan, source_classes
+from edmcli.sampling.sample import source_classes
+from edmcli.sampling.sample_plan import guided_plan
 from edmcli.training.diffusion import class_drop_mask
 
 runner = CliRunner()
