@@ -15,7 +15,7 @@ from torch import nn
 from edmcli.bench.flops import NetworkFlops, network_flops
 from edmcli.bench.scales import CPU_BATCH
 from edmcli.models.gamma_vae import GammaVAE
-from edmcli.models.registry import PIXEL_SIZE, build_model, get_spec
+from edmcli.models.registry import build_model, get_spec, preset_row
 from edmcli.runs.diffusion_run import (
     DiffusionSettings,
     build_network,
@@ -83,9 +83,8 @@ def _on(device: torch.device, build: Callable[[], torch.nn.Module]) -> torch.nn.
 
 def preset_target(model: str, preset: str, nfes: Sequence[int], batch: int | None) -> Target:
     """A randomly initialised ``model`` at ``preset``'s configuration."""
-    spec = get_spec(model)
-    image_size = PIXEL_SIZE[preset]
-    net_size = spec.net_size(image_size)
+    spec, row = get_spec(model), preset_row(model, preset)
+    image_size, net_size = row.image_size, row.net_size
 
     def net() -> torch.nn.Module:
         return build_model(model, preset, net_size)

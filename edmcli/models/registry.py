@@ -48,11 +48,12 @@ from typing import Any
 
 from torch import nn
 
+from edmcli.errors import EchoSynthError
 from edmcli.models.ddpm import DDPMEpsModel
 from edmcli.models.diffusion_loss import DDPMLoss, DiffusionLoss, EDMLoss, VELoss, VPLoss
 from edmcli.models.preconditioning import EDMPrecond, VEPrecond, VPPrecond
 from edmcli.models.unet import SpadeUNet, SpadeUNetConfig
-from edmcli.settings import PIXEL_SIZE, PRESET_NAMES
+from edmcli.settings import PIXEL_SIZE, PRESET_NAMES, PRESETS
 
 __all__ = [
     "MODEL_NAMES",
@@ -67,6 +68,9 @@ __all__ = [
     "loss_settings",
     "model_names",
     "paper_reference",
+    "preset_row",
+    "preset_table",
+    "PresetRow",
     "register_model",
     "unet_config",
     "unregister_model",
@@ -160,6 +164,54 @@ def paper_reference() -> ModelSpec:
         if spec.paper_reference_nfe is not None:
             return spec
     raise ValueError("No registered model is the paper's throughput reference.")
+
+
+@dataclass(frozen=True)
+class PresetRow:
+    """One row of the (model, preset) table, as EDM's ``config_presets``: what a run of
+    ``model`` at ``preset`` builds, trains and samples with unless told otherwise.
+
+    Attributes:
+        image_size: the store's side in pixels the preset is sized for (:data:`PIXEL_SIZE`).
+        net_size: the network's side (the latent side for latent models).
+        architecture: the :class:`SpadeUNetConfig` fields of the preset (``image_size`` aside).
+        training: the diffusion training defaults: the preset's row of
+            :data:`edmcli.settings.PRESETS` over the paper's batch of the model.
+        solver, schedule, nfe: the sampling defaults.
+    """
+
+    model: str
+    preset: str
+    image_size: int
+    net_size: int
+    architecture: Mapping[str, Any]
+    training: Mapping[str, Any]
+    solver: str
+    schedule: str
+    nfe: int
+
+
+def preset_row(model: str, preset: str) -> PresetRow:
+    """The (``model``, ``preset``) row; an unknown preset is the user's error."""
+    spec = get_spec(model)
+    if preset not in PRESET_NAMES:
+        raise EchoSynthError(f"preset {preset!r} is unknown; choose from {', '.join(PRESET_NAMES)}")
+    return PresetRow(
+        model=model,
+        preset=preset,
+        image_size=PIXEL_SIZE[preset],
+        net_size=spec.default_image_size(preset),
+        architecture=dict(spec.architectures[preset]),
+        training={"batch": spec.paper_batch, **PRESETS["diffusion"][preset]},
+        solver=spec.solver,
+        schedule=spec.schedule,
+        nfe=spec.nfe,
+    )
+
+
+def preset_table() -> dict[tuple[str, str], PresetRow]:
+    """Every (model, preset) row of the registered models."""
+    return {(m, p): preset_row(m, p) for m in model_names() for p in PRESET_NAMES}
 
 
 def _check_preset(preset: str) -> None:

@@ -27,7 +27,7 @@ from edmcli.data.dataset import PHASES, codes
 from edmcli.data.labels import VIEWS
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
-from edmcli.models.registry import get_spec, precond_settings, unet_config
+from edmcli.models.registry import get_spec, precond_settings, preset_row, unet_config
 from edmcli.models.unet import SpadeUNetConfig
 from edmcli.runs.diffusion_run import (
     CLASS_CONDITIONS,
@@ -252,8 +252,7 @@ def plan_train_diffusion(
     changed, another latent size or image size), the network settings, the length, the device
     and the engine's settings (``TrainConfig.validate``)."""
     check_model_name(model)
-    spec = get_spec(model)
-    values = resolve("diffusion", preset, overrides, defaults={"batch": spec.paper_batch})
+    values = resolve("diffusion", preset, overrides, defaults=preset_row(model, preset).training)
     unet = {k: values[k] for k in UNET_SETTINGS if values.get(k) is not None}
     precond = {k: values[k] for k in PRECOND_SETTINGS if values.get(k) is not None}
     run = Path(run) if run is not None else Path("runs") / model

@@ -119,3 +119,31 @@ def test_every_package_folder_is_installed():
     listed = set(re.findall(r'"(edmcli[\w.]*)"', (ROOT / "pyproject.toml").read_text()))
     folders = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
     assert folders <= listed, f"add {sorted(folders - listed)} to [tool.setuptools] packages"
+
+
+STAGES = [
+    ("edmcli.data.prepare", "prepare", "edmcli.data.prepare_plan", "plan_prepare"),
+    ("edmcli.training.vae", "train_vae", "edmcli.training.vae_plan", "plan_train_vae"),
+    ("edmcli.training.diffusion", "train_diffusion", "edmcli.training.diffusion_plan",
+     "plan_train_diffusion"),
+    ("edmcli.sampling.sample", "sample", "edmcli.sampling.sample_plan", "plan_sample"),
+    ("edmcli.evaluation.evaluate", "evaluate", "edmcli.evaluation.evaluate_plan",
+     "plan_evaluate"),
+    ("edmcli.bench.bench", "bench", "edmcli.bench.bench_plan", "plan_bench"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("stage_module, stage, plan_module, plan", STAGES)
+def test_every_stage_takes_exactly_its_plans_options(stage_module, stage, plan_module, plan):
+    """A stage function is ``run_*(plan_*(...))``: both spell the same options (names, kinds,
+    defaults), so a new option cannot reach one and not the other."""
+    import importlib
+    import inspect
+
+    def options(module, name):
+        signature = inspect.signature(getattr(importlib.import_module(module), name))
+        return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+    stage_options = [o for o in options(stage_module, stage) if o[0] != "log"]
+    plan_options = [o for o in options(plan_module, plan) if o[0] != "log"]
+    assert stage_options == plan_options

@@ -99,3 +99,19 @@ def test_a_seventh_model_is_one_entry_plus_its_classes(dummy_model, tmp_path):
 
     provenance = zarr.open_group(str(out), mode="r").attrs["echo_synth"]["provenance"]
     assert provenance["model"] == "dummy" and provenance["nfe"] == 3
+
+
+def test_the_preset_table_has_one_row_per_model_and_preset():
+    from edmcli.errors import EchoSynthError
+    from edmcli.models.registry import PRESET_NAMES, preset_row, preset_table
+
+    table = preset_table()
+    assert set(table) == {(m, p) for m in model_names() for p in PRESET_NAMES}
+    paper, tiny = table[("edm-l64", "paper")], table[("edm-l64", "tiny")]
+    assert (paper.image_size, paper.net_size, paper.training["batch"]) == (256, 64, 120)
+    assert (tiny.image_size, tiny.net_size, tiny.training["batch"]) == (64, 16, 16)
+    assert table[("edm", "paper")].training["batch"] == 24 and "kimg" in paper.training
+    assert table[("sdm", "paper")].architecture["model_channels"] == 256
+    assert (table[("sdm", "tiny")].nfe, table[("edm", "tiny")].solver) == (1000, "heun")
+    with pytest.raises(EchoSynthError, match="preset 'huge' is unknown"):
+        preset_row("edm", "huge")
