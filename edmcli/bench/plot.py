@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edmcli.bench.ratios import reference_images_per_s
+from edmcli.bench.ratios import images_per_second, reference_images_per_s
 from edmcli.errors import EchoSynthError
 
 __all__ = [
@@ -149,7 +149,7 @@ def frontier_points(
                 notes.append(f"{model} {nfe} NFE ({report['_path']}): not benchmarked, left out")
                 continue
             cost = entry["cost_model"]
-            ips = cost["batch"] / (cost["fixed_s"] + int(nfe) * cost["per_nfe_s"])
+            ips = images_per_second(entry, int(nfe))
             point = points.setdefault(
                 (model, int(nfe)),
                 {"model": model, "nfe": int(nfe), "images_per_s": ips,
