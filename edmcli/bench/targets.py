@@ -19,6 +19,7 @@ from edmcli.models.registry import build_model, get_spec, preset_row
 from edmcli.runs.diffusion_run import (
     DiffusionSettings,
     build_network,
+    diffusion_vae_ref,
     load_diffusion_run,
     resolve_run,
 )
@@ -119,13 +120,16 @@ def run_target(run: Path, nfes: Sequence[int], batch: int | None, device: torch.
         return load_diffusion_run(model, path, device)
 
     latent = get_spec(model).is_latent
+    # the Γ-VAE's architecture from its run folder, not by loading the run: meta_vae is called
+    # on the meta device (FLOP counting), where loading weights cannot work
+    vae_config = diffusion_vae_ref(path, settings).settings.model_config() if latent else None
     if batch is None and device.type != "cuda":
         batch = CPU_BATCH["paper" if settings.preset == "paper" else "tiny"]
     return Target(
         label=path.name, model=model, preset="run", image_size=settings.image_size,
         net_size=settings.net_size, meta_net=lambda: build_network(settings),
         load_net=lambda _device: loaded().net,
-        meta_vae=(lambda: GammaVAE(loaded().vae.settings.model_config())) if latent else None,
+        meta_vae=(lambda: GammaVAE(vae_config)) if latent else None,
         load_vae=(lambda _device: loaded().vae.model) if latent else None,
         weights=f"trained run {path}", nfes=_model_nfes(model, nfes), batch=batch,
     )  # fmt: skip

@@ -24,7 +24,7 @@ from edmcli.models.registry import build_precond, get_spec, model_names
 from edmcli.models.unet import SpadeUNetConfig
 from edmcli.runs.checkpoint import file_sha256, latest_checkpoint, load_checkpoint
 from edmcli.runs.folder import frozen_dependency, load_run_config
-from edmcli.runs.vae_run import LoadedVAE, load_vae_run
+from edmcli.runs.vae_run import LoadedVAE, VAERunRef, find_vae_run, load_vae_run
 
 CLASS_CONDITIONS = {"view": len(VIEWS), "view-phase": 2 * len(VIEWS)}
 """Class conditioning → number of classes (the null class is one more): ``view`` A2C 0, A4C 1;
@@ -143,6 +143,21 @@ def resolve_run(model: str | None, run: Path | None, runs_root: Path) -> tuple[s
         model = str(config.get("model"))
         check_model_name(model)
     return model, path
+
+
+def diffusion_vae_ref(run_dir: Path, settings: DiffusionSettings) -> VAERunRef | None:
+    """The Γ-VAE of a latent run as :func:`load_diffusion_run` will
+    load it (the run's frozen copy when its hash is the recorded one, else the recorded run and
+    checkpoint), checked from its files and hashed (:func:`~edmcli.runs.vae_run.find_vae_run`),
+    not loaded; None for a pixel-space run."""
+    if settings.vae_run is None:
+        return None
+    frozen = frozen_dependency(run_dir, "vae")
+    if frozen is not None and frozen.sha256 == settings.vae_sha256:  # the run's own copy
+        return find_vae_run(frozen.folder, frozen.checkpoint, settings.vae_sha256)
+    return find_vae_run(
+        Path(settings.vae_run), Path(settings.vae_checkpoint), settings.vae_sha256
+    )  # a run trained before runs kept a copy of their Γ-VAE checkpoint
 
 
 def load_diffusion_run(model: str, run: Path, device: torch.device) -> LoadedDiffusion:

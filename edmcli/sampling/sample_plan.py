@@ -35,10 +35,14 @@ from edmcli.errors import EchoSynthError
 from edmcli.models.guidance import guidance_branches
 from edmcli.models.registry import get_spec
 from edmcli.runs.checkpoint import latest_checkpoint
-from edmcli.runs.diffusion_run import DiffusionSettings, check_class_cond, resolve_run
+from edmcli.runs.diffusion_run import (
+    DiffusionSettings,
+    check_class_cond,
+    diffusion_vae_ref,
+    resolve_run,
+)
 from edmcli.runs.distributed import process_layout, resolve_device
-from edmcli.runs.folder import frozen_dependency, load_run_config, load_training_patients
-from edmcli.runs.vae_run import VAERunRef, find_vae_run
+from edmcli.runs.folder import load_run_config, load_training_patients
 from edmcli.sampling.nfe import NFEError, StepPlan, plan
 from edmcli.sampling.schedules import SCHEDULES
 from edmcli.sampling.solvers import SOLVERS, nfe_cost
@@ -302,7 +306,7 @@ def plan_sample(
     _world, rank, local_rank = process_layout()
     device_used = resolve_device(device, local_rank)
     settings = _run_settings(model, run_dir)
-    vae = _vae_ref(run_dir, settings)
+    vae = diffusion_vae_ref(run_dir, settings)
     request = SampleRequest(
         model=model, label_store=str(labels or settings.data),
         splits=[s for s in split_list if s], k=k, n=n, nfe=nfe, solver=solver, churn=churn,
@@ -353,21 +357,6 @@ def _run_settings(model: str, run_dir: Path) -> DiffusionSettings:
     if latest_checkpoint(run_dir) is None:
         raise EchoSynthError(f"{run_dir} has no checkpoint yet; train it first")
     return settings
-
-
-def _vae_ref(run_dir: Path, settings: DiffusionSettings) -> VAERunRef | None:
-    """The Γ-VAE of a latent run as :func:`~edmcli.runs.diffusion_run.load_diffusion_run` will
-    load it (the run's frozen copy when its hash is the recorded one, else the recorded run and
-    checkpoint), checked from its files and hashed (:func:`~edmcli.runs.vae_run.find_vae_run`),
-    not loaded; None for a pixel-space run."""
-    if settings.vae_run is None:
-        return None
-    frozen = frozen_dependency(run_dir, "vae")
-    if frozen is not None and frozen.sha256 == settings.vae_sha256:  # the run's own copy
-        return find_vae_run(frozen.folder, frozen.checkpoint, settings.vae_sha256)
-    return find_vae_run(
-        Path(settings.vae_run), Path(settings.vae_checkpoint), settings.vae_sha256
-    )  # a run trained before runs kept a copy of their Γ-VAE checkpoint
 
 
 def _sources(request: SampleRequest) -> tuple[DatasetStore, np.ndarray, int]:
