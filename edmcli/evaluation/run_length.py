@@ -26,7 +26,6 @@ STOPPING_SETTINGS = (
 )  # fmt: skip
 """Settings of the ``seg``/``cls`` preset rows that go to the engine's early stopping and
 schedule (:class:`~edmcli.training.engine.TrainConfig` fields of the same names)."""
-DOWNSTREAM_STOP_REASONS = ("patience", "cap", "steps")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ SEG_METRICS = (
     *(f"dice_{name}" for name in STRUCTURES),
     "dice_mean", "hd_lv_px", "hd95_lv_px", "hd_lv_mm", "hd95_lv_mm",
 )  # fmt: skip
-CLS_METRICS = ("accuracy", "balanced_accuracy")
 PERCENT = {"dice_mean", "accuracy", "balanced_accuracy", *(f"dice_{n}" for n in STRUCTURES)}
 METRIC_TITLES = {
     **{f"dice_{n}": f"Dice {STRUCTURE_SHORT[n]}" for n in STRUCTURES},
