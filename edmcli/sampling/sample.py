@@ -142,7 +142,7 @@ class _Job:
 
 def run_sampling(plan: SamplingPlan, loaded: LoadedDiffusion, env: DistEnv) -> SampleResult:
     """Fill ``plan.out`` with the samples this rank owns; rank 0 finalises the store."""
-    request, out, n, step_plan = plan.request(), plan.out, plan.count, plan.step_plan
+    request, out, n, step_plan = plan.request, plan.out, plan.count, plan.step_plan
     store = DatasetStore(request.label_store)
     sources = np.array(plan.sources, dtype=np.intp)
     settings = loaded.settings
@@ -346,13 +346,14 @@ def run_sample(plan: SamplingPlan) -> dict[str, Any] | None:
     from edmcli.runs.distributed import broadcast_flag, init_distributed, shutdown_distributed
     from edmcli.runs.lock import store_lock
 
-    model, out = plan.model, plan.out
+    model, out = plan.request.model, plan.out
     env = init_distributed(plan.device)
     try:
         loaded = load_diffusion_run(model, plan.run_dir, env.device)
         if env.is_main:
             console.print(
-                f"sampling {model} ({plan.run_dir}, step {loaded.step}) with {plan.solver}: "
+                f"sampling {model} ({plan.run_dir}, step {loaded.step}) with "
+                f"{plan.request.solver}: "
                 f"{plan.step_plan.note} → {out}",
                 highlight=False,
             )
@@ -362,12 +363,12 @@ def run_sample(plan: SamplingPlan) -> dict[str, Any] | None:
             result = run_sampling(plan, loaded, env)
         if not env.is_main:
             return None
-        class_cond, guidance = plan.class_cond, plan.guidance
+        class_cond, guidance = plan.class_cond, plan.request.guidance
         summary = {
             "store": str(result.out),
             "samples": result.samples,
             "sampled now": result.sampled_now,
-            "solver": plan.solver,
+            "solver": plan.request.solver,
             "steps": result.steps,
             "NFE": result.nfe,
             **({"class conditioning": class_cond, "guidance": guidance} if class_cond else {}),

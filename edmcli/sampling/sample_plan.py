@@ -63,7 +63,7 @@ PIN_OUTSIDE_DEFAULT = False
 HOLDOUT_STREAM = 7  # seed stream of the held-out patient draw
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleRequest:
     model: str
     label_store: str
@@ -106,29 +106,12 @@ class SampleRequest:
 class SamplingPlan:
     """Everything a sampling run will do, checked (:func:`plan_sample`)."""
 
-    model: str
+    request: SampleRequest  # what is sampled: the options the output store's identity reads
     run_dir: Path
-    label_store: str
-    splits: tuple[str, ...]
-    k: int
-    n: int | None  # as asked (None: every label map × k); ``count`` is what is sampled
-    count: int
-    nfe: int
-    solver: str
+    count: int  # what is sampled (request.n as asked; None: every label map × k)
     step_plan: StepPlan
-    churn: float
-    seed: int
-    batch: int
-    chunk: int
-    compile: bool
-    spade_cache: bool
-    precision: str
-    holdout: float
-    schedule: str | None  # as asked (None: the model's, ``schedule_used``)
-    schedule_used: str
-    pin_outside: bool
+    schedule_used: str  # request.schedule, or the model's when that is None
     class_cond: str | None
-    guidance: float | None
     out: Path
     overwrite: bool
     device: str  # as asked (``auto``, ``cpu``, ``cuda[:N]``)
@@ -138,47 +121,38 @@ class SamplingPlan:
     sources: tuple[int, ...]  # label store rows, in sample order (sample i: i // k)
     held_out: tuple[str, ...]  # source patients whose rows are written as split "val"
 
-    def request(self) -> SampleRequest:
-        """The request the sampling loop and the output store's identity read."""
-        return SampleRequest(
-            model=self.model, label_store=self.label_store, splits=list(self.splits), k=self.k,
-            n=self.n, nfe=self.nfe, solver=self.solver, churn=self.churn, seed=self.seed,
-            batch=self.batch, chunk=self.chunk, compile=self.compile,
-            spade_cache=self.spade_cache, precision=self.precision, holdout=self.holdout,
-            schedule=self.schedule, pin_outside=self.pin_outside, guidance=self.guidance,
-        )  # fmt: skip
-
     def describe(self) -> list[str]:
         """Short lines for people (``study --dry-run``)."""
+        r = self.request
         conditioning = f"classes: {self.class_cond}" if self.class_cond else "label maps only"
         lines = [
-            f"sample {self.model} from run {self.run_dir} ({conditioning}"
+            f"sample {r.model} from run {self.run_dir} ({conditioning}"
             + ("" if self.vae_run is None else f", decoded by the Γ-VAE of {self.vae_run}")
             + ")",
             f"{self.step_plan.note}; schedule {self.schedule_used}"
-            + (f", churn {self.churn:g}" if self.churn else "")
-            + (", outside pinned" if self.pin_outside else ""),
+            + (f", churn {r.churn:g}" if r.churn else "")
+            + (", outside pinned" if r.pin_outside else ""),
         ]
         if self.class_cond:
-            lines.append(f"guidance {self.guidance:g}")
-        total = len(self.sources) * self.k
+            lines.append(f"guidance {r.guidance:g}")
+        total = len(self.sources) * r.k
         lines.append(
             f"{self.count} samples"
             + (f" (the first of {total})" if self.count < total else "")
-            + f": {len(self.sources)} label maps of {self.label_store} "
-            f"({', '.join(self.splits)}) × {self.k} transforms, seed {self.seed}"
+            + f": {len(self.sources)} label maps of {r.label_store} "
+            f"({', '.join(r.splits)}) × {r.k} transforms, seed {r.seed}"
         )
         if self.held_out:
             lines.append(f"{len(self.held_out)} source patients held out as split val")
         lines.append(
-            f"→ {self.out} (shards of {self.chunk}, batch {self.batch}"
+            f"→ {self.out} (shards of {r.chunk}, batch {r.batch}"
             + (", --overwrite" if self.overwrite else "")
             + ")"
         )
         lines.append(
-            f"device {self.device_used}, precision {self.precision}, "
-            f"{'compiled' if self.compile else 'eager'}"
-            + ("" if self.spade_cache else ", SPADE γ/β recomputed")
+            f"device {self.device_used}, precision {r.precision}, "
+            f"{'compiled' if r.compile else 'eager'}"
+            + ("" if r.spade_cache else ", SPADE γ/β recomputed")
         )
         return lines
 
@@ -329,14 +303,10 @@ def plan_sample(
         _check_output(out, request.content(run_dir.resolve()), overwrite)
     held_out = held_out_patients(store, sources, holdout, seed)
     return SamplingPlan(
-        model=model, run_dir=run_dir, label_store=request.label_store,
-        splits=tuple(request.splits), k=k, n=n, count=count, nfe=nfe, solver=solver,
-        step_plan=step_plan, churn=churn, seed=seed, batch=batch, chunk=chunk, compile=compile,
-        spade_cache=spade_cache, precision=precision, holdout=holdout, schedule=schedule,
-        schedule_used=schedule or spec.schedule, pin_outside=pin_outside, class_cond=class_cond,
-        guidance=guidance, out=out, overwrite=overwrite, device=device,
-        device_used=str(device_used), image_size=settings.image_size,
-        vae_run=None if vae is None else vae.run,
+        request=request, run_dir=run_dir, count=count, step_plan=step_plan,
+        schedule_used=schedule or spec.schedule, class_cond=class_cond, out=out,
+        overwrite=overwrite, device=device, device_used=str(device_used),
+        image_size=settings.image_size, vae_run=None if vae is None else vae.run,
         sources=tuple(int(s) for s in sources), held_out=tuple(str(p) for p in held_out),
     )  # fmt: skip
 

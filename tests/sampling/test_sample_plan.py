@@ -247,8 +247,10 @@ def test_an_existing_output_is_checked_before_the_holdout(world):
 
 def _started_store(world, plan: SamplingPlan, sha: str = "0" * 64):
     """The output store as run leaves it after this plan's command started it."""
-    identity = {**plan.request().content(plan.run_dir.resolve()), "checkpoint_sha256": sha}
-    open_output(plan.out, plan.count, 32, plan.chunk, {"source": "synthetic"}, identity, False)
+    identity = {**plan.request.content(plan.run_dir.resolve()), "checkpoint_sha256": sha}
+    open_output(
+        plan.out, plan.count, 32, plan.request.chunk, {"source": "synthetic"}, identity, False
+    )
 
 
 def test_a_store_this_command_started_is_left_to_run(world):
@@ -258,10 +260,14 @@ def test_a_store_this_command_started_is_left_to_run(world):
     _started_store(world, plan, sha="f" * 64)
     before = snapshot(world)
     assert plan_sample(**_base(world, n=8, chunk=4, batch=4)) == plan
-    assert plan_sample(**_base(world, n=8, chunk=4, batch=2)).batch == 2  # no content change
+    assert (
+        plan_sample(**_base(world, n=8, chunk=4, batch=2)).request.batch == 2
+    )  # no content change
     with pytest.raises(EchoSynthError, match="was not written by this exact sample command"):
         plan_sample(**_base(world, n=8, chunk=4, batch=4, seed=3))
-    assert plan_sample(**_base(world, n=8, chunk=4, batch=4, seed=3, overwrite=True)).seed == 3
+    assert (
+        plan_sample(**_base(world, n=8, chunk=4, batch=4, seed=3, overwrite=True)).request.seed == 3
+    )
     assert snapshot(world) == before
 
 
@@ -272,16 +278,17 @@ def test_defaults_are_resolved(world, phantom_store):
     assert snapshot(world) == before  # nothing written, not even the default output's folder
     real = DatasetStore(phantom_store)
     sources = real.indices(["train", "val"])
-    assert plan.model == "edm-l64" and plan.solver == spec.solver and plan.nfe == spec.nfe
+    request = plan.request
+    assert (request.model, request.solver, request.nfe) == ("edm-l64", spec.solver, spec.nfe)
     assert plan.step_plan.nfe == spec.nfe and plan.step_plan.steps == (spec.nfe + 1) // 2
-    assert plan.schedule is None and plan.schedule_used == spec.schedule
+    assert plan.request.schedule is None and plan.schedule_used == spec.schedule
     assert plan.out == Path("synthetic") / f"edm-l64-nfe{spec.nfe}.zarr"
-    assert plan.label_store == str(phantom_store) and plan.splits == ("train", "val")
+    assert request.label_store == str(phantom_store) and request.splits == ["train", "val"]
     assert plan.sources == tuple(sources.tolist()) and plan.count == 5 * len(sources)
-    assert plan.class_cond is None and plan.guidance is None and plan.held_out == ()
+    assert plan.class_cond is None and plan.request.guidance is None and plan.held_out == ()
     assert plan.device_used == "cpu" and plan.image_size == 32
     with pytest.raises(dataclasses.FrozenInstanceError):
-        plan.nfe = 3  # type: ignore[misc]
+        plan.request.nfe = 3  # type: ignore[misc]
     lines = plan.describe()
     assert lines and all(isinstance(line, str) and line for line in lines)
     assert any("edm-l64" in line for line in lines) and any(str(plan.out) in line for line in lines)
@@ -290,10 +297,10 @@ def test_defaults_are_resolved(world, phantom_store):
 def test_guidance_doubles_the_default_nfe_of_a_class_run(world):
     spec = get_spec("edm-l64")
     conditional = plan_sample(run=world / "runs" / "edm-l64-view", device="cpu")
-    assert conditional.class_cond == "view" and conditional.guidance == 1.0
-    assert conditional.nfe == spec.nfe
+    assert conditional.class_cond == "view" and conditional.request.guidance == 1.0
+    assert conditional.request.nfe == spec.nfe
     guided = plan_sample(run=world / "runs" / "edm-l64-view", device="cpu", guidance=2.0)
-    assert guided.nfe == 2 * spec.nfe and guided.step_plan.steps == conditional.step_plan.steps
+    assert guided.request.nfe == 2 * spec.nfe and guided.step_plan.steps == conditional.step_plan.steps
     assert any("guidance 2" in line for line in guided.describe())
 
 
