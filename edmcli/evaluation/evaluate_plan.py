@@ -17,7 +17,7 @@ training-engine config and the device check do).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -68,11 +68,7 @@ class PlannedRun:
     def record(self) -> dict[str, Any]:
         """The run as the training, testing and report steps take it: a fresh dict that they
         fill in (wall times, steps, stop reason)."""
-        return {
-            "task": self.task, "spec": self.spec, "settings": self.settings,
-            "config": self.config, "n_train": self.n_train, "run_dir": self.run_dir,
-            "checkpoint_chosen_by": self.checkpoint_chosen_by, "length": self.length,
-        }  # fmt: skip
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # shallow, unlike asdict
 
 
 @dataclass(frozen=True)
