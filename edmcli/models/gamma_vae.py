@@ -47,7 +47,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets.autoencoderkl import Decoder, Encoder
 from torch import nn
 
 from edmcli.data.labels import mask_at
@@ -256,6 +255,10 @@ class GammaVAE(nn.Module):
             with_nonlocal_attn=config.attention,
             use_flash_attention=True,
         )
+        # MONAI is imported where a Γ-VAE is built, not with this module (run settings and
+        # stage plans read GammaVAEConfig; importing MONAI costs seconds)
+        from monai.networks.nets.autoencoderkl import Decoder, Encoder
+
         # Two output channels: the heads of alpha and beta.
         self.encoder = Encoder(in_channels=1, out_channels=2, **common)
         self.decoder = Decoder(in_channels=1, out_channels=1, **common)

@@ -31,9 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lpips
 import torch
-import torchvision.models as tvm
 from torch import nn
 
 __all__ = [
@@ -48,11 +46,17 @@ __all__ = [
 PERCEPTUAL_BACKBONES: tuple[str, ...] = ("alex", "vgg", "none")
 """Valid perceptual backbones; ``"none"`` switches the perceptual term off."""
 
-_WEIGHTS: dict[str, Any] = {
-    "alex": tvm.AlexNet_Weights.IMAGENET1K_V1,
-    "vgg": tvm.VGG16_Weights.IMAGENET1K_V1,
-}
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {"alex": tvm.alexnet, "vgg": tvm.vgg16}
+
+def _backbone(net: str) -> tuple[Any, Callable[..., nn.Module]]:
+    """(torchvision weights enum, builder) of ``net``. torchvision and lpips are imported where a
+    backbone is used, not with this module: run settings and plans read the names above."""
+    import torchvision.models as tvm
+
+    return {
+        "alex": (tvm.AlexNet_Weights.IMAGENET1K_V1, tvm.alexnet),
+        "vgg": (tvm.VGG16_Weights.IMAGENET1K_V1, tvm.vgg16),
+    }[net]
+
 
 MIN_IMAGE_SIZE: dict[str, int] = {"alex": 31, "vgg": 16}
 """Smallest image side each backbone accepts up to its last LPIPS layer (AlexNet relu5 after two
@@ -81,13 +85,13 @@ def backbone_weights_path(net: str) -> Path:
     _check_backbone(net)
     if net == "none":
         raise ValueError("perceptual backbone 'none' has no weights file.")
-    file_name = Path(_WEIGHTS[net].url).name
+    file_name = Path(_backbone(net)[0].url).name
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
 def _load_backbone_state(net: str, allow_download: bool) -> dict[str, torch.Tensor]:
     path = backbone_weights_path(net)
-    url = _WEIGHTS[net].url
+    url = _backbone(net)[0].url
     missing = (
         f"LPIPS backbone {net!r} needs torchvision's ImageNet weights file {path.name} in "
         f"{path.parent} (torch hub's cache, set by $TORCH_HOME): copy {url} there from a machine "
@@ -109,13 +113,14 @@ def _load_backbone_state(net: str, allow_download: bool) -> dict[str, torch.Tens
 
 def _check_backbone_state(net: str, state: dict[str, torch.Tensor]) -> None:
     # Compare with torchvision's architecture built on the meta device (no memory, no init).
+    build = _backbone(net)[1]
     with torch.device("meta"):
-        features = _BUILDERS[net](weights=None).features
+        features = build(weights=None).features
     for name, tensor in features.state_dict().items():
         key = f"features.{name}"
         if key not in state or tuple(state[key].shape) != tuple(tensor.shape):
             raise ValueError(
-                f"{backbone_weights_path(net)} is not a torchvision {_BUILDERS[net].__name__} "
+                f"{backbone_weights_path(net)} is not a torchvision {build.__name__} "
                 f"state dict (missing or mis-shaped {key})."
             )
 
@@ -139,6 +144,8 @@ class MaskedLPIPS(nn.Module):
             raise ValueError("MaskedLPIPS needs a backbone; use build_perceptual('none') for none.")
         state = _load_backbone_state(net, allow_download)
         _check_backbone_state(net, state)
+        import lpips
+
         with warnings.catch_warnings():
             # lpips builds its random backbone through torchvision's deprecated `pretrained=`.
             warnings.simplefilter("ignore", UserWarning)
