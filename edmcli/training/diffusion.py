@@ -42,7 +42,6 @@ from edmcli.runs.vae_run import LoadedVAE, open_vae_run
 from edmcli.training.diffusion_plan import (
     DiffusionTrainingPlan,
     PreviewFn,
-    diffusion_run_settings,
     plan_train_diffusion,
 )
 from edmcli.training.engine import TrainingTask
@@ -51,7 +50,6 @@ from edmcli.training.run import train_run
 __all__ = [
     "DiffusionTask",
     "class_drop_mask",
-    "diffusion_settings",
     "last_validation",
     "run_train_diffusion",
     "train_diffusion",
@@ -74,23 +72,6 @@ def class_drop_mask(seed: int, step: int, indices: Sequence[int], p: float) -> t
     ]
     u = np.asarray(states, dtype=np.float64) / 2.0**32
     return torch.from_numpy(u < p)
-
-
-def diffusion_settings(
-    model: str,
-    data: Path,
-    preset: str,
-    vae: Path | None,
-    unet_overrides: dict[str, Any],
-    precond_overrides: dict[str, Any] | None = None,
-    run: Path | None = None,
-) -> tuple[DiffusionSettings, LoadedVAE | None]:
-    """Validate the model, the store and (for latent models) the Γ-VAE run; build the settings
-    (:func:`~edmcli.training.diffusion_plan.diffusion_run_settings`) and load the Γ-VAE."""
-    settings, ref = diffusion_run_settings(
-        model, data, preset, vae, unet_overrides, precond_overrides, run=run
-    )
-    return settings, open_vae_run(ref, torch.device("cpu")) if ref is not None else None
 
 
 class DiffusionTask(TrainingTask):

@@ -32,7 +32,7 @@ from edmcli.runs.diffusion_run import DiffusionSettings, build_network
 from edmcli.sampling.pipeline import SampleNoise, model_sigmas, start_scale
 from edmcli.sampling.solvers import SOLVERS
 from edmcli.settings import resolve
-from edmcli.training.diffusion import diffusion_settings
+from edmcli.training.diffusion_plan import diffusion_run_settings
 
 F64 = torch.float64
 LEGACY = {"noise_schedule": "linear", "learn_sigma": False, "clip_denoised": False}
@@ -353,13 +353,13 @@ def test_run_settings_record_and_rebuild_the_preconditioning(phantom_store):
     # train-diffusion: the settings layer accepts the options and the run records them
     values = resolve("diffusion", "tiny", {"learn_sigma": False, "noise_schedule": "linear"})
     assert values["learn_sigma"] is False
-    settings, _ = diffusion_settings("sdm", phantom_store, "tiny", None, {}, dict(LEGACY))
+    settings, _ = diffusion_run_settings("sdm", phantom_store, "tiny", None, {}, dict(LEGACY))
     assert settings.precond == {**published, **LEGACY} and settings.unet["out_channels"] == 1
-    settings, _ = diffusion_settings("sdm", phantom_store, "tiny", None, {})
+    settings, _ = diffusion_run_settings("sdm", phantom_store, "tiny", None, {})
     assert settings.precond == published and settings.unet["out_channels"] == 2
-    edm, _ = diffusion_settings("edm", phantom_store, "tiny", None, {})
+    edm, _ = diffusion_run_settings("edm", phantom_store, "tiny", None, {})
     assert edm.precond == {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0}
     with pytest.raises(EchoSynthError, match="learn_sigma"):
-        diffusion_settings("edm", phantom_store, "tiny", None, {}, {"learn_sigma": True})
+        diffusion_run_settings("edm", phantom_store, "tiny", None, {}, {"learn_sigma": True})
     with pytest.raises(EchoSynthError, match="noise_schedule"):
-        diffusion_settings("sdm", phantom_store, "tiny", None, {}, {"noise_schedule": "sq"})
+        diffusion_run_settings("sdm", phantom_store, "tiny", None, {}, {"noise_schedule": "sq"})

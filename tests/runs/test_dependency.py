@@ -61,7 +61,7 @@ def vae_run(tmp_path) -> Path:
 def _dependency(run: Path) -> tuple[Dependency, dict]:
     weights = _save(run, 2)
     weights = _save(run, 4)
-    loaded = load_vae_run(run, CPU)  # what diffusion_settings does: the newest checkpoint
+    loaded = load_vae_run(run, CPU)  # what a diffusion run loads: the newest checkpoint
     assert loaded.checkpoint == checkpoint_path(run, 4).resolve()
     return Dependency("vae", loaded.run, loaded.checkpoint, loaded.sha256), weights
 

@@ -300,7 +300,9 @@ def test_guidance_doubles_the_default_nfe_of_a_class_run(world):
     assert conditional.class_cond == "view" and conditional.request.guidance == 1.0
     assert conditional.request.nfe == spec.nfe
     guided = plan_sample(run=world / "runs" / "edm-l64-view", device="cpu", guidance=2.0)
-    assert guided.request.nfe == 2 * spec.nfe and guided.step_plan.steps == conditional.step_plan.steps
+    assert (
+        guided.request.nfe == 2 * spec.nfe and guided.step_plan.steps == conditional.step_plan.steps
+    )
     assert any("guidance 2" in line for line in guided.describe())
 
 
