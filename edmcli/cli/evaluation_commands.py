@@ -12,7 +12,7 @@ import typer
 from edmcli.config import ConfigOption
 
 from .errors import user_errors
-from .options import BatchOpt, DeviceOpt, Precision, PrecisionOpt, WorkersOpt, stage_options
+from .options import BatchOpt, DeviceOpt, Precision, TrainPrecisionOpt, WorkersOpt, stage_options
 
 
 class LrScheduleChoice(str, enum.Enum):
@@ -110,7 +110,7 @@ def evaluate(
     bootstrap_fraction: Annotated[
         float, typer.Option(help="Fraction of the test set per bootstrap subset.")
     ] = 0.8,
-    precision: PrecisionOpt = Precision.auto,
+    precision: TrainPrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of training and of the bootstrap.")] = 0,
     fidelity: Annotated[

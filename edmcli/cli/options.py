@@ -40,7 +40,16 @@ class Precision(str, enum.Enum):
     fp16 = "fp16"
 
 
-PrecisionOpt = Annotated[Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")]
+PrecisionOpt = Annotated[
+    Precision, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU (where bf16 samples no faster).")
+]
+TrainPrecisionOpt = Annotated[
+    Precision,
+    typer.Option(
+        help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
+        "else fp32; fp32: the exact path (fp32 throughout)."
+    ),
+]
 RunOption = typer.Option(
     "--run",
     "--run-dir",

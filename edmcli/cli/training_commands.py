@@ -21,9 +21,9 @@ from .options import (
     LogEveryOpt,
     LrOpt,
     Precision,
-    PrecisionOpt,
     RunOption,
     SeedOpt,
+    TrainPrecisionOpt,
     WorkersOpt,
     stage_options,
 )
@@ -63,7 +63,7 @@ def train_vae(
     log_every: LogEveryOpt = None,
     grid_every: GridEveryOpt = None,
     num_workers: WorkersOpt = None,
-    precision: PrecisionOpt = Precision.auto,
+    precision: TrainPrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     config: ConfigOption = None,
@@ -128,7 +128,7 @@ def train_diffusion(
         int | None, typer.Option(help="Steps between denoising checks.")
     ] = None,
     num_workers: WorkersOpt = None,
-    precision: PrecisionOpt = Precision.auto,
+    precision: TrainPrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     config: ConfigOption = None,

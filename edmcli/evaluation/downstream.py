@@ -382,6 +382,10 @@ class ViewClassificationTask(_DownstreamTask):
     """EfficientNetV2-S, cross-entropy on A2C (0) / A4C (1); validation score: accuracy (ties
     broken by a lower cross-entropy)."""
 
+    # bf16 on the CI-class CPU (batch 16, 64²): 0.36–0.39 s per step channels-last against
+    # 0.38–0.47 s in the default layout and 0.44–0.58 s in fp32
+    channels_last = True
+
     def loss(self, model, batch, step, epoch):
         logits = model(batch["image"])
         loss = F.cross_entropy(logits.float(), batch["view"])

@@ -125,11 +125,60 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
             loss = ((model(batch["x"])[:, 0] - batch["y"]) ** 2).mean()
             return loss, {"mse": loss.detach()}
 
-    a = Trainer(Deterministic(), _config(steps=4), tmp_path / "a", CPU).fit()
-    b = Trainer(Deterministic(), _config(steps=4, batch_gpu=2), tmp_path / "b", CPU).fit()
+    exact = dict(steps=4, precision="fp32")  # an identity of exact arithmetic
+    a = Trainer(Deterministic(), _config(**exact), tmp_path / "a", CPU).fit()
+    b = Trainer(Deterministic(), _config(**exact, batch_gpu=2), tmp_path / "b", CPU).fit()
     sa, sb = (load_checkpoint(r.checkpoint)["model"] for r in (a, b))
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_precision_choice(monkeypatch):
+    from edmcli.training import engine
+
+    cpu = torch.device("cpu")
+    assert engine.autocast_dtype("fp32", cpu) is None  # the exact path
+    assert engine.autocast_dtype("bf16", cpu) is torch.bfloat16  # asked for: honoured on CPU
+    with pytest.raises(EchoSynthError, match="fp16 needs a CUDA device"):
+        engine.autocast_dtype("fp16", cpu)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert engine.autocast_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert engine.autocast_dtype("auto", cpu) is None  # emulated bf16 is slower: fp32
+
+
+class _Conv(Regression):
+    channels_last = True
+
+    def build_model(self):
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 1))
+
+    def loss(self, model, batch, step, epoch):
+        seen.append(
+            (
+                torch.is_autocast_cpu_enabled(),
+                model[0].weight.is_contiguous(memory_format=torch.channels_last)
+                and not model[0].weight.is_contiguous(),
+            )
+        )
+        out = model(batch["x"][:, :, None, None].expand(-1, -1, 4, 4))[:, 0].float()
+        loss = ((out - batch["y"]) ** 2).mean()
+        return loss, {"mse": loss.detach()}
+
+
+seen: list[tuple[bool, bool]] = []
+
+
+@pytest.mark.parametrize(
+    ("precision", "expected"), [("bf16", (True, True)), ("fp32", (False, False))]
+)
+def test_bf16_on_cpu_autocasts_and_uses_channels_last_where_asked(tmp_path, precision, expected):
+    seen.clear()
+    result = Trainer(_Conv(), _config(steps=3, precision=precision), tmp_path, CPU).fit()
+    assert seen == [expected] * 3
+    state = load_checkpoint(result.checkpoint)
+    assert all(v.dtype == torch.float32 for v in state["model"].values())  # fp32 weights
+    assert all(v.dtype == torch.float32 for v in state["ema"].values())
 
 
 def test_config_validation():
@@ -173,3 +222,22 @@ def test_ema_tracks_weights_with_warmup():
     torch.testing.assert_close(ema.model.weight, model.weight.detach(), atol=1e-6, rtol=0)
     with pytest.raises(ValueError):
         EMA(model, decay=1.0)
+
+
+def test_ema_update_equals_a_lerp_per_tensor():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(6, 3))
+    ema = EMA(model, decay=0.95)
+    reference = [p.detach().clone() for p in model.parameters()]
+    for step in range(12):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].running_mean.add_(1.0)
+        ema.update(model, step)
+        d = min(0.95, (1.0 + step) / (10.0 + step))
+        for r, p in zip(reference, model.parameters(), strict=True):
+            r.lerp_(p.detach(), 1.0 - d)
+    for r, e in zip(reference, ema.model.parameters(), strict=True):
+        assert torch.equal(r, e)  # bit for bit
+    assert torch.equal(ema.model[1].running_mean, model[1].running_mean)  # buffers copied
