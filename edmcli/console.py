@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -81,8 +82,8 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator[Rep
     if not enabled:
         yield _Silent(total, description)
         return
-    if not err_console.is_terminal:
-        yield Reporter(total, description)
+    if not err_console.is_terminal or os.environ.get("ECHO_SYNTH_PLAIN_PROGRESS"):
+        yield Reporter(total, description)  # lines (also for runs side by side: one terminal)
         return
     from rich.progress import (
         BarColumn,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,16 +104,20 @@ def run_demo(
         ("bench", bench_step),
     ]  # fmt: skip
     report = None
+    stage_seconds: dict[str, float] = {}
     for name, step in steps:
         console.rule(f"[bold]demo: {name}")
+        started = time.perf_counter()
         result = step()
+        stage_seconds[name] = time.perf_counter() - started
+        console.print(f"demo: {name} took {stage_seconds[name]:.0f} s", highlight=False)
         report = result if name == "evaluate" else report
     if report is None:  # a non-main rank of a torchrun launch
         return None
     bench_result = json.loads((bench_dir / "bench.json").read_text())
     page = out / "report.md"
     tmp = page.with_name(f".{page.name}.tmp")
-    tmp.write_text(front_page(report, bench_result, out, class_cond))
+    tmp.write_text(front_page(report, bench_result, out, class_cond, stage_seconds))
     os.replace(tmp, page)
     console.rule("[bold]demo: done")
     console.print(f"everything is under {out}; the summary is {page}", highlight=False)
@@ -211,9 +216,11 @@ def front_page(
     bench_result: dict[str, Any],
     out: Path,
     class_cond: str | None = DEMO["class_cond"],
+    stage_seconds: dict[str, float] | None = None,
 ) -> str:
     """``report.md`` of the demo: the two answers first, then pictures and links.
-    ``class_cond``: the generator's class conditioning (None or ``"none"``: map only)."""
+    ``class_cond``: the generator's class conditioning (None or ``"none"``: map only);
+    ``stage_seconds``: wall time of each stage in the call that wrote the page."""
     out = Path(out)
     conditioning = (
         " (map only, as in the paper)"
@@ -261,4 +268,9 @@ def front_page(
         "settings, stop reasons, the quality section), `bench/bench.json`.",
         "",
     ]
+    if stage_seconds:
+        total = sum(stage_seconds.values())
+        times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stage_seconds.items())
+        lines += [f"Wall time of this call: {total / 60:.1f} min ({times}); a stage that was "
+                  "already done counts its check only.", ""]  # fmt: skip
     return "\n".join(lines)

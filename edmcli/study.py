@@ -41,7 +41,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
              "image_glob", "label_template", "meta_pattern", "keep_aspect"),
     "train": ("preset", "precision", "vae", "diffusion"),
     "sample": ("nfe", "solver", "k", "splits", "batch", "compile", "guidance", "precision"),
-    "evaluate": ("preset", "tasks", "fidelity", "overrides", "precision", "checkpoint"),
+    "evaluate": ("preset", "tasks", "fidelity", "overrides", "precision", "checkpoint", "jobs"),
     "bench": ("preset", "models", "nfe", "batch", "repeats", "compile", "peer", "dtype"),
 }  # fmt: skip
 TOP = ("out", "seed", "device", "models", *SECTIONS)

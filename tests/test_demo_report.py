@@ -65,6 +65,9 @@ def test_front_page_answers_first_and_links_only_existing_pictures(tmp_path):
     assert "![dice](evaluation/plots/dice.png)" in page and "missing" not in page
     assert "EDM-L64 conditioned on the label map and the view" in page
     assert "EDM-L64 (map only, as in the paper)" in front_page(report, result, tmp_path, "none")
+    assert "Wall time" not in page
+    timed = front_page(report, result, tmp_path, stage_seconds={"prepare": 1.2, "evaluate": 118.8})
+    assert "Wall time of this call: 2.0 min (prepare 1 s, evaluate 119 s)" in timed
 
 
 @pytest.mark.parametrize("kind", ["seg", "cls"])

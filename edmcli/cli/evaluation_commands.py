@@ -121,18 +121,25 @@ def evaluate(
             "more, rank each metric against the downstream Dice and accuracy.",
         ),
     ] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="Runs trained at once on a CPU, each with threads/jobs threads (a run rarely "
+            "keeps every core busy); 1: one after another.",
+        ),
+    ] = 1,
     config: ConfigOption = None,
 ) -> None:
     """Train a segmenter and a view classifier on each --train store and score them on the
     held-out real --test split; write report.json, report.md and plots. Rerun to resume."""
     options = stage_options(locals(), "train", "test", "out", "preset", "task", "bootstrap",
                             "bootstrap_fraction", "precision", "device", "seed", "checkpoint",
-                            "val", "fidelity")  # fmt: skip
+                            "val", "fidelity", "jobs")  # fmt: skip
     from edmcli.evaluation.evaluate import evaluate as stage
 
     stage(
         train, test, out, preset.value, ["seg", "cls"] if task is TaskChoice.both else [task.value],
         options, device=device, seed=seed, precision=precision.value,
         bootstrap_iterations=bootstrap, bootstrap_fraction=bootstrap_fraction,
-        checkpoint=checkpoint.value, val=val, fidelity=fidelity,
+        checkpoint=checkpoint.value, val=val, fidelity=fidelity, jobs=jobs,
     )  # fmt: skip

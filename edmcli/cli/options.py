@@ -46,8 +46,8 @@ PrecisionOpt = Annotated[
 TrainPrecisionOpt = Annotated[
     Precision,
     typer.Option(
-        help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
-        "else fp32; fp32: the exact path (fp32 throughout)."
+        help="auto: bf16 autocast on CUDA; on a CPU fp32, except evaluate's networks on CPUs "
+        "with native bf16 (AVX512-BF16, AMX); fp32: the exact path; bf16: on CPU too."
     ),
 ]
 RunOption = typer.Option(

@@ -309,6 +309,10 @@ def classify(
 
 # --------------------------------------------------------------------------- tasks
 class _DownstreamTask(TrainingTask):
+    # --precision auto trains in bf16 on CPUs with native bf16 (tests/evaluation/
+    # test_downstream_precision.py; the demo's verdict with both paths: issue 23)
+    cpu_auto_bf16 = True
+
     def __init__(self, settings: DownstreamSettings) -> None:
         settings.validate()
         self.settings = settings

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from edmcli.evaluation.report import write_report
 from edmcli.evaluation.report.data import build_report
 from edmcli.evaluation.report.markdown import print_summary
 from edmcli.evaluation.run_length import RunLength, stop_reason
+from edmcli.evaluation.run_pool import train_runs
 from edmcli.runs.distributed import (
     DistEnv,
     broadcast_flag,
@@ -58,7 +60,7 @@ from edmcli.runs.distributed import (
 )
 from edmcli.runs.folder import prepare_run_dir
 from edmcli.runs.lock import run_lock
-from edmcli.training.engine import TrainConfig, Trainer
+from edmcli.training.engine import TrainConfig, Trainer, autocast_dtype
 from edmcli.training.run import train_config_dict
 
 __all__ = [
@@ -83,6 +85,7 @@ def evaluate(
     checkpoint: str = "real",
     val: Path | None = None,
     fidelity: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any] | None:
     """Train, test and report (the body of ``echo-synth evaluate``): ``overrides`` are settings of
     :data:`edmcli.settings.PRESETS` ``["seg"]``/``["cls"]`` (None: the preset decides). Returns
@@ -91,11 +94,14 @@ def evaluate(
     ``fidelity``: also judge each synthetic ``--train`` spec with the real-trained reference
     networks, without training (:mod:`edmcli.evaluation.fidelity`): a ``quality`` section in the
     report, and with ≥ 3 synthetic specs the rank correlation of each metric with the
-    downstream numbers. It needs a real ``--train`` store (the reference runs)."""
+    downstream numbers. It needs a real ``--train`` store (the reference runs).
+
+    ``jobs``: runs trained at once on a CPU (:mod:`edmcli.evaluation.run_pool`)."""
     return run_evaluate(plan_evaluate(
         train, test, out, preset=preset, tasks=tasks, overrides=overrides, device=device,
         seed=seed, precision=precision, bootstrap_iterations=bootstrap_iterations,
         bootstrap_fraction=bootstrap_fraction, checkpoint=checkpoint, val=val, fidelity=fidelity,
+        jobs=jobs,
     ))  # fmt: skip
 
 
@@ -114,8 +120,8 @@ def run_evaluate(plan: EvaluationPlan) -> dict[str, Any] | None:
             for note in notes:
                 console.print(f"note: {note}", highlight=False)
         started = time.perf_counter()
-        for run in runs:
-            _train(run, plan.preset, env)
+        train_runs(runs, partial(_train, preset=plan.preset, env=env), plan.jobs,
+                   torch.get_num_threads())  # fmt: skip
         if not env.is_main:
             return None
         test_data = _load_test_data(plan.test_store, plan.tasks)
@@ -128,7 +134,7 @@ def run_evaluate(plan: EvaluationPlan) -> dict[str, Any] | None:
             settings=_report_settings(
                 plan.preset, plan.tasks, overrides, plan.seed, env, plan.precision,
                 plan.bootstrap_iterations, plan.checkpoint, plan.val, plan.bootstrap_fraction,
-                plan.fidelity,
+                plan.fidelity, plan.jobs,
             ),
             notes=notes,
             wall_s=time.perf_counter() - started,
@@ -163,7 +169,9 @@ def _train(run: dict[str, Any], preset: str, env: DistEnv) -> None:
                 highlight=False,
             )
         t0 = time.perf_counter()
-        result = Trainer(make_task(settings), config, run_dir, env).fit()
+        task = make_task(settings)
+        task.description = f"{settings.task} on {run['spec'].label}"
+        result = Trainer(task, config, run_dir, env).fit()
         run["train_wall_s"] = time.perf_counter() - t0
         run["steps_done"] = result.steps
         run["resumed_from"] = result.resumed_from
@@ -209,8 +217,11 @@ def _report_settings(
     val: Path | None,
     bootstrap_fraction: float,
     fidelity: bool,
+    jobs: int,
 ) -> dict[str, Any]:
-    """The settings section of the report (the call's options, code version, creation time)."""
+    """The settings section of the report (the call's options, what ``precision`` became on this
+    device, threads, code version, creation time)."""
+    amp = autocast_dtype(precision, env.device, cpu_auto_bf16=True)  # the downstream tasks
     return {
         "preset": preset, "tasks": list(tasks), "overrides": {
             k: v for k, v in overrides.items() if v is not None},
@@ -218,7 +229,8 @@ def _report_settings(
         "precision": precision, "bootstrap_iterations": bootstrap_iterations,
         "checkpoint": checkpoint, "val": None if val is None else str(val),
         "bootstrap_fraction": bootstrap_fraction, "bootstrap_confidence": 0.95,
-        "fidelity": fidelity, "code_version": code_version(),
+        "fidelity": fidelity, "training_dtype": "fp32" if amp is None else str(amp)[6:],
+        "jobs": jobs, "threads": torch.get_num_threads(), "code_version": code_version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
 

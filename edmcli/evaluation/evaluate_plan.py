@@ -31,6 +31,7 @@ from edmcli.evaluation.run_length import (
     steps_per_epoch,
     stopping_config,
 )
+from edmcli.evaluation.run_pool import check_jobs
 from edmcli.evaluation.train_specs import (
     SYNTHETIC,
     TrainSpec,
@@ -96,6 +97,7 @@ class EvaluationPlan:
     specs: tuple[TrainSpec, ...]
     runs: tuple[PlannedRun, ...]
     notes: tuple[str, ...]  # one per store whose images the networks see resampled
+    jobs: int = 1  # runs trained at once (evaluation.run_pool)
 
     def describe(self) -> list[str]:
         """Short lines for people (``study --dry-run``)."""
@@ -118,6 +120,7 @@ class EvaluationPlan:
         lines.append(
             f"→ {self.out} (report.json, report.md, plots/; runs in {self.out / 'runs'}), "
             f"device {self.device_used}, precision {self.precision}, seed {self.seed}"
+            + (f", {self.jobs} runs at once" if self.jobs > 1 else "")
         )
         return lines
 
@@ -137,6 +140,7 @@ def plan_evaluate(
     checkpoint: str = "real",
     val: Path | None = None,
     fidelity: bool = False,
+    jobs: int = 1,
 ) -> EvaluationPlan:
     """The checked plan of :func:`edmcli.evaluation.evaluate.evaluate` with these arguments (see
     there); raises its refusals (module docstring), writes nothing."""
@@ -147,6 +151,7 @@ def plan_evaluate(
     specs = _parse_specs(train, fidelity)
     world_size, _rank, local_rank = process_layout()
     device_used = resolve_device(device, local_rank)
+    check_jobs(jobs, str(device_used), world_size)
     runs = _plan_runs(
         specs, tasks, Path(out), preset, overrides, test_store, test_patients,
         checkpoint=checkpoint, val=val, precision=precision, seed=seed, world_size=world_size,
@@ -159,7 +164,7 @@ def plan_evaluate(
         bootstrap_iterations=bootstrap_iterations, bootstrap_fraction=bootstrap_fraction,
         checkpoint=checkpoint, val=val, fidelity=fidelity, test_store=test_store,
         test_patients=frozenset(test_patients), specs=tuple(specs), runs=tuple(runs),
-        notes=tuple(notes),
+        notes=tuple(notes), jobs=jobs,
     )  # fmt: skip
 
 

@@ -1,9 +1,10 @@
 """The one training engine of echo-synth (Γ-VAE, diffusion models, downstream networks).
 
 AdamW with linear warm-up, gradient clipping, an EMA of the weights, mixed precision
-(:func:`autocast_dtype`: bf16 autocast on CUDA and on CPUs with native bf16 by default, fp16 with
-a gradient scaler on CUDA, ``fp32`` the exact path), gradient accumulation, DDP under
-``torchrun``, atomic checkpoints, exact resume, a NaN guard and SIGINT/SIGTERM checkpoints.
+(:func:`autocast_dtype`: bf16 autocast on CUDA by default, and for the downstream networks on
+CPUs with native bf16; fp16 with a gradient scaler on CUDA; ``fp32`` the exact path), gradient
+accumulation, DDP under ``torchrun``, atomic checkpoints, exact resume, a NaN guard and
+SIGINT/SIGTERM checkpoints.
 
 Optional, off by default (the Γ-VAE and diffusion trainings do not use them):
 
@@ -232,6 +233,11 @@ class TrainingTask(ABC):
     # Channels-last weights under CPU bf16 autocast: oneDNN's bf16 kernels for this network run
     # faster that way (set by the tasks where measured; the fp32 path keeps the default layout).
     channels_last: bool = False
+    # What the progress lines call the run (None: the task's class name).
+    description: str | None = None
+    # ``--precision auto`` on a CPU with native bf16: bf16 (the downstream networks) or fp32
+    # (the generators: a store made on any CPU stays the same; autocast_dtype).
+    cpu_auto_bf16: bool = False
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -300,17 +306,21 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(
+    precision: str, device: torch.device, cpu_auto_bf16: bool = True
+) -> torch.dtype | None:
     """The autocast dtype of a training step (None: fp32). ``fp32``: the exact path. ``bf16``:
     bf16 autocast on CUDA and CPU. ``fp16``: CUDA only (with a gradient scaler). ``auto``: bf16
-    on CUDA and on CPUs with native bf16 (:func:`cpu_has_native_bf16`), else fp32. Weights,
-    optimiser state, EMA and loss reductions stay fp32 in every case."""
+    on CUDA; on a CPU bf16 where the task allows it (``cpu_auto_bf16``) and the CPU computes
+    bf16 natively (:func:`cpu_has_native_bf16`), else fp32. Weights, optimiser state, EMA and
+    loss reductions stay fp32 in every case."""
     if precision == "fp32" or device.type not in ("cuda", "cpu"):
         return None
     if device.type == "cpu":
         if precision == "fp16":
             raise EchoSynthError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
-        return torch.bfloat16 if precision == "bf16" or cpu_has_native_bf16() else None
+        auto = precision == "auto" and cpu_auto_bf16 and cpu_has_native_bf16()
+        return torch.bfloat16 if precision == "bf16" or auto else None
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
@@ -412,7 +422,7 @@ class Trainer:
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)  # initial weights: the same on every rank
-        amp_dtype = autocast_dtype(cfg.precision, device)
+        amp_dtype = autocast_dtype(cfg.precision, device, self.task.cpu_auto_bf16)
         model = self.task.build_model().to(device)
         if amp_dtype is not None and device.type == "cpu" and self.task.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -486,7 +496,9 @@ class Trainer:
                     self._stopping.stopped or "steps", per_epoch,
                 )  # fmt: skip
             with progress(
-                cfg.steps - start_step, type(self.task).__name__, enabled=env.is_main
+                cfg.steps - start_step,
+                self.task.description or type(self.task).__name__,
+                enabled=env.is_main,
             ) as report:
                 while step < cfg.steps:
                     epoch, offset = divmod(step, sampler.batches_per_epoch)

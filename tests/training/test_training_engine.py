@@ -143,6 +143,8 @@ def test_cpu_precision_choice(monkeypatch):
         engine.autocast_dtype("fp16", cpu)
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
     assert engine.autocast_dtype("auto", cpu) is torch.bfloat16
+    assert engine.autocast_dtype("auto", cpu, cpu_auto_bf16=False) is None  # the generators
+    assert engine.autocast_dtype("bf16", cpu, cpu_auto_bf16=False) is torch.bfloat16
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
     assert engine.autocast_dtype("auto", cpu) is None  # emulated bf16 is slower: fp32
 
