@@ -307,7 +307,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def autocast_dtype(
-    precision: str, device: torch.device, cpu_auto_bf16: bool = True
+    precision: str, device: torch.device, cpu_auto_bf16: bool = False
 ) -> torch.dtype | None:
     """The autocast dtype of a training step (None: fp32). ``fp32``: the exact path. ``bf16``:
     bf16 autocast on CUDA and CPU. ``fp16``: CUDA only (with a gradient scaler). ``auto``: bf16

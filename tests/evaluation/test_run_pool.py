@@ -64,6 +64,8 @@ def test_two_jobs_give_the_numbers_of_one_after_another(phantom_store, tmp_path)
         reports[jobs] = json.loads((out / "report.json").read_text())
     one, two = reports[1], reports[2]
     assert two["settings"]["jobs"] == 2 and one["settings"]["jobs"] == 1
+    assert "2 runs at once" in (tmp_path / "jobs2" / "report.md").read_text()
+    assert "runs at once" not in (tmp_path / "jobs1" / "report.md").read_text()
     for a, b in zip(one["runs"], two["runs"], strict=True):
         assert (a["task"], a["label"]) == (b["task"], b["label"])
         assert a["steps"] == b["steps"] and a["best_step"] == b["best_step"]

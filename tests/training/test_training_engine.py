@@ -133,7 +133,7 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
 
 
-def test_cpu_precision_choice(monkeypatch):
+def test_precision_choice_per_device(monkeypatch):
     from edmcli.training import engine
 
     cpu = torch.device("cpu")
@@ -142,11 +142,14 @@ def test_cpu_precision_choice(monkeypatch):
     with pytest.raises(EchoSynthError, match="fp16 needs a CUDA device"):
         engine.autocast_dtype("fp16", cpu)
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
-    assert engine.autocast_dtype("auto", cpu) is torch.bfloat16
-    assert engine.autocast_dtype("auto", cpu, cpu_auto_bf16=False) is None  # the generators
-    assert engine.autocast_dtype("bf16", cpu, cpu_auto_bf16=False) is torch.bfloat16
+    assert engine.autocast_dtype("auto", cpu, cpu_auto_bf16=True) is torch.bfloat16
+    assert engine.autocast_dtype("auto", cpu) is None  # the generators: fp32 on every CPU
+    assert engine.autocast_dtype("bf16", cpu) is torch.bfloat16
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
-    assert engine.autocast_dtype("auto", cpu) is None  # emulated bf16 is slower: fp32
+    assert engine.autocast_dtype("auto", cpu, cpu_auto_bf16=True) is None  # emulated: fp32
+    cuda = torch.device("cuda")
+    assert engine.autocast_dtype("auto", cuda) is torch.bfloat16
+    assert engine.autocast_dtype("fp16", cuda) is torch.float16
 
 
 class _Conv(Regression):

@@ -93,7 +93,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Test set: the test split of `{t['path']}` ({n_patients} held-out patients, "
         + ", ".join(f"{n} images for {task}" for task, n in t["images"].items())
         + f", {t['image_size'][0]}×{t['image_size'][1]}).",
-        f"Preset `{s['preset']}`, seed {s['seed']}, device {s['device']}.",
+        f"Preset `{s['preset']}`, seed {s['seed']}, device {s['device']}"
+        + (f", training in {s['training_dtype']}" if s.get("training_dtype") else "")
+        + (f", {s['jobs']} runs at once" if s.get("jobs", 1) > 1 else "")
+        + ".",
         "",
         f"Each cell reads `mean ± std (paper subsets) [lo, hi] {confidence} patient bootstrap`: "
         f"mean ± std over {iterations} random {percent} subsets of the test images drawn "
