@@ -24,8 +24,6 @@ from edmcli.errors import EchoSynthError
 
 __all__ = ["check_jobs", "run_order", "train_runs"]
 
-# Fields a worker's training writes into its run record (evaluate._train), copied back.
-_RESULT_FIELDS = ("train_wall_s", "steps_done", "resumed_from", "epochs_done", "stop_reason")
 # Relative cost of one training step per task at the tiny preset on the CI-class CPU (bf16:
 # EfficientNetV2-S ≈ 0.37 s, DynUNet 16–128 filters ≈ 0.1 s per batch of 16 at 64²): only the
 # order of the runs depends on it.
@@ -84,9 +82,7 @@ def train_runs(
                 for future in done:
                     error = future.exception()
                     if error is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise error
+                        raise error  # the handler below cancels the runs not started
                     runs[futures[future]].update(future.result())
         except BaseException:
             for other in pending:
@@ -104,5 +100,6 @@ def _start_worker(threads: int) -> None:
 def _train_in_worker(
     train_one: Callable[[dict[str, Any]], None], run: dict[str, Any]
 ) -> dict[str, Any]:
+    planned = set(run)
     train_one(run)
-    return {key: run[key] for key in _RESULT_FIELDS if key in run}
+    return {key: run[key] for key in run.keys() - planned}  # what the training filled in
