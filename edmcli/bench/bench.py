@@ -12,7 +12,13 @@
 - the ratios, each next to its FLOP ceiling (the same ratio of counted FLOPs): EDM-L64 / EDM and
   EDM-L64 / EDM-L128 per NFE and at :data:`~edmcli.bench.ratios.RATIO_NFE` NFE, every model at
   that NFE against SDM at 1000 NFE, cached vs recomputed γ/β, compiled vs eager, Triton vs torch
-  SPADE and bf16 vs fp32 (:mod:`edmcli.bench.ratios`);
+  SPADE and bf16 vs fp32 (:mod:`edmcli.bench.ratios`). The ratios between models come twice:
+  at the batch that fits each model (on CUDA auto-sized: a latent model up to 256, a pixel model
+  far fewer, so batch efficiency counts in) and at one matched batch (``matched_batch``, default
+  the smallest of the models' batches; each entry's ``matched`` record holds its cost model
+  there), which compares model cost alone;
+- SDM's 1000-NFE prediction checked: SDM run end to end through the real sampling path at a
+  reduced NFE, measured against predicted seconds (the scale's ``reference_check``);
 - our UNet against MONAI's at matched FLOPs (:mod:`edmcli.bench.peer`).
 
 Scales (``preset``):
@@ -63,7 +69,7 @@ from edmcli.bench.plot import (
 from edmcli.bench.ratios import RATIO_NFE, ratio_rows, reference_images_per_s
 from edmcli.bench.scales import CPU_BATCH, Scale
 from edmcli.bench.targets import Target, preset_target, run_target, target_flops
-from edmcli.bench.throughput import measure_target
+from edmcli.bench.throughput import measure_target, size_batch
 from edmcli.data.store_format import jsonable
 from edmcli.models.registry import paper_reference
 
@@ -96,6 +102,7 @@ def bench(
     out: Path = Path("bench"),
     reports: Sequence[Path] | None = None,
     log: Callable[[str], None] | None = None,
+    matched_batch: int | None = None,
 ) -> dict[str, Any]:
     """Measure generation cost and throughput; write ``bench.json`` and the plots under ``out``.
 
@@ -114,11 +121,13 @@ def bench(
         out: output folder (``bench.json``, ``throughput.png``, ``frontier.png``).
         reports: ``echo-synth evaluate`` folders (or report.json files) for the frontier plot.
         log: progress lines (default: none).
+        matched_batch: the one batch at which every model is also measured for the ratios
+            between models (default: the smallest batch that fits among the models).
 
     Returns:
         The result (also ``out/bench.json``): ``environment``, ``settings``, ``notes``,
-        ``scales`` (each with its ``entries``, ``ratios`` and ``peer``), ``frontier`` (with
-        reports) and ``files``.
+        ``scales`` (each with its ``entries``, ``matched_batch``, ``ratios``,
+        ``reference_check`` and ``peer``), ``frontier`` (with reports) and ``files``.
 
     Raises:
         EchoSynthError: for a bad option, naming it.
@@ -126,7 +135,7 @@ def bench(
     start = time.perf_counter()
     return run_bench(plan_bench(
         models, preset, run, nfe, batch, repeats, compile, peer, dtype, device, out, reports,
-        log,
+        log, matched_batch,
     ), started=start)  # fmt: skip
 
 
@@ -154,6 +163,7 @@ def run_bench(plan: BenchPlan, *, started: float | None = None) -> dict[str, Any
             "runs": [str(p) for p in runs],
             "nfe": nfes,
             "batch": plan.batch,
+            "matched_batch": plan.matched_batch,
             "repeats": plan.repeats,
             "compile": plan.compile,
             "peer": plan.peer,
@@ -169,7 +179,7 @@ def run_bench(plan: BenchPlan, *, started: float | None = None) -> dict[str, Any
     for scale in scales:
         record = _measure_scale(scale, names, runs, nfes, dev, autocast, peaks, log,
                                 lambda partial: _write_json(path_json, {**result, "scales": [
-                                    *result["scales"], partial]}))  # fmt: skip
+                                    *result["scales"], partial]}), plan.matched_batch)  # fmt: skip
         result["scales"].append(record)
         _write_json(path_json, result)
     files = {"json": str(path_json)}
@@ -187,9 +197,11 @@ def run_bench(plan: BenchPlan, *, started: float | None = None) -> dict[str, Any
     return jsonable(result)
 
 
-def _measure_scale(scale, names, runs, nfes, dev, autocast, peaks, log, checkpoint) -> dict:
+def _measure_scale(scale, names, runs, nfes, dev, autocast, peaks, log, checkpoint,
+                   matched_batch: int | None = None) -> dict:  # fmt: skip
     """Measure every target of one scale (cheapest first, so the FLOP rate that plans the
-    repeats comes from small networks), the peer, and the ratios."""
+    repeats comes from small networks) at the batch that fits it and at the matched batch, the
+    peer, and the ratios."""
     if scale.name == "runs":
         targets = [run_target(p, nfes, scale.batch, dev) for p in runs]
     else:
@@ -201,22 +213,35 @@ def _measure_scale(scale, names, runs, nfes, dev, autocast, peaks, log, checkpoi
         counted.append((target, target_flops(target)))
     counted.sort(key=lambda item: item[1].cached)
     settings = Settings(dev, autocast, scale.compile, scale.repeats, scale.budget, log=log)
+    for target, _ in counted:
+        if target.batch is None:  # CUDA: every batch that fits first, for the matched one
+            log(f"[{scale.name}] sizing the batch of {target.label}")
+            target.batch, target.batch_sizing = size_batch(target, settings)
+    matched = matched_batch or min(target.batch for target, _ in counted)
     peer_label = next((t.label for t, _ in counted if t.model == PEER_MODEL), counted[0][0].label)
     record: dict[str, Any] = {
         "name": scale.name, "title": scale.title, "budget": vars(scale.budget),
         "compile": scale.compile, "entries": [], "ratios": [], "peer": None,
+        "matched_batch": matched,
+        "matched_batch_from": "--matched-batch" if matched_batch else
+                              "the smallest batch that fits among the models",
+        "reference_check": None,
     }  # fmt: skip
     for target, flops in counted:
         hook = _peer_hook(scale) if scale.peer and target.label == peer_label else None
         log(f"[{scale.name}] measuring {target.label}")
-        entry = measure_target(target, settings, peaks, flops, hook)
+        entry = measure_target(target, settings, peaks, flops, hook, matched)
         if entry.get("peer") is not None:
             record["peer"] = {"model": target.label, **entry.pop("peer")}
         else:
             entry.pop("peer", None)
         record["entries"].append(entry)
         checkpoint(record)
-    record["ratios"] = ratio_rows(record["entries"], peaks)
+    record["ratios"] = ratio_rows(record["entries"], peaks, matched)
+    reference = next((e for e in record["entries"] if e.get("reference_check")), None)
+    if reference is not None:
+        record["reference_check"] = {"label": reference["label"], "batch": reference["batch"],
+                                     **reference["reference_check"]}  # fmt: skip
     ref = reference_images_per_s(record["entries"])
     for entry in record["entries"]:
         for row in entry["throughput"]:

@@ -62,6 +62,7 @@ class BenchPlan:
     notes: tuple[str, ...]
     reports: tuple[dict[str, Any], ...]  # evaluation reports of the frontier plot
     log: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+    matched_batch: int | None = None  # as asked (None: the smallest batch that fits, per scale)
 
     def describe(self) -> list[str]:
         """Short lines for people (``study --dry-run``)."""
@@ -80,6 +81,11 @@ class BenchPlan:
                 f"{'compiled and eager' if scale.compile else 'eager'}"
                 + (", MONAI peer" if scale.peer else "")
             )
+        lines.append(
+            "ratios between models at the batch that fits each and at "
+            + (f"matched batch {self.matched_batch}" if self.matched_batch
+               else "a matched batch (the smallest that fits)")
+        )  # fmt: skip
         lines.extend(f"note: {note}" for note in self.notes)
         lines.append(
             f"→ {self.out} (bench.json, throughput.png"
@@ -132,6 +138,7 @@ def plan_bench(
     out: Path = Path("bench"),
     reports: Sequence[Path] | None = None,
     log: Callable[[str], None] | None = None,
+    matched_batch: int | None = None,
 ) -> BenchPlan:
     """The checked plan of :func:`edmcli.bench.bench.bench` with these arguments (see there);
     raises its refusals (:class:`~edmcli.errors.EchoSynthError`, naming the option), writes
@@ -142,6 +149,8 @@ def plan_bench(
         raise EchoSynthError(f"--dtype {dtype!r}: choose from {', '.join(DTYPE_CHOICES)}")
     if batch is not None and batch < 1:
         raise EchoSynthError(f"--batch {batch} must be at least 1")
+    if matched_batch is not None and matched_batch < 1:
+        raise EchoSynthError(f"--matched-batch {matched_batch} must be at least 1")
     if repeats is not None and repeats < 1:
         raise EchoSynthError(f"--repeats {repeats} must be at least 1")
     runs = list(run or [])
@@ -166,10 +175,11 @@ def plan_bench(
     reference = paper_reference()
     ref_nfe = reference.paper_reference_nfe
     notes.append(f"{reference.name} at {ref_nfe} NFE is predicted by its cost model (never run "
-                 f"for {ref_nfe} NFE here)")  # fmt: skip
+                 f"for {ref_nfe} NFE here; run end to end at a reduced NFE to check the "
+                 "prediction)")  # fmt: skip
     return BenchPlan(
         models=tuple(names), preset=preset, runs=tuple(runs), nfes=tuple(nfes), batch=batch,
         repeats=repeats, compile=compile, peer=peer, dtype=dtype, device=dev,
         autocast=autocast, out=out, scales=tuple(scales), notes=tuple(notes),
-        reports=tuple(report_data), log=log,
+        reports=tuple(report_data), log=log, matched_batch=matched_batch,
     )  # fmt: skip

@@ -27,11 +27,14 @@ class Budget:
         optional_cap_s: optional paths (γ/β recomputed at every NFE, the MONAI peer) are not
             timed for a network whose one call is predicted to take longer (None: always).
         check_s: predicted seconds of all end-to-end checks of one model together.
+        reference_s: predicted seconds of the paper reference's (SDM's) end-to-end run at a
+            reduced NFE, the check of its 1000-NFE prediction (0: not run at this scale).
     """
 
     measure_s: float | None
     optional_cap_s: float | None
     check_s: float
+    reference_s: float = 20.0
 
 
 class Rate:

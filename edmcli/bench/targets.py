@@ -47,6 +47,8 @@ class Target:
         weights: ``"random"`` or where trained weights came from.
         nfes: NFEs of the throughput curve.
         batch: images per batch; None: auto-sized (CUDA).
+        batch_sizing: how ``batch`` was auto-sized (CUDA, when sized before measuring), else
+            None.
     """
 
     label: str
@@ -61,6 +63,7 @@ class Target:
     weights: str = "random"
     nfes: list[int] = field(default_factory=list)
     batch: int | None = None
+    batch_sizing: dict | None = None
 
 
 def target_flops(target: Target) -> NetworkFlops:

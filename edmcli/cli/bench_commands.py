@@ -58,6 +58,14 @@ def bench(
             help="Images per batch (default: auto-sized on CUDA; 1 at paper, 4 at tiny on a CPU)."
         ),
     ] = None,
+    matched_batch: Annotated[
+        int | None,
+        typer.Option(
+            "--matched-batch",
+            help="Also measure every model at this one batch, for ratios of model cost alone "
+            "(default: the smallest of the models' batches).",
+        ),
+    ] = None,
     repeats: Annotated[
         int | None, typer.Option(help="Timed repeats per measurement (cut to a time budget).")
     ] = None,
@@ -91,8 +99,10 @@ def bench(
     config: ConfigOption = None,
 ) -> None:
     """Generation cost of the models (the paper's section IV.C, Fig. 4): FLOPs, per-NFE and
-    fixed costs, images/s against NFE, ratios next to their FLOP ceilings, and our UNet against
-    MONAI's; writes bench.json and throughput.png under --out."""
+    fixed costs, images/s against NFE, ratios next to their FLOP ceilings (at the batch that fits
+    each model and at one matched batch), SDM's 1000-NFE prediction checked end to end at a
+    reduced NFE, and our UNet against MONAI's; writes bench.json and throughput.png under
+    --out."""
     options = stage_options(locals(), "as_json")
     from edmcli.bench.bench import bench as stage
     from edmcli.bench.render import render

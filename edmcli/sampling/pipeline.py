@@ -1,16 +1,20 @@
 """From label maps to images with a trained model: schedule, start noise, solver, decoding.
 
-Randomness is per sample: sample k draws its start noise (and any stochastic step's noise) from
-its own ``torch.Generator`` seeded with ``seeds[k]``, on the CPU, so an image depends only on its
-label map and seed, never on the batch it was drawn in (up to floating-point noise of batched
-kernels). SPADE γ/β are computed once per batch and reused at every network evaluation.
+Randomness is per sample: sample k draws its start noise from its own CPU ``torch.Generator``
+seeded with ``seeds[k]`` (the same start on every device), and any stochastic step's noise from
+its own generator on the sampling device, seeded with the same ``seeds[k]`` (on the CPU that is
+the start's generator itself, continuing its stream, as it always was), so an image depends only
+on its label map, seed and device type, never on the batch it was drawn in (up to floating-point
+noise of batched kernels), and an ancestral step costs no host → device copy. SPADE γ/β are
+computed once per batch and reused at every network evaluation.
 
 A model that learns its variance (SDM, ``learn_sigma``) is sampled by ``ddpm_ancestral`` with
 that variance unless the solver options name another (``variance="small"`` or ``"large"``).
 
 A class-conditional model takes one class per sample and a guidance scale w
-(:mod:`edmcli.models.guidance`): w = 1 (the default) is the conditional denoiser, one network
-evaluation per denoiser call; w = 0 the unconditional one; any other w runs both branches as one
+(:mod:`edmcli.models.guidance`: D = D_uncond + w (D_cond − D_uncond); Ho & Salimans' w is w − 1):
+w = 1 (the default) is the conditional denoiser alone, no guidance, one network evaluation per
+denoiser call; w = 0 the unconditional one; any other w runs both branches as one
 forward of the doubled batch, with the SPADE γ/β cache built once per batch and tiled once for
 both: :func:`~edmcli.models.guidance.guidance_branches` per denoiser call, 2 per sample.
 """
@@ -47,18 +51,38 @@ def solver_options_for(net: nn.Module, solver: str, options: dict | None) -> dic
 
 
 class SampleNoise:
-    """Per-sample Gaussian noise streams: ``start(shape)`` then ``step(i)`` for stochastic steps."""
+    """Per-sample Gaussian noise streams: ``draw()`` the start noise once, then ``noise(i)`` for
+    each stochastic step i.
 
-    def __init__(self, seeds: Sequence[int], shape: tuple[int, ...], device: torch.device):
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.shape, self.device = shape, device
+    Sample k's start noise comes from a CPU generator seeded with ``seeds[k]`` (copied to the
+    device once per batch, so a deterministic solver's image does not depend on the device), its
+    step noise from a generator on ``device`` seeded with ``seeds[k]`` and drawn there (no
+    host → device copy per step). On the CPU both are one generator, one stream per sample: the
+    numbers are those of a single CPU generator per sample (bit-identical to drawing every step
+    on the CPU and copying)."""
+
+    def __init__(self, seeds: Sequence[int], shape: tuple[int, ...], device: torch.device | str):
+        self.shape, self.device = tuple(shape), torch.device(device)
+        seeds = [int(s) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        if self.device.type == "cpu":
+            self.step_generators = self.generators
+        else:
+            self.step_generators = [
+                torch.Generator(device=self.device).manual_seed(s) for s in seeds
+            ]
 
     def draw(self) -> torch.Tensor:
+        """The start noise (len(seeds), *shape), drawn on the CPU, on ``device``."""
         parts = [torch.randn(self.shape, generator=g) for g in self.generators]
         return torch.stack(parts).to(self.device)
 
     def __call__(self, _step: int) -> torch.Tensor:
-        return self.draw()
+        """Fresh step noise (len(seeds), *shape), drawn on ``device``."""
+        parts = [
+            torch.randn(self.shape, generator=g, device=self.device) for g in self.step_generators
+        ]
+        return torch.stack(parts)
 
 
 def start_scale(model_name: str, sigma0: float) -> float:

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from edmcli.bench.costmodel import CostModel, fit_cost_model, pick_check_nfes, relative_error
-from edmcli.bench.throughput import check_solver, fit_batch
+from edmcli.bench.throughput import (
+    REFERENCE_CHECK_NFES,
+    check_solver,
+    fit_batch,
+    reference_check_nfe,
+)
 
 
 def test_images_per_second_is_batch_over_fixed_plus_nfe_times_per_nfe():
@@ -60,3 +65,23 @@ def test_check_nfes_spread_within_the_budget():
     assert pick_check_nfes([1, 2, 5], seconds, budget_s=0.12) == [1]
     assert pick_check_nfes([5, 10], seconds, budget_s=0.1) == []
     assert check_solver("edm") == "euler" and check_solver("sdm") == "ddpm_ancestral"
+
+
+def test_a_stochastic_sampler_pays_its_noise_at_every_step_but_the_last():
+    model = CostModel(batch=4, per_nfe_s=0.05, fixed_s=0.4, noise_per_step_s=0.01)
+    assert model.seconds(1) == pytest.approx(0.45)  # one step, to sigma 0: no noise
+    assert model.seconds(10) == pytest.approx(0.4 + 10 * 0.05 + 9 * 0.01)
+    assert CostModel.from_dict(model.to_dict()) == model
+    # a record written before the noise term existed reads as no noise
+    old = CostModel.from_dict({"batch": 4, "per_nfe_s": 0.05, "fixed_s": 0.4, "per_nfe_path": "x"})
+    assert old.noise_per_step_s == 0.0 and old.seconds(10) == pytest.approx(0.9)
+
+
+def test_the_reference_is_checked_at_the_largest_reduced_nfe_within_its_budget():
+    def seconds(n):
+        return 0.5 + 0.1 * n
+
+    assert reference_check_nfe(seconds, 5.6) == 50
+    assert reference_check_nfe(seconds, 2.6) == 20
+    assert reference_check_nfe(seconds, 0.6) is None  # even the smallest does not fit
+    assert max(REFERENCE_CHECK_NFES) < 1000 and min(REFERENCE_CHECK_NFES) >= 2  # noise steps

@@ -62,6 +62,7 @@ REFUSALS = [
     ("unknown preset", lambda r: {"preset": "huge"}, "--preset 'huge': choose from auto, tiny"),
     ("unknown dtype", lambda r: {"dtype": "fp16"}, "--dtype 'fp16': choose from auto, fp32, bf16"),
     ("batch 0", lambda r: {"batch": 0}, "--batch 0 must be at least 1"),
+    ("matched batch 0", lambda r: {"matched_batch": 0}, "--matched-batch 0 must be at least 1"),
     ("repeats 0", lambda r: {"repeats": 0}, "--repeats 0 must be at least 1"),
     ("models and runs", lambda r: {"run": [_run(r)]}, "--models and --run: give one or the other"),
     ("unknown model", lambda r: {"models": ["edm,edm-l32"]}, "model 'edm-l32' does not exist"),
@@ -144,6 +145,11 @@ def test_the_cpu_default_plans_two_scales_and_writes_nothing(root):
     assert all(isinstance(line, str) and line for line in lines)
     assert any("NFEs 1, 2, 5" in line for line in lines)
     assert any("frontier.png of 1 reports" in line for line in lines)
+    assert plan.matched_batch is None
+    assert any("a matched batch (the smallest that fits)" in line for line in lines)
+    plan = plan_bench(**_args(root, matched_batch=2))
+    assert plan.matched_batch == 2
+    assert any("at matched batch 2" in line for line in plan.describe())
 
 
 def test_runs_dtype_and_defaults(root):

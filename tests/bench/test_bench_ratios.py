@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edmcli.bench.plot import cheapest_within, frontier_points, pareto_front
-from edmcli.bench.ratios import RATIO_NFE, ratio_rows
+from edmcli.bench.ratios import FITTING, RATIO_NFE, matched_label, ratio_rows
 from edmcli.models.registry import get_spec
 
 SDM_NFE = get_spec("sdm").paper_reference_nfe
@@ -50,6 +50,53 @@ def test_ratio_rows_give_each_ratio_and_its_flop_ceiling():
     assert cache["value"] == pytest.approx(0.029 / 0.02)
     assert cache["ceiling"] == pytest.approx(325 / 219)
     assert "edm-l64 / edm-l128 images/s" not in rows  # no edm-l128 entry: no such ratio
+
+
+def _matched(entry, batch, per_nfe, fixed, noise=0.0):
+    """``entry`` with a ``matched`` record: its cost model at ``batch``."""
+    cost = {"batch": batch, "per_nfe_s": per_nfe, "fixed_s": fixed, "noise_per_step_s": noise,
+            "per_nfe_path": "nfe_cached_eager"}  # fmt: skip
+    return {**entry, "matched": {"batch": batch, "same_as_fitting": batch == entry["batch"],
+                                 "cost_model": cost}}  # fmt: skip
+
+
+def test_ratios_between_models_come_at_the_batch_that_fits_and_at_the_matched_batch():
+    """On CUDA a latent model fits a far larger batch than a pixel model: its ratios at its own
+    batch mix batch efficiency into model cost; the matched rows compare equal batches."""
+    flops = {"cached": 1e9, "uncached": 2e9, "spade": 1e9}
+    l64 = _matched(_entry("edm-l64", 0.64, 2.56, batch=256, **flops), 16, 0.08, 0.32)
+    edm = _matched(_entry("edm", 0.4, 0.8, batch=16, **flops), 16, 0.4, 0.8)
+    sdm = _matched(_entry("sdm", 0.4, 0.8, batch=16, **flops), 16, 0.4, 0.8, noise=0.01)
+    rows = {r["name"]: r for r in ratio_rows([l64, edm, sdm], {"bf16": None, "fp32": None}, 16)}
+    label = matched_label(16)
+    assert label == "at matched batch 16"
+    fits = rows["edm-l64 / edm per NFE (γ/β cached, eager)"]
+    matched = rows[f"edm-l64 / edm per NFE (γ/β cached, eager) {label}"]
+    assert fits["batch"] == FITTING and fits["batches"] == {"edm-l64": 256, "edm": 16}
+    assert fits["value"] == pytest.approx(0.4 * 256 / (0.64 * 16))  # 10×: per image at 256
+    assert matched["batch"] == label and set(matched["batches"].values()) == {16}
+    assert matched["value"] == pytest.approx(0.4 / 0.08)  # 5×: the same 16 images each
+    assert matched["ceiling"] == fits["ceiling"]
+    at_100 = rows[f"edm-l64 / edm images/s {label}"]
+    assert at_100["value"] == pytest.approx((0.8 + 100 * 0.4) / (0.32 + 100 * 0.08))
+    vs_sdm = rows[f"edm-l64 at {RATIO_NFE} NFE / sdm at {SDM_NFE} NFE (images/s) {label}"]
+    sdm_1000 = 0.8 + SDM_NFE * 0.4 + (SDM_NFE - 1) * 0.01  # its per-step noise included
+    assert vs_sdm["value"] == pytest.approx(sdm_1000 / (0.32 + 100 * 0.08))
+    assert set(vs_sdm["batches"].values()) == {16}
+    # a model not measured at the matched batch (out of memory) has no matched rows
+    l64["matched"] = {"batch": 16, "cost_model": None, "skipped": "out of memory"}
+    names = {r["name"] for r in ratio_rows([l64, edm], {"bf16": None, "fp32": None}, 16)}
+    assert "edm-l64 / edm images/s" in names and f"edm-l64 / edm images/s {label}" not in names
+
+
+def test_the_reference_check_is_a_row_of_measured_over_predicted():
+    sdm = _entry("sdm", 0.2, 0.3, cached=1, uncached=2, spade=1)
+    sdm["reference_check"] = {"reference_nfe": SDM_NFE, "nfe": 50, "solver": "ddpm_ancestral",
+                              "measured_s": 12.0, "predicted_s": 10.0}  # fmt: skip
+    (row,) = [r for r in ratio_rows([sdm], {"bf16": None, "fp32": None})
+              if "measured / predicted" in r["name"]]  # fmt: skip
+    assert row["value"] == pytest.approx(1.2) and row["at"] == "50 NFE"
+    assert f"{SDM_NFE}-NFE prediction" in row["name"] and row["source"] == "measured"
 
 
 def test_frontier_names_the_fastest_setting_within_one_dice_point():
