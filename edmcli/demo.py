@@ -65,6 +65,7 @@ def run_demo(
     model, nfe, latent, preset = DEMO["model"], DEMO["nfe"], DEMO["latent"], DEMO["preset"]
     vae_run, diffusion_run = out / "runs" / f"vae-l{latent}", out / "runs" / model
     synthetic = out / "synthetic" / f"{model}-nfe{nfe}.zarr"
+    probe = out / "synthetic" / f"{model}-nfe{nfe}-probe.zarr"
 
     def prepare_step():
         if store.exists():
@@ -93,13 +94,18 @@ def run_demo(
             model, store, vae=vae_run, run=diffusion_run, preset=preset, device=device,
             seed=seed, preview=preview_samples, class_cond=class_cond,
         )),
-        ("sample", lambda: sample(
-            run=diffusion_run, nfe=nfe, compile=False, out=synthetic, device=device,
-            seed=seed,
+        # the training store from the train maps only: the val patients stay unseen by every
+        # run, so choosing checkpoints on them leaks nothing; the probe store from the test
+        # maps, for judging label fidelity only (evaluate refuses it as training data)
+        ("sample", lambda: (
+            sample(run=diffusion_run, nfe=nfe, compile=False, out=synthetic, device=device,
+                   seed=seed, splits="train"),
+            sample(run=diffusion_run, nfe=nfe, compile=False, out=probe, device=device,
+                   seed=seed, splits="test", k=1),
         )),
         ("evaluate", lambda: evaluate(
             [str(store), str(synthetic)], store, out / "evaluation", preset=preset,
-            device=device, seed=seed, fidelity=True,
+            device=device, seed=seed, fidelity=True, probes=[probe],
         )),
         ("bench", bench_step),
     ]  # fmt: skip
@@ -176,31 +182,50 @@ def throughput_line(bench_result: dict[str, Any], nfe: int = DEMO["nfe"]) -> str
 
 
 def quality_lines(report: dict[str, Any]) -> list[str]:
-    """The quality metrics of each synthetic store next to the real test images' own values."""
+    """The quality metrics of each synthetic store next to the real test images' own values
+    (label fidelity, accuracy) or the floor of two real halves at the same sizes (distances)."""
     quality = report.get("quality")
     if not quality:
         return []
-    real = (quality.get("real") or {}).get("summary") or {}
+    real = quality.get("real") or {}
+    floor = (real.get("halves") or {}).get("distances") or {}
     keys = [("label_dice", "label fidelity: real-trained segmenter's mean Dice on the synthetic "
              "images against their label maps", True),
             ("synthetic_accuracy", "real-trained classifier's view accuracy on synthetic images",
              True),
-            ("segmenter.fd", "Fréchet distance, segmenter bottleneck features (synthetic vs real "
-             "test)", False),
+            ("segmenter.fd", "Fréchet distance, segmenter bottleneck features", False),
             ("classifier.fd", "Fréchet distance, classifier features", False),
+            ("radiomics.fd", "Fréchet radiomics distance (first order + GLCM)", False),
+            ("segmenter.kid", "KID, segmenter bottleneck features", False),
             ("diversity", "diversity between samples of the same label map", False)]  # fmt: skip
     lines = []
     for store in quality["stores"]:
+        judged = store.get("judged_on") or {}
         lines.append(f"`{store['label']}` ({store['images_scored']} images scored in "
-                     f"{store['seconds']['total']:.0f} s):")  # fmt: skip
+                     f"{store['seconds']['total']:.0f} s; distances standardised on the real "
+                     "images and taken at the floor's sizes):")  # fmt: skip
         for key, text, percent in keys:
             value = store["summary"].get(key)
             if value is None:
                 continue
-            ref = real.get(key)
             fmt = (lambda x: f"{100 * x:.1f} %") if percent else (lambda x: f"{x:.3g}")
-            against = f" (real test images: {fmt(ref)})" if ref is not None else ""
+            if "." in key:  # a distance: against the floor of two real halves
+                space, name = key.split(".")
+                ref = (floor.get(space) or {}).get("all") or {}
+                against = (
+                    f" (two halves of the real test patients: {fmt(ref[name])} ± "
+                    f"{fmt(ref['spread'][name])})"
+                    if name in ref
+                    else ""
+                )
+            else:
+                ref = (real.get("summary") or {}).get(key)
+                against = f" (real test images: {fmt(ref)})" if ref is not None else ""
+            if key in ("label_dice", "synthetic_accuracy") and judged.get("store"):
+                against += f", on {store['images_judged']} images of its probe store (test maps)"
             lines.append(f"- {text}: {fmt(value)}{against}")
+        if judged.get("note"):
+            lines.append(f"- {judged['note']}")
         fid = ((store.get("decoder_ceiling") or {}).get("label_fidelity") or {}).get("all")
         if fid:
             lines.append(
@@ -225,7 +250,8 @@ def front_page(
     conditioning = (
         " (map only, as in the paper)"
         if class_cond in (None, "none")
-        else f" conditioned on the label map and the {class_cond} (classifier-free guidance w = 1)"
+        else f" conditioned on the label map and the {class_cond} (sampled at guidance scale 1: "
+        "the class-conditional model alone, no guidance)"
     )
     test = report["test"]
     n_test = len(test["patients"])

@@ -161,11 +161,13 @@ PIXEL_SIZE = {"paper": 256, "tiny": 64}
 # ``demo``: 64² phantom echoes of 50 patients split 5:1:4 (train:val:test; ≥ 20 test patients
 # for a patient-level interval) → Γ-VAE L64 → EDM-L64 → a store sampled at NFE 35 (Heun with 18
 # steps: the tiny model needs more than 5 steps, NFE 9) → evaluation, then a quick bench of the
-# latent model against ``pixel_model``. ``class_cond``: view conditioning with classifier-free
-# guidance (w = 1) lifts the synthetic-trained view accuracy from 65.0 % to 77.5 % (real-trained
-# 85.0 %) on the calibrated phantom at equal NFE, training length and seed, Dice unchanged
-# (74.1 → 74.5); ``none`` is the paper's map-only model.
-# ``study``: the defaults of a study YAML file's settings that it leaves out (the paper's scale).
+# latent model against ``pixel_model``. ``class_cond``: the generator is also conditioned on
+# the view (sampled at guidance scale 1: the class-conditional denoiser alone, no guidance);
+# ``none`` is the paper's map-only model. What each costs and gives: the README's measured
+# section.
+# ``study``: the defaults of a study YAML file's settings that it leaves out (the paper's scale);
+# its stores are sampled from the train maps (the val patients choose every run's checkpoint, so
+# no run may have seen them) and, with fidelity, one probe store per store from the test maps.
 PIPELINES: dict[str, dict[str, Any]] = {
     "demo": {
         "preset": "tiny", "size": 64, "n_patients": 50, "split_ratio": "5:1:4",
@@ -174,7 +176,7 @@ PIPELINES: dict[str, dict[str, Any]] = {
     "study": {
         "source": "phantom", "size": 256, "train_preset": "paper", "evaluate_preset": "paper",
         "fidelity": True, "compile": False, "bench_peer": True, "out": "study", "seed": 0,
-        "device": "auto",
+        "device": "auto", "sample_splits": "train",
     },
 }  # fmt: skip
 LENGTH_KEYS = ("steps", "epochs", "kimg")

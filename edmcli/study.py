@@ -258,23 +258,35 @@ def run_study(
         stage("train-diffusion", f"train-diffusion {model}", diffusion_settings,
               partial(train_diffusion, model, store, **kwargs),
               partial(plan_train_diffusion, model, store, **kwargs), needs=needs)  # fmt: skip
-    sampling = {"compile": STUDY["compile"], **config["sample"], "seed": seed, "device": device}
+    sampling = {"compile": STUDY["compile"], "splits": STUDY["sample_splits"], **config["sample"],
+                "seed": seed, "device": device}  # fmt: skip
     nfes = sampling.pop("nfe")
-    synthetic, sample_keys = [], []
-    for model in models:
-        for nfe in nfes:
-            path = out / "synthetic" / f"{model}-nfe{nfe}.zarr"
-            synthetic.append(path)
-            key = f"sample {model} nfe {nfe}"
-            sample_keys.append(key)
-            kwargs = {"run": runs / model, "nfe": nfe, "out": path, **sampling}
-            stage("sample", key, sampling, partial(sample, **kwargs),
-                  partial(plan_sample, **kwargs), needs=(f"train-diffusion {model}",))  # fmt: skip
-    train_specs = [str(store), *map(str, synthetic)]
     evaluation = {"preset": STUDY["evaluate_preset"], "fidelity": STUDY["fidelity"],
                   **config["evaluate"], "seed": seed, "device": device}  # fmt: skip
+    # the probe of each store: the same generator and settings on the test maps, one sample per
+    # map, judged for label fidelity only (never trained on)
+    probing = {**sampling, "splits": "test", "k": 1}
+    synthetic, probes, sample_keys = [], [], []
+
+    def sample_stage(key: str, model: str, nfe: int, path: Path, options: dict) -> None:
+        sample_keys.append(key)
+        kwargs = {"run": runs / model, "nfe": nfe, "out": path, **options}
+        stage("sample", key, options, partial(sample, **kwargs),
+              partial(plan_sample, **kwargs), needs=(f"train-diffusion {model}",))  # fmt: skip
+
+    for model in models:
+        for nfe in nfes:
+            synthetic.append(out / "synthetic" / f"{model}-nfe{nfe}.zarr")
+            sample_stage(f"sample {model} nfe {nfe}", model, nfe, synthetic[-1], sampling)
+            if evaluation["fidelity"]:
+                probes.append(out / "synthetic" / f"{model}-nfe{nfe}-probe.zarr")
+                sample_stage(f"probe {model} nfe {nfe}", model, nfe, probes[-1], probing)
+    train_specs = [str(store), *map(str, synthetic)]
+    if probes:
+        evaluation["probes"] = probes
     args = (train_specs, store, out / "evaluation")
-    stage("evaluate", "evaluate", {**evaluation, "train": train_specs},
+    stage("evaluate", "evaluate", {**evaluation, "train": train_specs,
+                                   "probes": [str(p) for p in probes]},
           partial(evaluate, *args, **evaluation), partial(plan_evaluate, *args, **evaluation),
           needs=("prepare", *sample_keys))  # fmt: skip
     if config.get("bench") is not None:

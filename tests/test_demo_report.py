@@ -80,15 +80,26 @@ def test_gap_rows_without_a_real_reference(kind):
 def test_quality_lines_state_each_metric_next_to_the_real_value_and_the_decoder_ceiling():
     from edmcli.demo import quality_lines
 
-    store = {"label": "edm-l64-nfe35", "images_scored": 600, "seconds": {"total": 12.0},
-             "summary": {"label_dice": 0.583, "synthetic_accuracy": 0.745},
+    store = {"label": "edm-l64-nfe35", "images_scored": 600, "images_judged": 80,
+             "seconds": {"total": 12.0},
+             "summary": {"label_dice": 0.583, "synthetic_accuracy": 0.745, "radiomics.fd": 3.5},
+             "judged_on": {"store": "probe.zarr"},
              "decoder_ceiling": {"label_fidelity": {"all": {"dice_mean": 0.75}}}}  # fmt: skip
-    quality = {"real": {"summary": {"label_dice": 0.868}}, "stores": [store]}
+    floor = {"radiomics": {"all": {"fd": 1.25, "spread": {"fd": 0.5}}}}
+    quality = {"real": {"summary": {"label_dice": 0.868}, "halves": {"distances": floor}},
+               "stores": [store]}  # fmt: skip
     lines = quality_lines({"quality": quality})
-    assert lines[0] == "`edm-l64-nfe35` (600 images scored in 12 s):"
-    assert "58.3 % (real test images: 86.8 %)" in lines[1]
-    assert lines[2].endswith("on synthetic images: 74.5 %")  # no real value given
-    assert "decoder ceiling" in lines[3] and "label fidelity 75.0 %" in lines[3]
+    assert lines[0].startswith("`edm-l64-nfe35` (600 images scored in 12 s;")
+    assert "58.3 % (real test images: 86.8 %), on 80 images of its probe store" in lines[1]
+    assert "on synthetic images: 74.5 %, on 80 images" in lines[2]  # no real value given
+    assert (
+        "radiomics distance" in lines[3]
+        and "3.5 (two halves of the real test patients: 1.25 ± 0.5)" in lines[3]
+    )
+    assert "decoder ceiling" in lines[4] and "label fidelity 75.0 %" in lines[4]
     store["decoder_ceiling"] = None  # a pixel-space model has none
     assert not any("decoder ceiling" in line for line in quality_lines({"quality": quality}))
+    store["judged_on"] = {"store": None, "note": "edm-l64-nfe35: label fidelity ... --probe P"}
+    del store["summary"]["label_dice"], store["summary"]["synthetic_accuracy"]
+    assert any("--probe" in line for line in quality_lines({"quality": quality}))
     assert quality_lines({}) == []

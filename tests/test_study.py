@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from edmcli.cli import app
+from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.study import STAGES, load_config, run_study
 
@@ -77,12 +78,19 @@ def test_shortened_phantom_study_runs_and_resumes(tmp_path):
     record = run_study(path)
     stages = record["stages"]
     assert list(stages) == ["prepare", "train-vae l64", "train-diffusion edm-l64",
-                            "sample edm-l64 nfe 1", "sample edm-l64 nfe 3", "evaluate",
+                            "sample edm-l64 nfe 1", "probe edm-l64 nfe 1",
+                            "sample edm-l64 nfe 3", "probe edm-l64 nfe 3", "evaluate",
                             "bench"]  # fmt: skip
-    assert {key.split(" ")[0] for key in stages} == set(STAGES)
+    assert {key.split(" ")[0] for key in stages} == {*STAGES, "probe"}
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert {r["nfe"] for r in report["runs"] if r["kind"] == "synthetic"} == {1, 3}
     assert len(report["quality"]["stores"]) == 2
+    # trained on the train maps only, chosen on unseen val patients, judged on test-map probes
+    for nfe in (1, 3):
+        prov = DatasetStore(out / "synthetic" / f"edm-l64-nfe{nfe}.zarr").info["provenance"]
+        assert prov["label_splits"] == ["train"]
+    assert all(s["judged_on"]["store"].endswith("-probe.zarr")
+               for s in report["quality"]["stores"])  # fmt: skip
     bench = json.loads((out / "bench" / "bench.json").read_text())
     assert bench["complete"] and bench["settings"]["models"] == ["edm-l64"]
 

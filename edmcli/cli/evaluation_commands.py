@@ -121,6 +121,15 @@ def evaluate(
             "more, rank each metric against the downstream Dice and accuracy.",
         ),
     ] = False,
+    probe: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="With --fidelity: a synthetic store sampled by a --train store's generator "
+            "with its settings from label maps the reference networks never saw (sample "
+            "--labels TEST_STORE --splits test --k 1), on which label fidelity and classifier "
+            "accuracy are judged; never trained on. Repeat per generator.",
+        ),
+    ] = None,
     jobs: Annotated[
         int,
         typer.Option(
@@ -134,12 +143,12 @@ def evaluate(
     held-out real --test split; write report.json, report.md and plots. Rerun to resume."""
     options = stage_options(locals(), "train", "test", "out", "preset", "task", "bootstrap",
                             "bootstrap_fraction", "precision", "device", "seed", "checkpoint",
-                            "val", "fidelity", "jobs")  # fmt: skip
+                            "val", "fidelity", "probe", "jobs")  # fmt: skip
     from edmcli.evaluation.evaluate import evaluate as stage
 
     stage(
         train, test, out, preset.value, ["seg", "cls"] if task is TaskChoice.both else [task.value],
         options, device=device, seed=seed, precision=precision.value,
         bootstrap_iterations=bootstrap, bootstrap_fraction=bootstrap_fraction,
-        checkpoint=checkpoint.value, val=val, fidelity=fidelity, jobs=jobs,
+        checkpoint=checkpoint.value, val=val, fidelity=fidelity, jobs=jobs, probes=probe or (),
     )  # fmt: skip

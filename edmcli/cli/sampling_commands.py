@@ -26,9 +26,15 @@ def sample(
     labels: Annotated[
         Path | None, typer.Option(help="Store of label maps (default: the run's training store).")
     ] = None,
-    splits: Annotated[str, typer.Option(help="Comma-separated splits of the label store.")] = (
-        "train,val"
-    ),
+    splits: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated splits of the label store. Default train: the val patients stay "
+            "unseen for choosing checkpoints in evaluate (the paper's protocol: train,val with "
+            "--holdout and evaluate --checkpoint synthetic); test: a probe store for evaluate "
+            "--probe, never for training."
+        ),
+    ] = "train",
     k: Annotated[int, typer.Option("--k", help="Random transformations per label map.")] = 5,
     n: Annotated[int | None, typer.Option(help="At most this many samples.")] = None,
     nfe: Annotated[
@@ -56,9 +62,10 @@ def sample(
     guidance: Annotated[
         float | None,
         typer.Option(
-            help="Classifier-free guidance scale w of a model trained with --class-cond (default "
-            "1: conditional only). w ≠ 0, 1 evaluates the network twice per step, and --nfe "
-            "counts both."
+            help="Classifier-free guidance scale w of a model trained with --class-cond: D = "
+            "D_uncond + w (D_cond − D_uncond), diffusers' guidance_scale (Ho & Salimans' w is "
+            "this w − 1). Default 1: the conditional model alone, no guidance. w ≠ 0, 1 "
+            "evaluates the network twice per step, and --nfe counts both."
         ),
     ] = None,
     holdout: Annotated[

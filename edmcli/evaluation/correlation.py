@@ -36,9 +36,8 @@ def correlation_table(
 ) -> dict[str, Any] | None:
     """Spearman's ρ of each quality metric with the downstream mean Dice and accuracy over
     the scored synthetic stores (bootstrap interval over the stores); None with fewer than
-    ``min_stores`` stores. ``best`` lists, per target, the metrics with the largest ρ in their
-    expected direction (ρ for a higher-is-better metric, −ρ for FD, KID and HD95; ties all
-    listed; empty when no metric has a positive ρ in its expected direction)."""
+    ``min_stores`` stores. No metric is named "best": an argmax over many metrics on a handful
+    of stores is a multiple comparison (``caveat`` says so in the report)."""
     targets = downstream_targets(report)
     stores = [s for s in quality["stores"] if s["slug"] in targets]
     if len(stores) < min_stores:
@@ -60,20 +59,13 @@ def correlation_table(
                            for k, v in est.items()}  # fmt: skip
         if any(row[t] is not None for t in TARGETS):
             rows.append(row)
-    best: dict[str, list[str]] = {}
-    for target in TARGETS:
-        oriented = {
-            r["metric"]: r[target]["rho"] * (1 if r["higher_is_better"] else -1)
-            for r in rows
-            if r[target] is not None and r[target]["rho"] is not None
-        }
-        top = max(oriented.values(), default=0.0)
-        best[target] = [k for k, v in oriented.items() if top > 0 and v >= top - 1e-9]
     return {
         "what": f"Spearman's ρ over {len(stores)} synthetic stores with a {confidence * 100:g} % "
         f"bootstrap interval (stores resampled with replacement, {iterations} times)",
         "stores": [s["slug"] for s in stores],
         "targets": {t: title for t, (_, title) in TARGETS.items()},
         "rows": rows,
-        "best": best,
+        "caveat": f"{len(rows)} metrics × {len(TARGETS)} targets ranked over {len(stores)} stores: "
+        "with so few stores the intervals are wide and the largest ρ of many is expected to be "
+        "large by chance; read a metric as predictive only where its interval excludes 0",
     }

@@ -18,6 +18,10 @@ rewritten at the end of every call.
   store was trained or validated on (its provenance ``generator_patients``, and the
   ``training_patients.json`` of its ``run`` folder when that exists). A synthetic store that
   records neither is refused: the check cannot be made.
+* Validation check: the split that chooses a run's checkpoint must hold none of the patients
+  whose images or label maps the run trains on (a store sampled from the val maps, ``sample
+  --splits train,val``, is refused with the real val split;
+  :func:`~edmcli.evaluation.train_specs.check_validation_unseen`).
 * Image sizes: stores whose images differ from the networks' input size (``--size``, preset
   ``paper`` 256, ``tiny`` 64) are resampled with a notice; test predictions are resampled back
   and scored at the test store's resolution (HD in its pixels, and in mm from its spacing).
@@ -86,6 +90,7 @@ def evaluate(
     val: Path | None = None,
     fidelity: bool = False,
     jobs: int = 1,
+    probes: list[Path] | tuple[Path, ...] = (),
 ) -> dict[str, Any] | None:
     """Train, test and report (the body of ``echo-synth evaluate``): ``overrides`` are settings of
     :data:`edmcli.settings.PRESETS` ``["seg"]``/``["cls"]`` (None: the preset decides). Returns
@@ -96,12 +101,17 @@ def evaluate(
     report, and with ≥ 3 synthetic specs the rank correlation of each metric with the
     downstream numbers. It needs a real ``--train`` store (the reference runs).
 
-    ``jobs``: runs trained at once on a CPU (:mod:`edmcli.evaluation.run_pool`)."""
+    ``jobs``: runs trained at once on a CPU (:mod:`edmcli.evaluation.run_pool`).
+
+    ``probes``: synthetic stores that ``fidelity`` judges label fidelity and classifier accuracy
+    on, never trained on, each sampled by the generator of one synthetic ``--train`` store with
+    its settings from label maps the reference networks never saw
+    (:func:`~edmcli.evaluation.train_specs.match_probes`)."""
     return run_evaluate(plan_evaluate(
         train, test, out, preset=preset, tasks=tasks, overrides=overrides, device=device,
         seed=seed, precision=precision, bootstrap_iterations=bootstrap_iterations,
         bootstrap_fraction=bootstrap_fraction, checkpoint=checkpoint, val=val, fidelity=fidelity,
-        jobs=jobs,
+        jobs=jobs, probes=probes,
     ))  # fmt: skip
 
 
@@ -126,7 +136,11 @@ def run_evaluate(plan: EvaluationPlan) -> dict[str, Any] | None:
             return None
         test_data = _load_test_data(plan.test_store, plan.tasks)
         results = [_test(run, test_data, env.device) for run in runs]
-        quality = quality_section(runs, test_data, env.device, plan.seed) if plan.fidelity else None
+        quality = (
+            quality_section(runs, test_data, env.device, plan.seed, probes=dict(plan.probes))
+            if plan.fidelity
+            else None
+        )
         report = build_report(
             results,
             test_store=plan.test_store,
@@ -134,7 +148,7 @@ def run_evaluate(plan: EvaluationPlan) -> dict[str, Any] | None:
             settings=_report_settings(
                 plan.preset, plan.tasks, overrides, plan.seed, env, plan.precision,
                 plan.bootstrap_iterations, plan.checkpoint, plan.val, plan.bootstrap_fraction,
-                plan.fidelity, plan.jobs,
+                plan.fidelity, plan.jobs, dict(plan.probes),
             ),
             notes=notes,
             wall_s=time.perf_counter() - started,
@@ -218,6 +232,7 @@ def _report_settings(
     bootstrap_fraction: float,
     fidelity: bool,
     jobs: int,
+    probes: dict[str, str],
 ) -> dict[str, Any]:
     """The settings section of the report (the call's options, what ``precision`` became on this
     device, threads, code version, creation time)."""
@@ -230,7 +245,8 @@ def _report_settings(
         "checkpoint": checkpoint, "val": None if val is None else str(val),
         "bootstrap_fraction": bootstrap_fraction, "bootstrap_confidence": 0.95,
         "fidelity": fidelity, "training_dtype": "fp32" if amp is None else str(amp)[6:],
-        "jobs": jobs, "threads": torch.get_num_threads(), "code_version": code_version(),
+        "probes": probes, "jobs": jobs, "threads": torch.get_num_threads(),
+        "code_version": code_version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
 

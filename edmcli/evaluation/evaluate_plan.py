@@ -17,7 +17,7 @@ training-engine config and the device check do).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -36,7 +36,9 @@ from edmcli.evaluation.train_specs import (
     SYNTHETIC,
     TrainSpec,
     check_held_out,
+    check_validation_unseen,
     choose_validation,
+    match_probes,
     parse_train_spec,
     store_paths,
 )
@@ -98,6 +100,7 @@ class EvaluationPlan:
     runs: tuple[PlannedRun, ...]
     notes: tuple[str, ...]  # one per store whose images the networks see resampled
     jobs: int = 1  # runs trained at once (evaluation.run_pool)
+    probes: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # slug → probe
 
     def describe(self) -> list[str]:
         """Short lines for people (``study --dry-run``)."""
@@ -117,6 +120,7 @@ class EvaluationPlan:
             f"{self.bootstrap_fraction:g} of the test patients"
             + ("; fidelity judged by the real-trained networks" if self.fidelity else "")
         )
+        lines.extend(f"probe of {slug}: {store}" for slug, store in self.probes.items())
         lines.append(
             f"→ {self.out} (report.json, report.md, plots/; runs in {self.out / 'runs'}), "
             f"device {self.device_used}, precision {self.precision}, seed {self.seed}"
@@ -141,6 +145,7 @@ def plan_evaluate(
     val: Path | None = None,
     fidelity: bool = False,
     jobs: int = 1,
+    probes: list[Path] | tuple[Path, ...] = (),
 ) -> EvaluationPlan:
     """The checked plan of :func:`edmcli.evaluation.evaluate.evaluate` with these arguments (see
     there); raises its refusals (module docstring), writes nothing."""
@@ -149,6 +154,9 @@ def plan_evaluate(
     test_store, test_patients = _check_test_store(test)
     _check_label_values(test, train)
     specs = _parse_specs(train, fidelity)
+    if probes and not fidelity:
+        raise EchoSynthError("--probe stores are judged by --fidelity; add --fidelity")
+    matched = match_probes([str(p) for p in probes], specs)
     world_size, _rank, local_rank = process_layout()
     device_used = resolve_device(device, local_rank)
     check_jobs(jobs, str(device_used), world_size)
@@ -164,7 +172,7 @@ def plan_evaluate(
         bootstrap_iterations=bootstrap_iterations, bootstrap_fraction=bootstrap_fraction,
         checkpoint=checkpoint, val=val, fidelity=fidelity, test_store=test_store,
         test_patients=frozenset(test_patients), specs=tuple(specs), runs=tuple(runs),
-        notes=tuple(notes), jobs=jobs,
+        notes=tuple(notes), jobs=jobs, probes=MappingProxyType(matched),
     )  # fmt: skip
 
 
@@ -267,6 +275,7 @@ def _plan_runs(
                 spec, specs, test_store, task, checkpoint, None if val is None else str(val)
             )
             check_held_out(spec, (val_store, val_split), test_store, test_patients)
+            check_validation_unseen(spec, (val_store, val_split))
             n_train = count_train(spec.stores, task)
             batch_size = int(values["batch"])
             if n_train < batch_size:

@@ -44,6 +44,7 @@ from torch import nn
 
 from edmcli.console import console
 from edmcli.data.labels import OUTSIDE, sector_mask
+from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.evaluation.image_sets import ImageSet, load_synthetic, real_image_set
 from edmcli.evaluation.judges import (
@@ -63,19 +64,27 @@ from edmcli.evaluation.metrics.diversity import (
     pair_distances,
     summarise_pairs,
 )
+from edmcli.evaluation.metrics.radiomics import radiomics_features
 from edmcli.evaluation.metrics.segmentation import structure_dice
 from edmcli.models.perceptual import MIN_IMAGE_SIZE, MissingWeightsError, build_perceptual
 
+Halves = tuple[np.ndarray, np.ndarray]  # boolean masks of two halves of the real patients
+FLOOR_DRAWS = 5
+"""Splits of the real test patients into halves: the floor is the mean distance between the
+halves (± its spread over the draws), and a synthetic store is scored at the same sizes, a
+subsample as large as one half against the other, averaged over the same draws."""
+MATCHED_METRICS = ("fd", "kid", "precision", "recall", "density", "coverage")
 FIDELITY_IMAGES = 2000
 """Images scored per synthetic store (whole source groups, seeded); None in the calls: all."""
 PRDC_K = 5  # Naeem et al.'s k
 KID_SUBSETS = 50
 KID_SUBSET_SIZE = 500
-FEATURE_SPACES = ("segmenter", "classifier", "inception")
+FEATURE_SPACES = ("segmenter", "classifier", "inception", "radiomics")
 SPACE_TITLES = {
     "segmenter": "segmenter bottleneck",
     "classifier": "classifier penultimate layer",
     "inception": "Inception-v3 pool",
+    "radiomics": "radiomics (first order + GLCM)",
 }
 
 # metric key → (title, higher is better); the flat summary of a store (see summary_metrics)
@@ -148,14 +157,104 @@ def feature_distances(
     return out
 
 
-def split_patients(patients: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Two halves of the images by patient (seeded), as boolean masks; None for < 2 patients."""
+def split_patients(
+    patients: np.ndarray, seed: int, draw: int = 0
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Two halves of the images by patient (seeded; ``draw`` picks another split), as boolean
+    masks; None for < 2 patients."""
     unique = np.unique(np.asarray(patients))
     if len(unique) < 2:
         return None
-    rng = np.random.default_rng(np.random.SeedSequence([seed, len(unique), 0x4A1F]))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, len(unique), 0x4A1F, draw]))
     first = np.isin(patients, rng.permutation(unique)[: len(unique) // 2])
     return first, ~first
+
+
+def real_halves(patients: np.ndarray, seed: int, draws: int = FLOOR_DRAWS) -> list[Halves]:
+    """``draws`` seeded splits of the real images into two halves by patient
+    (:func:`split_patients`); empty for < 2 patients."""
+    halves = [split_patients(patients, seed, draw) for draw in range(draws)]
+    return [h for h in halves if h is not None]
+
+
+def feature_scale(real: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per feature space, the mean and standard deviation of each feature over the real images
+    (a constant feature gets scale 1): distances are taken on features standardised by them
+    (:func:`standardise`), so that no few dimensions with extreme activations outweigh the
+    others (the classifier's penultimate layer has some ~100× larger than the rest)."""
+    out = {}
+    for space, feats in real.items():
+        feats = np.asarray(feats, dtype=np.float64)
+        std = feats.std(0)
+        out[space] = (feats.mean(0), np.where(std > 1e-12, std, 1.0))
+    return out
+
+
+def standardise(
+    features: dict[str, np.ndarray], scale: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """``features`` with each space's real mean removed and divided by its real spread."""
+    return {
+        space: (np.asarray(f, dtype=np.float64) - scale[space][0]) / scale[space][1]
+        for space, f in features.items()
+        if space in scale
+    }
+
+
+def _average(draws: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-draw :func:`distances` of one space and view, averaged: each metric's mean over
+    the draws, its standard deviation in ``spread``."""
+    if any("skipped" in d for d in draws):
+        return next(d for d in draws if "skipped" in d)
+    out = dict(draws[0])
+    out["spread"] = {}
+    for name in MATCHED_METRICS:
+        values = np.array([d[name] for d in draws], dtype=np.float64)
+        out[name] = float(values.mean())
+        out["spread"][name] = float(values.std())
+    for name in ("n_synthetic", "n_real", "prdc_n"):
+        out[name] = float(np.mean([d[name] for d in draws]))
+    out["draws"] = len(draws)
+    return out
+
+
+def matched_distances(
+    pairs: list[tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], np.ndarray]],
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """:func:`feature_distances` of each (set, its views, real half, its views) pair — one per
+    draw of the real halves — averaged over the draws (:func:`_average`)."""
+    per_draw = [
+        feature_distances(a, a_views, b, b_views, seed + draw)
+        for draw, (a, a_views, b, b_views) in enumerate(pairs)
+    ]
+    return {
+        space: {key: _average([d[space][key] for d in per_draw]) for key in VIEW_KEYS}
+        for space in per_draw[0]
+    } if per_draw else {}  # fmt: skip
+
+
+def synthetic_pairs(
+    features: dict[str, np.ndarray],
+    views: np.ndarray,
+    real: dict[str, np.ndarray],
+    real_views: np.ndarray,
+    halves: list[Halves],
+    seed: int,
+) -> list[tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], np.ndarray]]:
+    """For each draw of the real halves: as many synthetic images as the first half holds,
+    drawn at random (seeded), against the second half: the floor's sizes
+    (:func:`real_reference_entry`), so that both rows carry the same small-sample bias."""
+    pairs = []
+    n = len(views)
+    for draw, (first, second) in enumerate(halves):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, n, 0x5A3E, draw]))
+        rows = np.sort(rng.choice(n, min(int(first.sum()), n), replace=False))
+        pairs.append((
+            {s: f[rows] for s, f in features.items()}, np.asarray(views)[rows],
+            {s: f[second] for s, f in real.items()}, np.asarray(real_views)[second],
+        ))  # fmt: skip
+    return pairs
 
 
 # --------------------------------------------------------------------------- diversity
@@ -215,20 +314,39 @@ def score_images(
     nets: ReferenceNetworks,
     data: ImageSet,
     real: NetworkOutputs,
-    real_views: np.ndarray,
+    real_set: ImageSet,
     seed: int = 0,
     outputs: NetworkOutputs | None = None,
     distance: Any = "ssim",
+    judged: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """The quality entry of one image set against the real reference outputs: label fidelity,
-    classifier accuracy, feature distances per space and view, diversity, seconds."""
-    out = outputs if outputs is not None else run_networks(nets, data.images)
+    """The quality entry of one image set against the real reference (``real``: the networks'
+    outputs on the real images ``real_set``): label fidelity, classifier accuracy, feature
+    distances per space and view, diversity, seconds.
+
+    Distances are taken on features standardised by the real ones (:func:`feature_scale`), at
+    the floor's sizes (:func:`synthetic_pairs`, averaged over :data:`FLOOR_DRAWS` draws) when
+    the real set has ≥ 2 patients, else on the whole sets. ``judged``: boolean mask of the
+    images that label fidelity and classifier accuracy are measured on (default all): those
+    conditioned on maps of patients the judges never saw."""
+    out = with_radiomics(outputs if outputs is not None else run_networks(nets, data.images), data)
+    real = with_radiomics(real, real_set)
     t1 = time.perf_counter()
+    keep = np.ones(len(data.images), bool) if judged is None else np.asarray(judged, bool)
+    scale = feature_scale(real.features)
+    mine, reference = standardise(out.features, scale), standardise(real.features, scale)
+    halves = real_halves(real_set.patients, seed)
+    if halves:
+        pairs = synthetic_pairs(mine, data.views, reference, real_set.views, halves, seed)
+        measured = matched_distances(pairs, seed)
+    else:
+        measured = feature_distances(mine, data.views, reference, real_set.views, seed)
     entry: dict[str, Any] = {
         "images_total": data.total,
         "images_scored": len(data.images),
-        **judgements(out, data.labels, data.views),
-        "distances": feature_distances(out.features, data.views, real.features, real_views, seed),
+        "images_judged": int(keep.sum()),
+        **(judge_subset(out, data, keep)),
+        "distances": measured,
     }
     t2 = time.perf_counter()
     entry["diversity"] = diversity(data.images, data.labels, data.groups, distance)
@@ -237,6 +355,60 @@ def score_images(
                         "total": out.seconds + (t3 - t1)}  # fmt: skip
     entry["summary"] = summary_metrics(entry)
     return entry
+
+
+def with_radiomics(out: NetworkOutputs, data: ImageSet) -> NetworkOutputs:
+    """``out`` with the radiomics features of ``data``'s images inside their sector
+    (:func:`~edmcli.evaluation.metrics.radiomics.radiomics_features`), computed once."""
+    if "radiomics" in out.features:
+        return out
+    t0 = time.perf_counter()
+    feats = radiomics_features(data.images, data.labels != OUTSIDE)
+    return dataclasses.replace(out, features={**out.features, "radiomics": feats},
+                               seconds=out.seconds + time.perf_counter() - t0)  # fmt: skip
+
+
+def judge_subset(out: NetworkOutputs, data: ImageSet, keep: np.ndarray) -> dict[str, Any]:
+    """:func:`~edmcli.evaluation.judges.judgements` on the images of ``keep`` only (both
+    verdicts None when it is empty)."""
+    if not keep.any():
+        return {"label_fidelity": None, "classifier_accuracy": None}
+    rows = torch.from_numpy(np.flatnonzero(keep))
+    subset = NetworkOutputs(
+        seg_pred=None if out.seg_pred is None else out.seg_pred[rows],
+        cls_pred=None if out.cls_pred is None else np.asarray(out.cls_pred)[keep],
+        features={},
+        seconds=0.0,
+    )
+    return judgements(subset, data.labels[rows], np.asarray(data.views)[keep])
+
+
+def reference_patients(references: dict[str, tuple[Any, Path]]) -> set[str]:
+    """Patients whose images the reference networks learnt from (the train split of their
+    training stores) or were chosen on (the split that chose their checkpoint): their label maps
+    cannot judge label fidelity, which would then reward a generator for reproducing images the
+    judge memorised."""
+    seen: set[str] = set()
+    for settings, _run in references.values():
+        for store in settings.train_stores:
+            seen |= set(DatasetStore(store).patients("train"))
+        if settings.val_store is not None:
+            seen |= set(DatasetStore(settings.val_store).patients(settings.val_split))
+    return seen
+
+
+def unjudged_note(label: str, stores: list[str]) -> str:
+    """One line: why a store has no label fidelity, and how to get a probe store."""
+    prov = DatasetStore(stores[0]).info.get("provenance") or {}
+    run = prov.get("run") or "RUN"
+    nfe = prov.get("nfe")
+    return (
+        f"{label}: label fidelity and classifier accuracy not measured: every scored image was "
+        "conditioned on a label map of a patient the reference networks trained or were chosen "
+        "on; sample a probe store from the test maps with the same settings (echo-synth sample "
+        f"--run {run}{f' --nfe {nfe}' if nfe else ''} --labels TEST_STORE --splits test --k 1 "
+        "--out PROBE.zarr) and pass it with --probe PROBE.zarr"
+    )
 
 
 def summary_metrics(entry: dict[str, Any]) -> dict[str, float]:
@@ -270,8 +442,11 @@ def real_reference_entry(
 ) -> dict[str, Any]:
     """The *real* row of the quality section: the real-trained networks on the real images
     (label fidelity against the ground truth, classifier accuracy) and, as ``halves``, the
-    feature distances between two halves of the real patients (seeded): the floor of each
-    distance at this number of images. ``summary`` takes its distances from the halves."""
+    feature distances between two halves of the real patients, averaged over
+    :data:`FLOOR_DRAWS` seeded splits with their spread: the floor of each distance at these
+    sizes, at which every synthetic store is scored too. ``summary`` takes its distances from
+    the halves."""
+    outputs = with_radiomics(outputs, real)
     entry: dict[str, Any] = {
         "store": store,
         "split": split,
@@ -280,17 +455,21 @@ def real_reference_entry(
         **judgements(outputs, real.labels, real.views),
         "seconds": outputs.seconds,
     }
-    halves = split_patients(real.patients, seed)
+    halves = real_halves(real.patients, seed)
     distances_of_halves: dict[str, Any] = {}
-    if halves is not None:
-        a, b = halves
-        distances_of_halves = feature_distances(
-            {s: f[a] for s, f in outputs.features.items()}, real.views[a],
-            {s: f[b] for s, f in outputs.features.items()}, real.views[b], seed,
-        )  # fmt: skip
+    if halves:
+        feats = standardise(outputs.features, feature_scale(outputs.features))
+        pairs = [
+            ({s: f[a] for s, f in feats.items()}, real.views[a],
+             {s: f[b] for s, f in feats.items()}, real.views[b])
+            for a, b in halves
+        ]  # fmt: skip
+        distances_of_halves = matched_distances(pairs, seed)
         entry["halves"] = {
-            "what": "one half of the real patients against the other (seeded): the floor of "
-            "each distance at this number of images",
+            "what": f"one half of the real patients against the other, averaged over {len(halves)} "
+            "seeded splits (spread: their standard deviation): the floor of each distance at "
+            "these sizes",
+            "draws": len(halves),
             "distances": distances_of_halves,
         }
     entry["summary"] = summary_metrics({**entry, "distances": distances_of_halves})
@@ -362,13 +541,19 @@ def quality_section(
     device: torch.device,
     seed: int = 0,
     max_images: int | None = FIDELITY_IMAGES,
+    probes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Score every synthetic ``--train`` spec of an ``evaluate`` call with the networks of its
     real-trained reference runs (the first real run per task), against the real test split.
 
     ``plans`` are evaluate's (``task``, ``spec``, ``settings``, ``run_dir``); ``test_data`` its
-    test splits (``seg`` and/or ``cls`` :class:`~edmcli.evaluation.downstream.SplitData`).
+    test splits (``seg`` and/or ``cls`` :class:`~edmcli.evaluation.downstream.SplitData`);
+    ``probes`` (spec slug → store, :func:`~edmcli.evaluation.train_specs.match_probes`): the
+    stores that judge label fidelity and accuracy of a spec's generator. Without a probe they
+    are judged on the spec's own images of patients the judges never saw
+    (:func:`reference_patients`), or not at all, with a note saying how to get a probe.
     """
+    probes = probes or {}
     started = time.perf_counter()
     references: dict[str, tuple[Any, Path]] = {}
     for plan in plans:
@@ -377,13 +562,14 @@ def quality_section(
     if not references:
         raise ValueError("quality_section needs a real-trained reference run")
     nets, notes = load_reference_networks(references, device)
+    known = np.array(sorted(reference_patients(references)), dtype=str)  # the judges saw them
     real_split = test_data["seg"] if "seg" in test_data else test_data["cls"]
     real = real_image_set(real_split)  # images of unknown view count in "all" only
     size = int(real.images.shape[-1])
     distance, note = diversity_distance(size)
     if note:
         notes.append(note)
-    real_out = run_networks(nets, real.images)
+    real_out = with_radiomics(run_networks(nets, real.images), real)
     real_entry = real_reference_entry(real, real_out, seed, real_split.store, real_split.split)
     stores = []
     ceilings: dict[str, dict[str, Any] | None] = {}  # Γ-VAE run → its ceiling
@@ -396,7 +582,30 @@ def quality_section(
         t0 = time.perf_counter()
         data = load_synthetic(spec.stores, max_images, seed)
         load_s = time.perf_counter() - t0
-        entry = score_images(nets, data, real_out, real.views, seed, distance=distance)
+        probe = probes.get(spec.slug)
+        judged = np.zeros(len(data.images), bool) if probe else ~np.isin(data.patients, known)
+        entry = score_images(nets, data, real_out, real, seed, distance=distance,
+                             judged=judged)  # fmt: skip
+        entry["judged_on"] = {
+            "store": None,
+            "images": entry["images_judged"],
+            "what": "its own images of patients the judges never saw",
+        }
+        if probe:
+            t1 = time.perf_counter()
+            probed = load_synthetic([probe], None, seed)
+            unseen = ~np.isin(probed.patients, known)
+            entry.update(judge_subset(run_networks(nets, probed.images), probed, unseen))
+            entry["images_judged"] = int(unseen.sum())
+            entry["judged_on"] = {"store": probe, "images": int(unseen.sum()),
+                                  "what": "its probe store (same generator and settings, maps "
+                                  "of patients the judges never saw)"}  # fmt: skip
+            entry["summary"] = summary_metrics(entry)
+            entry["seconds"]["probe"] = time.perf_counter() - t1
+            entry["seconds"]["total"] += entry["seconds"]["probe"]
+        if entry["images_judged"] == 0:
+            entry["judged_on"]["note"] = unjudged_note(spec.label, spec.stores)
+            notes.append(entry["judged_on"]["note"])
         entry["seconds"]["load"] = load_s
         vae_run = spec.provenance[0].get("vae_run")  # latent models: their Γ-VAE run
         if vae_run is not None and vae_run not in ceilings:  # measured once per Γ-VAE run

@@ -2,7 +2,8 @@
 the store(s) one run trains on, whether they are real, synthetic or mixed, what generated them,
 and the patients their generator learnt from, against which the test split is checked to be
 held out (:func:`check_held_out`); and the validation split that picks each run's tested
-checkpoint (:func:`choose_validation`)."""
+checkpoint (:func:`choose_validation`), which must hold patients none of the run's training rows
+came from (:func:`check_validation_unseen`)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,12 @@ def parse_train_spec(text: str) -> TrainSpec:
                 f"{', '.join(sorted(set(reader.column('split').tolist())))})"
             )
         prov = dict(reader.info.get("provenance") or {})
+        if prov.get("source") == SYNTHETIC and "test" in (prov.get("label_splits") or []):
+            raise EchoSynthError(
+                f"--train {part} was sampled from test label maps: a probe store, for judging "
+                "(evaluate --fidelity --probe), never for training; sample the training store "
+                "with --splits train"
+            )
         stores.append(str(Path(part).resolve()))
         provenance.append(prov)
         labels.append(Path(part).name.removesuffix(".zarr"))
@@ -134,6 +141,82 @@ def check_held_out(
                 f"({shown}); test patients must be held out from the generator and from "
                 "training, so use a test store whose test split none of them has seen"
             )
+
+
+def check_validation_unseen(spec: TrainSpec, validation: tuple[str | None, str | None]) -> None:
+    """Refuse a checkpoint-choosing split whose patients a run's training rows came from.
+
+    A synthetic row's ``patient`` is the patient of its source label map, so a store sampled from
+    the train *and* val maps (``sample --splits train,val``) trains on the val patients' maps; a
+    checkpoint chosen on those patients' real images is chosen on maps the run has learnt, and
+    the tested number is optimistic. Real stores are checked the same way (their splits must not
+    share patients)."""
+    val_store, val_split = validation
+    if val_store is None:
+        return
+    val_patients = set(DatasetStore(val_store).patients(val_split))
+    for store in spec.stores:
+        reader = DatasetStore(store)
+        shared = sorted(set(reader.patients("train")) & val_patients)
+        if not shared:
+            continue
+        shown = ", ".join(shared[:3]) + (", ..." if len(shared) > 3 else "")
+        synthetic = (reader.info.get("provenance") or {}).get("source") == SYNTHETIC
+        what = (
+            f"synthetic store {store} was sampled from their label maps"
+            if synthetic
+            else f"the train split of {store} holds them"
+        )
+        raise EchoSynthError(
+            f"the checkpoint of the run on {spec.label} would be chosen on the {val_split} split "
+            f"of {val_store}, but {len(shared)} of its patients ({shown}) are among the run's "
+            f"training rows ({what}); sample the store with --splits train, or choose on the "
+            "store's own held-out split (sample --holdout F, evaluate --checkpoint synthetic), "
+            "or give --val a store of other patients"
+        )
+
+
+# What makes two synthetic stores the same generator's images: the checkpoint and every
+# sampling setting (the label maps, transforms and seeds may differ).
+GENERATOR_KEYS = ("checkpoint_sha256", "nfe", "solver", "churn", "schedule", "pin_outside",
+                  "class_cond", "guidance")  # fmt: skip
+
+
+def generator_identity(provenance: dict[str, Any]) -> tuple[Any, ...]:
+    """The generator and sampling settings of a synthetic store (:data:`GENERATOR_KEYS`)."""
+    return tuple(provenance.get(key) for key in GENERATOR_KEYS)
+
+
+def match_probes(probes: list[str], specs: list[TrainSpec]) -> dict[str, str]:
+    """Synthetic spec slug → the resolved path of its ``--probe`` store: a store the same
+    generator sampled with the same settings from label maps of patients the reference networks
+    never saw (typically ``sample --labels TEST_STORE --splits test``), that
+    ``evaluate --fidelity`` judges label fidelity and classifier accuracy on. Refuses a probe
+    that is not synthetic or that no synthetic ``--train`` store shares a generator with."""
+    matched: dict[str, str] = {}
+    for probe in probes:
+        prov = DatasetStore(probe).info.get("provenance") or {}
+        if prov.get("source") != SYNTHETIC:
+            raise EchoSynthError(f"--probe {probe} is not a synthetic store (written by sample)")
+        mine = generator_identity(prov)
+        owners = [
+            spec for spec in specs
+            if spec.kind == SYNTHETIC and generator_identity(spec.provenance[0]) == mine
+        ]  # fmt: skip
+        if not owners:
+            raise EchoSynthError(
+                f"--probe {probe} was sampled by a generator or with settings (checkpoint, NFE, "
+                "solver, guidance) that no synthetic --train store shares; sample it from the "
+                "same run with the same options"
+            )
+        for spec in owners:
+            if spec.slug in matched:
+                raise EchoSynthError(
+                    f"--probe {probe} and --probe {matched[spec.slug]} both match --train "
+                    f"{spec.text}; give one probe per generator"
+                )
+            matched[spec.slug] = str(Path(probe).resolve())
+    return matched
 
 
 CHECKPOINT_CHOICES = ("real", "synthetic", "last")

@@ -301,7 +301,7 @@ def sample(
     run: Path | None = None,
     runs_root: Path = Path("runs"),
     labels: Path | None = None,
-    splits: str | list[str] = "train,val",
+    splits: str | list[str] = "train",
     k: int = 5,
     n: int | None = None,
     nfe: int | None = None,

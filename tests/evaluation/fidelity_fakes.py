@@ -22,12 +22,13 @@ PNG = b"\x89PNG"
 
 
 def label_copy_store(real, path, k=2, shift=0, noise=0.0, model="edm-l64", nfe=9, seed=0,
-                     vae_run=None):  # fmt: skip
-    """A store posing as ``sample`` output from the train split of ``real``: ``k`` samples per
-    source map, each image the map's labels drawn as intensities (rolled by ``shift`` columns:
-    a generator that misplaces its structures; plus uniform noise of amplitude ``noise``)."""
+                     vae_run=None, splits=("train",)):  # fmt: skip
+    """A store posing as ``sample`` output from the ``splits`` label maps of ``real`` (default
+    its train split): ``k`` samples per source map, each image the map's labels drawn as
+    intensities (rolled by ``shift`` columns: a generator that misplaces its structures; plus
+    uniform noise of amplitude ``noise``)."""
     reader = DatasetStore(real)
-    rows = reader.indices("train")
+    rows = reader.indices(list(splits))
     labels = np.repeat(np.asarray(reader.labels.get_orthogonal_selection((rows,))), k, axis=0)
     images = np.roll(labels.astype(np.float64) * STEP, shift, axis=2)
     rng = np.random.default_rng(seed)
@@ -36,6 +37,7 @@ def label_copy_store(real, path, k=2, shift=0, noise=0.0, model="edm-l64", nfe=9
     provenance = {
         "source": "synthetic", "model": model, "nfe": nfe, "solver": "heun",
         "run": str(path.parent / "no-such-run"), "label_store": str(real),
+        "label_splits": list(splits),
         "generator_patients": reader.patients(["train", "val"]),
     }  # fmt: skip
     if vae_run is not None:

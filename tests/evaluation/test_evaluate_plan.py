@@ -83,6 +83,24 @@ def _args(real: Path, root: Path, **changes):
     return args
 
 
+def _from_maps(real: Path, root: Path, name: str, splits: list[str], **provenance) -> Path:
+    """A copy of ``real`` posing as ``sample --splits`` output: the rows of ``splits`` become
+    training rows (as ``sample`` writes them), the others stay as they were."""
+    copy = root / name
+    shutil.copytree(real, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    split = np.asarray(group["split"][:])
+    group["split"][:] = np.where(np.isin(split, splits), "train", split)
+    info = dict(group.attrs["echo_synth"])
+    info["provenance"] = {
+        "source": "synthetic", "model": "edm-l64", "nfe": 35, "solver": "heun",
+        "label_splits": splits, "checkpoint_sha256": "ab" * 32,
+        "generator_patients": DatasetStore(real).patients(["train", "val"]), **provenance,
+    }  # fmt: skip
+    group.attrs["echo_synth"] = info
+    return copy
+
+
 def _leaky(real, root):
     """A synthetic store whose generator saw a test patient."""
     test_patient = DatasetStore(real).patients("test")[0]
@@ -143,6 +161,25 @@ REFUSALS = [
      "shares 3 patient(s) with the train split of"),
     ("generator that saw a test patient", lambda s, r: {"train": [str(_leaky(s, r))]},
      "with the patients the generator of leaky was trained on"),
+    ("checkpoint chosen on the val patients of a store sampled from their maps",
+     lambda s, r: {"train": [str(s), str(_from_maps(s, r, "tv.zarr", ["train", "val"]))]},
+     "are among the run's training rows (synthetic store"),
+    ("checkpoint chosen on a --val store whose val patients a store trained on",
+     lambda s, r: {"train": [str(_from_maps(s, r, "tv.zarr", ["train", "val"]))], "val": s},
+     "sample the store with --splits train"),
+    ("a probe store as --train", lambda s, r: {
+        "train": [str(s), str(_from_maps(s, r, "probe.zarr", ["test"]))]},
+     "was sampled from test label maps: a probe store"),
+    ("a probe without --fidelity", lambda s, r: {
+        "train": [str(s), str(_from_maps(s, r, "t.zarr", ["train"]))],
+        "probes": [_from_maps(s, r, "probe.zarr", ["test"])]}, "add --fidelity"),
+    ("a real store as a probe", lambda s, r: {
+        "train": [str(s), str(_from_maps(s, r, "t.zarr", ["train"]))], "probes": [s],
+        "fidelity": True}, "is not a synthetic store"),
+    ("a probe of another generator", lambda s, r: {
+        "train": [str(s), str(_from_maps(s, r, "t.zarr", ["train"]))], "fidelity": True,
+        "probes": [_from_maps(s, r, "probe.zarr", ["test"], nfe=9)]},
+     "that no synthetic --train store shares"),
     ("batch larger than the train split", lambda s, r: {"overrides": {**FAST, "batch": 64}},
      "batch 64 is larger than the 24 training images"),
     ("zero steps", lambda s, r: {"overrides": {**FAST, "steps": 0}}, "steps 0 must be positive"),
@@ -238,3 +275,30 @@ def test_the_presets_settings_and_resampling_notices(phantom_store, root):
     assert any("p40.zarr has 40×40 images; they are resampled to 64×64" in n for n in plan.notes)
     assert any("test store" in n and "scored back at 32×32" in n for n in plan.notes)
     assert any(note in line for note in plan.notes for line in plan.describe())
+
+
+def test_stores_from_the_train_maps_are_chosen_on_unseen_val_patients(phantom_store, root):
+    """The demo's and the study's protocol: sampled from the train maps, every run is chosen on
+    the real val patients, whom no run has seen; the probe is matched to its generator."""
+    store = _from_maps(phantom_store, root, "t.zarr", ["train"])
+    probe = _from_maps(phantom_store, root, "probe.zarr", ["test"])
+    plan = plan_evaluate(**_args(phantom_store, root, train=[str(phantom_store), str(store)],
+                                 fidelity=True, probes=[probe]))  # fmt: skip
+    val = set(DatasetStore(phantom_store).patients("val"))
+    for run in plan.runs:
+        assert run.settings.val_split == "val"
+        assert set(DatasetStore(run.settings.val_store).patients("val")) == val
+        assert val.isdisjoint(DatasetStore(run.spec.stores[0]).patients("train"))
+    assert dict(plan.probes) == {parse_train_spec(str(store)).slug: str(probe.resolve())}
+
+
+def test_the_papers_protocol_chooses_on_the_stores_own_held_out_patients(phantom_store, root):
+    """sample --splits train,val --holdout F with --checkpoint synthetic: the val rows are whole
+    held-out source patients, which the training rows do not contain."""
+    store = _from_maps(phantom_store, root, "tv.zarr", ["train", "val"], holdout=0.25)
+    group = zarr.open_group(str(store), mode="r+")
+    patients, split = np.asarray(group["patient"][:]), np.asarray(group["split"][:])
+    held = np.unique(patients[split == "train"])[:2]
+    group["split"][:] = np.where(np.isin(patients, held), "val", split)
+    plan = plan_evaluate(**_args(phantom_store, root, train=[str(store)], checkpoint="synthetic"))
+    assert {r.settings.val_store for r in plan.runs} == {str(store.resolve())}

@@ -9,15 +9,30 @@ import json
 import numpy as np
 import pytest
 import torch
-from fidelity_fakes import PNG, RollVAE, label_copy_store, real_test_set, reference_nets
+import zarr
+from fidelity_fakes import (
+    PNG,
+    LabelReader,
+    RollVAE,
+    label_copy_store,
+    real_test_set,
+    reference_nets,
+)
+from torch import nn
 from typer.testing import CliRunner
 
 from edmcli.cli import app
 from edmcli.data.store import DatasetStore
 from edmcli.evaluation import fidelity as fd
-from edmcli.evaluation.image_sets import ImageSet, load_synthetic
+from edmcli.evaluation.downstream import load_split
+from edmcli.evaluation.image_sets import ImageSet, load_synthetic, real_image_set
 from edmcli.evaluation.inception import build_inception, inception_weights_path
-from edmcli.evaluation.judges import label_fidelity, run_networks, view_accuracy
+from edmcli.evaluation.judges import (
+    ReferenceNetworks,
+    label_fidelity,
+    run_networks,
+    view_accuracy,
+)
 
 runner = CliRunner()
 
@@ -56,15 +71,34 @@ def test_decoder_ceiling_of_a_missing_or_mismatched_vae_is_a_note(tmp_path, monk
     assert "codes 32² images, the real test images are 16²" in notes[-1]
 
 
+# --------------------------------------------------------------------------- matched sizes
+@pytest.fixture(scope="module")
+def larger_store(tmp_path_factory):
+    """40 phantom patients at 32², 16 of them in the test split (64 test images)."""
+    from edmcli.data.prepare import prepare_phantom
+
+    out = tmp_path_factory.mktemp("larger") / "p40.zarr"
+    prepare_phantom(out, n_patients=40, size=32, seed=8, split_ratio=(0.5, 0.1, 0.4))
+    return out
+
+
 # --------------------------------------------------------------------------- distances, diversity
-def test_the_real_set_against_itself(phantom_store):
-    real, out = real_test_set(phantom_store)
-    entry = fd.score_images(reference_nets(32), real, out, real.views, outputs=out)
+def test_the_real_set_against_itself(larger_store):
+    real, out = real_test_set(larger_store)
+    whole = fd.feature_distances(out.features, real.views, out.features, real.views)
     for space in ("segmenter", "classifier"):
-        d = entry["distances"][space]["all"]
+        d = whole[space]["all"]
         assert d["fd"] == pytest.approx(0.0, abs=1e-9)
         assert d["precision"] == d["recall"] == d["coverage"] == 1.0
         assert d["n_real"] == d["n_synthetic"] == len(real.images)
+    entry = fd.score_images(reference_nets(32), real, out, real, outputs=out)
+    halves = fd.real_halves(real.patients, 0)
+    for space in ("segmenter", "classifier", "radiomics"):
+        d = entry["distances"][space]["all"]  # at the floor's sizes, over its draws
+        assert d["draws"] == len(halves) == fd.FLOOR_DRAWS
+        assert d["n_synthetic"] == pytest.approx(np.mean([a.sum() for a, _ in halves]))
+        assert d["n_real"] == pytest.approx(np.mean([b.sum() for _, b in halves]))
+        assert set(d["spread"]) == set(fd.MATCHED_METRICS)
     assert set(entry["distances"]["segmenter"]) == {"all", "A2C", "A4C"}
     assert entry["label_fidelity"]["all"]["n"] == len(real.images)
     assert entry["diversity"]["images"] is None and "source_index" in entry["diversity"]["note"]
@@ -140,9 +174,12 @@ def test_evaluate_with_fidelity_reports_quality_and_correlation(
     stores = [label_copy_store(phantom_store, tmp_path / f"n{nfe}.zarr", shift=s, nfe=nfe, seed=s,
                                vae_run=vaes[nfe])
               for nfe, s in ((5, 3), (19, 1), (99, 0))]  # fmt: skip
+    probes = [label_copy_store(phantom_store, tmp_path / f"p{nfe}.zarr", shift=s, nfe=nfe, k=1,
+                               splits=("test",))
+              for nfe, s in ((5, 3), (99, 0))]  # fmt: skip
     args = ["evaluate", "--train", str(phantom_store), *(a for s in stores for a in
             ("--train", str(s))), "--test", str(phantom_store), "--out", str(tmp_path / "e"),
-            "--fidelity", *FAST]  # fmt: skip
+            "--fidelity", *(a for p in probes for a in ("--probe", str(p))), *FAST]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "e" / "report.json").read_text())
@@ -152,10 +189,17 @@ def test_evaluate_with_fidelity_reports_quality_and_correlation(
     assert [s["nfe"] for s in quality["stores"]] == [5, 19, 99]
     for entry in quality["stores"]:
         assert entry["images_scored"] == entry["images_total"] == 48
-        assert set(entry["distances"]) == {"segmenter", "classifier"}
-        assert entry["distances"]["segmenter"]["all"]["dim"] == 64  # 16·2² at the 3rd level
-        assert entry["seconds"]["total"] > 0 and "label_dice" in entry["summary"]
+        assert set(entry["distances"]) == {"segmenter", "classifier", "radiomics"}
+        # 3 test patients: halves of 4 and 8 images, too few for the matched distances
+        assert "more than 5 images" in entry["distances"]["segmenter"]["all"]["skipped"]
+        assert entry["seconds"]["total"] > 0
         assert entry["diversity"]["images"]["groups"] == 24
+    judged = [(s["judged_on"]["store"], "label_dice" in s["summary"]) for s in quality["stores"]]
+    assert judged == [(str(probes[0]), True), (None, False), (str(probes[1]), True)]
+    assert report["settings"]["probes"] == {
+        quality["stores"][0]["slug"]: str(probes[0]),
+        quality["stores"][2]["slug"]: str(probes[1]),
+    }
     assert quality["correlation"]["stores"] == [s["slug"] for s in quality["stores"]]
     ceiling = quality["stores"][0]["decoder_ceiling"]
     assert ceiling["vae_run"] == str(tmp_path / "exact")
@@ -171,3 +215,168 @@ def test_evaluate_with_fidelity_reports_quality_and_correlation(
     assert "### Decoder ceiling of the latent models" in md and "/exact` (`n5`)" in md
     assert (tmp_path / "e" / "plots" / "quality_vs_dice.png").read_bytes()[:4] == PNG
     assert "quality of n5" in result.output
+
+
+# --------------------------------------------------------------------------- judged on unseen maps
+def _quality(phantom_store, stores, monkeypatch, probes=None):
+    """``quality_section`` of synthetic ``stores`` judged by the stand-in networks, as if a seg
+    reference run had trained on the train split of ``phantom_store`` and been chosen on its
+    val split."""
+    from edmcli.evaluation.downstream import DownstreamSettings, load_split
+    from edmcli.evaluation.train_specs import TrainSpec
+
+    monkeypatch.setattr(fd, "load_reference_networks",
+                        lambda refs, device: (reference_nets(32), []))  # fmt: skip
+    reference = DownstreamSettings(task="seg", train_stores=[str(phantom_store)],
+                                   val_store=str(phantom_store), val_split="val",
+                                   checkpoint="best", size=32)  # fmt: skip
+    real_spec = TrainSpec("real", [str(phantom_store)], "real", "real-0", "real", [{}])
+    plans = [{"task": "seg", "spec": real_spec, "settings": reference, "run_dir": "ref"}]
+    for store in stores:
+        prov = DatasetStore(store).info["provenance"]
+        spec = TrainSpec(str(store), [str(store)], store.stem, f"{store.stem}-0", "synthetic",
+                         [prov], model=prov["model"], nfe=prov["nfe"])  # fmt: skip
+        plans.append({"task": "seg", "spec": spec, "settings": reference, "run_dir": "x"})
+    test = {"seg": load_split(str(phantom_store), "test")}
+    return fd.quality_section(plans, test, torch.device("cpu"), probes=probes or {})
+
+
+def test_label_fidelity_skips_maps_the_judges_trained_on(phantom_store, tmp_path, monkeypatch):
+    """Before: every row was judged, though the real-trained segmenter had trained on the real
+    images of most conditioning maps. Rows of train and val patients are now left out."""
+    seen = label_copy_store(phantom_store, tmp_path / "seen.zarr", splits=("train", "val"))
+    mixed = label_copy_store(phantom_store, tmp_path / "mixed.zarr", shift=2,
+                             splits=("train", "test"))  # fmt: skip
+    quality = _quality(phantom_store, [seen, mixed], monkeypatch)
+    by_label = {s["label"]: s for s in quality["stores"]}
+    assert by_label["seen"]["images_judged"] == 0 and by_label["seen"]["images_scored"] > 0
+    assert (
+        by_label["seen"]["label_fidelity"] is None
+        and "label_dice" not in (by_label["seen"]["summary"])
+    )
+    note = by_label["seen"]["judged_on"]["note"]
+    assert "--splits test" in note and "--probe" in note and note in quality["notes"]
+    assert "segmenter" in by_label["seen"]["distances"]  # distances still use every image
+    reader = DatasetStore(mixed)
+    test_patients = set(DatasetStore(phantom_store).patients("test"))
+    unseen = np.isin(reader.column("patient"), list(test_patients))
+    entry = by_label["mixed"]
+    assert entry["images_judged"] == int(unseen.sum()) < entry["images_scored"]
+    data = load_synthetic([str(mixed)], None, 0)
+    keep = np.isin(data.patients, list(test_patients))
+    out = run_networks(reference_nets(32), data.images[torch.from_numpy(keep)])
+    expected = label_fidelity(out.seg_pred, data.labels[torch.from_numpy(keep)],
+                              data.views[keep])  # fmt: skip
+    assert entry["label_fidelity"]["all"]["dice_mean"] == pytest.approx(
+        expected["all"]["dice_mean"]
+    )
+
+
+def test_a_probe_store_judges_its_generators_label_fidelity(phantom_store, tmp_path,
+                                                            monkeypatch):  # fmt: skip
+    store = label_copy_store(phantom_store, tmp_path / "train-maps.zarr")  # exact copies
+    probe = label_copy_store(phantom_store, tmp_path / "probe.zarr", shift=3, k=1,
+                             splits=("test",))  # fmt: skip
+    quality = _quality(phantom_store, [store], monkeypatch,
+                       probes={"train-maps-0": str(probe)})  # fmt: skip
+    entry = quality["stores"][0]
+    n_test = len(DatasetStore(phantom_store).indices("test"))
+    assert entry["judged_on"]["store"] == str(probe) and entry["images_judged"] == n_test
+    assert entry["images_scored"] == len(DatasetStore(store))  # distances on the store itself
+    assert entry["summary"]["label_dice"] < 0.99  # the probe's shifted structures, not the copies
+    assert not any("--probe" in note for note in quality["notes"])
+
+
+def _real_images_as_synthetic(real, path, split="train"):
+    """A store posing as ``sample`` output that holds the real images of ``split``: a perfect
+    generator of other patients."""
+    from edmcli.data.store_format import STRING_FIELDS
+    from edmcli.data.store_writer import create_store, mark_complete, write_block
+
+    reader = DatasetStore(real)
+    rows = reader.indices(split)
+    images = np.asarray(reader.images.get_orthogonal_selection((rows,)))
+    labels = np.asarray(reader.labels.get_orthogonal_selection((rows,)))
+    prov = {"source": "synthetic", "model": "edm-l64", "nfe": 9, "solver": "heun",
+            "generator_patients": reader.patients(["train", "val"])}  # fmt: skip
+    group = create_store(path, len(rows), *images.shape[-2:], {"provenance": prov})
+    columns = {name: reader.column(name)[rows] for name in STRING_FIELDS}
+    columns["split"] = np.full(len(rows), "train")
+    write_block(group, 0, images, labels, columns)
+    mark_complete(group)
+    return path
+
+
+class LoudFeatures(nn.Module):
+    """Features of a classifier whose few loudest dimensions carry nothing about the image:
+    ``loud`` noise dimensions 100× larger than 16 informative ones (4×4 block means)."""
+
+    def __init__(self, loud: int = 4) -> None:
+        super().__init__()
+        self.loud = loud
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = 100 * torch.randn(len(x), self.loud, generator=self.generator)
+        return torch.cat([noise, torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)], 1)
+
+
+class LoudClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))
+        self.avgpool = LoudFeatures()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.avgpool(x)
+        return torch.tensor([[0.0, 1.0]]).expand(len(x), 2)
+
+
+def _scored(real_store, store, nets):
+    real = real_image_set(load_split(str(real_store), "test"))
+    real_out = run_networks(nets, real.images)
+    floor = fd.real_reference_entry(real, real_out)
+    entry = fd.score_images(nets, load_synthetic([str(store)], None, 0), real_out, real)
+    return floor, entry
+
+
+def test_real_images_of_other_patients_score_within_the_floors_spread(larger_store, tmp_path):
+    """Before: the store was scored with all its images against all real ones, the floor at
+    half against half, so a perfect generator scored far *below* the real row."""
+    store = _real_images_as_synthetic(larger_store, tmp_path / "perfect.zarr")
+    floor, entry = _scored(larger_store, store, reference_nets(32))
+    for space in ("segmenter", "classifier", "radiomics"):
+        mine, ref = entry["distances"][space]["all"], floor["halves"]["distances"][space]["all"]
+        assert mine["n_synthetic"] == ref["n_synthetic"] and mine["n_real"] == ref["n_real"]
+        for name in ("fd", "kid"):
+            width = 3 * max(ref["spread"][name], mine["spread"][name])
+            assert abs(mine[name] - ref[name]) <= width, (space, name, mine[name], ref[name])
+
+
+def test_standardised_features_separate_a_shuffled_pixel_store(larger_store, tmp_path):
+    """The real classifier's FD was dominated by a few extreme activations: every store scored
+    alike. Standardised on the real images, the informative dimensions count."""
+    perfect = _real_images_as_synthetic(larger_store, tmp_path / "perfect.zarr")
+    shuffled = _real_images_as_synthetic(larger_store, tmp_path / "shuffled.zarr")
+    group = zarr.open_group(str(shuffled), mode="r+")
+    images = np.asarray(group["images"][:])
+    rng = np.random.default_rng(0)
+    flat = images.reshape(len(images), -1)
+    group["images"][:] = np.stack([rng.permutation(row) for row in flat]).reshape(images.shape)
+    nets = ReferenceNetworks(LabelReader(), 32, LoudClassifier(), 32, batch=16)
+    floor, good = _scored(larger_store, perfect, nets)
+    _, bad = _scored(larger_store, shuffled, nets)
+    ref = floor["halves"]["distances"]["classifier"]["all"]
+    good_fd = good["distances"]["classifier"]["all"]["fd"]
+    bad_fd = bad["distances"]["classifier"]["all"]["fd"]
+    assert bad_fd > ref["fd"] + 10 * ref["spread"]["fd"] and bad_fd > 5 * good_fd
+    # without standardisation the loud dimensions' noise hides the difference
+    real = run_networks(nets, real_image_set(load_split(str(larger_store), "test")).images)
+    raw = [
+        fd.frechet_distance_from_features(
+            run_networks(nets, load_synthetic([str(s)], None, 0).images).features["classifier"],
+            real.features["classifier"],
+        )
+        for s in (perfect, shuffled)
+    ]
+    assert raw[1] < 2 * raw[0]

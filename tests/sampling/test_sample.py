@@ -199,7 +199,7 @@ def test_every_synthetic_row_trains_and_keeps_its_source_split(runs, phantom_sto
     """Before: the source map's split was copied, so generator-val maps became synthetic val
     rows (fewer training images, and a synthetic checkpoint choice downstream)."""
     out = tmp_path / "all-train.zarr"
-    _ok(_sample_args(runs, out, "--n", "36", "--k", "1"))
+    _ok(_sample_args(runs, out, "--n", "36", "--k", "1", "--splits", "train,val"))
     store, real = DatasetStore(out), DatasetStore(phantom_store)
     assert set(store.column("split")) == {"train"}
     np.testing.assert_array_equal(

@@ -203,7 +203,7 @@ REFUSALS = [
     ("a Γ-VAE run without its training patients", lambda w, s: {
         "run": make_latent_run(w / "runs", "l", data=s, vae_patients=False)},
      "l-vae does not record its training patients"),
-    ("holdout of every patient", lambda w, s: {"holdout": 0.95},
+    ("holdout of every patient", lambda w, s: {"holdout": 0.95, "splits": "train,val"},
      "holdout 0.95 would hold back all 9 source patients"),
 ]  # fmt: skip
 
@@ -277,13 +277,13 @@ def test_defaults_are_resolved(world, phantom_store):
     plan = plan_sample(run=world / "runs" / "edm-l64", device="cpu")
     assert snapshot(world) == before  # nothing written, not even the default output's folder
     real = DatasetStore(phantom_store)
-    sources = real.indices(["train", "val"])
+    sources = real.indices(["train"])  # the val patients stay unseen (evaluate's checkpoints)
     request = plan.request
     assert (request.model, request.solver, request.nfe) == ("edm-l64", spec.solver, spec.nfe)
     assert plan.step_plan.nfe == spec.nfe and plan.step_plan.steps == (spec.nfe + 1) // 2
     assert plan.request.schedule is None and plan.schedule_used == spec.schedule
     assert plan.out == Path("synthetic") / f"edm-l64-nfe{spec.nfe}.zarr"
-    assert request.label_store == str(phantom_store) and request.splits == ["train", "val"]
+    assert request.label_store == str(phantom_store) and request.splits == ["train"]
     assert plan.sources == tuple(sources.tolist()) and plan.count == 5 * len(sources)
     assert plan.class_cond is None and plan.request.guidance is None and plan.held_out == ()
     assert plan.device_used == "cpu" and plan.image_size == 32
@@ -307,12 +307,13 @@ def test_guidance_doubles_the_default_nfe_of_a_class_run(world):
 
 
 def test_held_out_patients_are_the_seeded_draw(world, phantom_store):
-    plan = plan_sample(**_base(world, holdout=0.25, seed=4))
+    plan = plan_sample(**_base(world, holdout=0.25, seed=4, splits="train,val"))
     patients = np.array(DatasetStore(phantom_store).patients(["train", "val"]), dtype=str)
     rng = np.random.default_rng([4, HOLDOUT_STREAM])
     expected = np.sort(rng.choice(patients, size=round(0.25 * len(patients)), replace=False))
     assert plan.held_out == tuple(expected.tolist()) and len(plan.held_out) == 2
-    assert plan_sample(**_base(world, holdout=0.25, seed=4)) == plan  # the same every time
+    again = plan_sample(**_base(world, holdout=0.25, seed=4, splits="train,val"))
+    assert again == plan  # the same every time
 
 
 def test_a_latent_run_plans_its_own_or_its_recorded_vae(world, phantom_store):

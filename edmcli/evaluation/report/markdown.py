@@ -192,12 +192,20 @@ def _quality_row_values(entry: dict[str, Any], spaces: list[str]) -> list[str]:
     return cells
 
 
+def _judged(entry: dict[str, Any]) -> str:
+    """How many images judged label fidelity and accuracy, and whose (the probe's)."""
+    judged = entry.get("judged_on") or {}
+    count = entry.get("images_judged", entry.get("images_scored"))
+    return f"{count} (probe `{Path(judged['store']).name}`)" if judged.get("store") else str(count)
+
+
 def quality_markdown(report: dict[str, Any]) -> list[str]:
     """The ``--fidelity`` section of ``report.md``: one row per synthetic store next to its
     downstream numbers, a per-view table, and the rank-correlation table with ≥ 3 stores."""
     quality = report["quality"]
     spaces = list(quality["feature_spaces"])
-    short = {"segmenter": "seg", "classifier": "cls", "inception": "Inception"}
+    short = {"segmenter": "seg", "classifier": "cls", "inception": "Inception",
+             "radiomics": "radiomics"}  # fmt: skip
     real = quality["real"]
     runs = ", ".join(
         f"{task} `{Path(run).name}`" for task, run in quality["reference_runs"].items()
@@ -211,11 +219,17 @@ def quality_markdown(report: dict[str, Any]) -> list[str]:
         "synthetic images against the label maps that conditioned them; *acc.*: the real-trained "
         "classifier's accuracy on the synthetic images; FD, KID and precision / recall on "
         + ", ".join(f"{short[s]} = the {SPACE_TITLES[s]}" for s in spaces)
-        + f" features, synthetic vs the {real['images']} real test images; *diversity*: mean "
+        + " features, each standardised by the real images' mean and spread (FD on the "
+        "radiomics features: a Fréchet radiomics distance), synthetic vs the real test images "
+        "at the floor's sizes: as many synthetic images as half the real test patients hold, "
+        "against the other half, averaged over the real row's draws; *diversity*: mean "
         f"{DIVERSITY_TITLES.get(quality['diversity_distance'], quality['diversity_distance'])} "
         "between samples of the same source label map. "
         + (f"At most {cap} images per store ({quality['selection']}). " if cap else "")
-        + "The *real* row: the real-trained networks on the real test images, and the distances "
+        + "*judged*: the images that label fidelity and accuracy are measured on, conditioned on "
+        "maps of patients the judges never trained or were chosen on (a store's own, or its "
+        "`--probe` store's); the distances use every scored image. "
+        "The *real* row: the real-trained networks on the real test images, and the distances "
         "between two halves of the real test patients (the floor at this number of images).",
         "",
     ]
@@ -223,7 +237,7 @@ def quality_markdown(report: dict[str, Any]) -> list[str]:
               "label Dice (%)", "label HD95 LV (px)", "acc. on synthetic (%)"]  # fmt: skip
     for space in spaces:
         header += [f"FD {short[space]}", f"KID {short[space]}", f"P / R {short[space]}"]
-    header += ["diversity", "images", "s"]
+    header += ["diversity", "images", "judged", "s"]
     targets = downstream_targets(report)
     refs = report.get("references") or {}
     ref_values: dict[str, float] = {}
@@ -233,7 +247,7 @@ def quality_markdown(report: dict[str, Any]) -> list[str]:
     rows = [[
         "real (test split)", "–", "–", _q(ref_values.get("dice_mean"), True),
         _q(ref_values.get("accuracy"), True), *_quality_row_values(real, spaces),
-        str(real["images"]), f"{real['seconds']:.1f}",
+        str(real["images"]), str(real["images"]), f"{real['seconds']:.1f}",
     ]]  # fmt: skip
     for entry in quality["stores"]:
         mine = targets.get(entry["slug"], {})
@@ -241,7 +255,7 @@ def quality_markdown(report: dict[str, Any]) -> list[str]:
             entry["label"], entry["model"] or "–", str(entry["nfe"] or "–"),
             _q(mine.get("dice_mean"), True), _q(mine.get("accuracy"), True),
             *_quality_row_values(entry, spaces),
-            f"{entry['images_scored']} of {entry['images_total']}",
+            f"{entry['images_scored']} of {entry['images_total']}", _judged(entry),
             f"{entry['seconds']['total']:.1f}",
         ])  # fmt: skip
     lines += _table(header, rows)
@@ -312,17 +326,7 @@ def quality_markdown(report: dict[str, Any]) -> list[str]:
                     cells.append(f"{est['rho']:+.2f} [{est['ci_low']:+.2f}, {est['ci_high']:+.2f}]")
             corr_rows.append(cells)
         lines += _table(["metric", "better", *corr["targets"].values()], corr_rows)
-        best = [
-            f"{corr['targets'][t]}: " + ", ".join(METRICS[k][0] for k in keys)
-            for t, keys in corr["best"].items()
-            if keys
-        ]
-        lines += [
-            "",
-            "Tracks best (largest ρ in the expected direction): " + "; ".join(best)
-            if best
-            else "No metric follows the downstream numbers in its expected direction here.",
-        ]
+        lines += ["", f"Caveat: {corr['caveat']}." if corr.get("caveat") else ""]
     elif quality["stores"]:
         lines += ["", "The rank-correlation table needs at least 3 synthetic stores evaluated "
                   "together."]  # fmt: skip
