@@ -20,15 +20,15 @@ means.
 Each loss is called as ``loss_fn(net, images, labels, sector, generator=None, *,
 class_labels=None)`` and returns
 ``(loss, logs)``: the scalar to back-propagate and a dict of detached 0-dim tensors for logging
-(``"loss"``, and ``"mse"``: the unweighted in-sector squared error of the denoised images, or of
-the predicted noise for DDPM; :meth:`DDPMLoss.terms` gives its two terms undetached).
-``images`` are (N, C, H, W) floats (pixels or latents in [-1, 1]), ``labels`` the (N, H', W')
-integer label maps handed to the network, ``sector`` an (N, H'', W'') or (N, 1, H'', W'') mask
-resized nearest to the images' size when it differs. The noise levels and the noise come from
-``generator`` when given (it must live on the images' device); dropout inside the network still
-uses the global RNG. ``class_labels`` (N,) are handed to a class-conditional network as they are
-(the caller has already replaced the dropped ones by the null class for classifier-free
-guidance); None calls the network exactly as a map-only model is called.
+(``"loss"``, and ``"mse"``: the unweighted in-sector squared error of the denoised images, or of the
+predicted noise for DDPM; :meth:`DDPMLoss.terms` gives its two terms undetached). ``images`` are (N,
+C, H, W) floats (pixels or latents in [-1, 1]), ``labels`` the (N, H', W') integer label maps handed
+to the network, ``sector`` an (N, H'', W'') or (N, 1, H'', W'') mask brought to the images' size
+when it differs (:func:`sector_mask_like`). The noise levels and the noise come from ``generator``
+when given (it must live on the images' device); dropout inside the network still uses the global
+RNG. ``class_labels`` (N,) are handed to a class-conditional network as they are (the caller has
+already replaced the dropped ones by the null class for classifier-free guidance); None calls the
+network exactly as a map-only model is called.
 """
 
 from __future__ import annotations

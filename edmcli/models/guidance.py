@@ -1,16 +1,18 @@
-"""Classifier-free guidance (Ho & Salimans 2022) of a class-conditional SPADE UNet.
+"""Classifier-free guidance of a class-conditional SPADE UNet.
 
 ``class_labels`` (N,) go to the UNet as NVlabs/edm passes its ``class_labels`` (None: the null
-class). ``guidance`` w gives D = D_uncond + w (D_cond - D_uncond) (:func:`guide`): None or 1 is
-the conditional denoiser, one network evaluation; 0 the unconditional one (null class), one
-evaluation; any other w evaluates both branches as *one* forward of the doubled batch
-(conditional first), with the SPADE gamma/beta of the label maps shared by both
-(:meth:`~edmcli.models.unet.SpadeCache.tile`): two network evaluations per sample
-(:func:`guidance_branches`). The combination is taken on the raw output F
+class). ``guidance`` w gives D = D_uncond + w (D_cond - D_uncond) (:func:`guide`). This w is the
+*guidance scale* of diffusers (``guidance_scale``) and of Karras et al. 2024; Ho & Salimans (2022)
+write the same combination as (1 + w') D_cond − w' D_uncond, so their w' is this w − 1 (their w' =
+0, "no guidance", is w = 1 here). None or 1 is the conditional denoiser alone: no guidance, one
+network evaluation; 0 the unconditional one (null class), one evaluation; any other w evaluates both
+branches as *one* forward of the doubled batch (conditional first), with the SPADE gamma/beta of the
+label maps shared by both (:meth:`~edmcli.models.unet.SpadeCache.tile`): two network evaluations per
+sample (:func:`guidance_branches`). The combination is taken on the raw output F
 (:func:`guided_net_output`), where D is affine in F with the same coefficients for both branches
-(EDM, VE, VP of :mod:`edmcli.models.preconditioning`); for DDPM (:mod:`edmcli.models.ddpm`) on
-eps, before x_0 is clipped, with the learned variance of the conditional branch (GLIDE's and
-ADM's guidance).
+(EDM, VE, VP of :mod:`edmcli.models.preconditioning`); for DDPM (:mod:`edmcli.models.ddpm`) on eps,
+before x_0 is clipped, with the learned variance of the conditional branch (GLIDE's and ADM's
+guidance).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ __all__ = ["guidance_branches", "guide", "guided_net_output"]
 
 
 def guide(uncond: torch.Tensor, cond: torch.Tensor, w: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): ``uncond + w (cond - uncond)``; w = 1 gives
-    ``cond``, w = 0 ``uncond``, w > 1 extrapolates away from the unconditional estimate."""
+    """Classifier-free guidance at scale ``w`` (module docstring: Ho & Salimans' w is w − 1):
+    ``uncond + w (cond - uncond)``; w = 1 gives ``cond`` (no guidance), w = 0 ``uncond``, w > 1
+    extrapolates away from the unconditional estimate."""
     return torch.lerp(uncond, cond, float(w))
 
 

@@ -5,11 +5,11 @@ per-pixel scale and shift come from the semantic label map m:
 
     y = GroupNorm(x) * (1 + gamma(m)) + beta(m)
 
-``gamma``/``beta`` are produced by a small conv MLP from the one-hot label map resized (nearest)
-to the feature size: 3x3 conv to ``hidden`` channels + ReLU, then one 3x3 conv for each of gamma
-and beta (docs/reference.md). They depend on the label map only, so :meth:`SPADE.modulation` is kept
-apart from :meth:`SPADE.forward`: a network can compute them once per label map and reuse them at
-every noise level.
+``gamma``/``beta`` are produced by a small conv MLP from the label map at the feature size (class
+fractions per pixel, the one resize rule of :mod:`edmcli.data.labels`): 3x3 conv to ``hidden``
+channels + ReLU, then one 3x3 conv for each of gamma and beta (docs/reference.md). They depend on
+the label map only, so :meth:`SPADE.modulation` is kept apart from :meth:`SPADE.forward`: a network
+can compute them once per label map and reuse them at every noise level.
 
 The normalisation itself goes through :func:`echo_synth_kernels.spade_group_norm` (the repository's
 ``kernels/``), the single entry point shared by the torch reference (CPU) and the fused Triton

@@ -13,9 +13,17 @@ from edmcli.sampling.pipeline import generate
 PREVIEW_STEPS = 8
 
 
-def preview_samples(net: nn.Module, labels: torch.Tensor, settings, vae) -> torch.Tensor:
+def preview_samples(
+    net: nn.Module,
+    labels: torch.Tensor,
+    settings,
+    vae,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Images in [0, 1] for ``labels`` with fixed seeds 0..N−1: :data:`PREVIEW_STEPS` steps of
-    the model's preview solver (Euler; DDIM for DDPM models)."""
+    the model's preview solver (Euler; DDIM for DDPM models). ``class_labels`` (N,): the classes
+    of a class-conditional model (the maps' own; None for a map-only model), sampled as
+    ``sample`` does by default (guidance scale 1: the conditional model)."""
     was_training = net.training
     net.eval()
     try:
@@ -28,6 +36,7 @@ def preview_samples(net: nn.Module, labels: torch.Tensor, settings, vae) -> torc
             solver=get_spec(settings.model).preview_solver,
             steps=PREVIEW_STEPS,
             decode=vae.model.decode if vae is not None else None,
+            class_labels=class_labels,
         )
     finally:
         net.train(was_training)

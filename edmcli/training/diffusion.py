@@ -177,7 +177,9 @@ class DiffusionTask(TrainingTask):
         device = next(ema_model.parameters()).device
         batch = self._val_batch(device)
         labels = batch["labels"][:8]
-        samples = self.preview(ema_model, labels, self.settings, self.vae)
+        classes = self.class_labels(batch)  # the images' own classes, never the null class
+        classes = None if classes is None else classes[:8]
+        samples = self.preview(ema_model, labels, self.settings, self.vae, classes)
         save_image_grid(
             [batch["image"][:8], labels.unsqueeze(1).float() / 4, samples],
             run_dir / "grids" / f"samples-{step:08d}.png",

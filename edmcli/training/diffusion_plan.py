@@ -46,7 +46,12 @@ from edmcli.training.run import train_config_dict
 
 UNET_SETTINGS = ("dropout", "spade_placement", "model_channels")
 PRECOND_SETTINGS = ("noise_schedule", "learn_sigma", "clip_denoised", "sigma_data")
-PreviewFn = Callable[[nn.Module, torch.Tensor, DiffusionSettings, "LoadedVAE | None"], torch.Tensor]
+# preview(net, label maps, settings, Γ-VAE, classes): quick samples; classes (N,) are the maps'
+# own classes for a class-conditional run (never the null class), None for a map-only one
+PreviewFn = Callable[
+    [nn.Module, torch.Tensor, DiffusionSettings, "LoadedVAE | None", "torch.Tensor | None"],
+    torch.Tensor,
+]
 
 
 @dataclass(frozen=True)

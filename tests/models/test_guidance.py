@@ -24,6 +24,29 @@ def test_guide_is_the_cfg_formula():
         guidance_branches(float("nan"))
 
 
+def test_the_words_name_the_scale_that_the_formula_uses():
+    """Before: the docstring cited Ho & Salimans for a w whose 1 means "no guidance" (theirs is
+    this w − 1), and the demo called its w = 1 run classifier-free guidance."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    import edmcli.models.guidance as guidance
+    from edmcli.demo import front_page
+
+    u, c, w = torch.tensor([0.5]), torch.tensor([2.0]), 3.0
+    ho_salimans = w - 1  # their (1 + w') c − w' u
+    assert torch.allclose(guide(u, c, w), (1 + ho_salimans) * c - ho_salimans * u)
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    for text in (" ".join(inspect.getdoc(guidance).split()), readme):
+        assert "D = D_uncond + w (D_cond − D_uncond)" in text or (
+            "D = D_uncond + w (D_cond - D_uncond)" in text
+        )
+        assert re.search(r"Ho & Salimans[^.]*w − 1|Ho & Salimans[^.]*w' is this w − 1", text)
+    source = inspect.getsource(front_page)
+    assert "classifier-free guidance w = 1" not in source and "no guidance" in source
+
+
 @pytest.mark.parametrize("cls", PRECONDS)
 def test_guidance_one_is_conditional_and_zero_unconditional_exactly(cls):
     model = class_model(cls)

@@ -149,3 +149,26 @@ def test_class_conditional_resume_is_exact(store16, tmp_path):
     assert a["step"] == b["step"] == 4
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_preview_grids_of_a_class_conditional_run_use_the_images_classes(store16, tmp_path):
+    """Before: the preview callback got no classes, so a class-conditional run's grids showed
+    the null class (unconditional samples), not what sample writes by default."""
+    from edmcli.data.dataset import EchoDataset
+    from edmcli.training.diffusion import train_diffusion
+
+    seen = []
+
+    def preview(net, labels, settings, vae, class_labels=None):
+        seen.append(class_labels)
+        return torch.zeros(len(labels), 1, *labels.shape[-2:])
+
+    train_diffusion("edm", store16, run=tmp_path / "edm-view", preset="tiny", device="cpu",
+                    preview=preview, class_cond="view", steps=2, batch=4, model_channels=16,
+                    grid_every=2, validate_every=0, log_every=2, checkpoint_every=2)  # fmt: skip
+    assert seen
+    split = DatasetStore(store16).monitoring_split()
+    data = EchoDataset(store16, splits=split)
+    views = torch.tensor([data[i]["view"] for i in range(min(8, len(data)))])
+    for classes in seen:
+        assert classes is not None and torch.equal(classes.cpu(), views)  # A2C 0, A4C 1: no null
