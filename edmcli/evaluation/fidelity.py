@@ -74,6 +74,7 @@ FLOOR_DRAWS = 5
 halves (± its spread over the draws), and a synthetic store is scored at the same sizes, a
 subsample as large as one half against the other, averaged over the same draws."""
 MATCHED_METRICS = ("fd", "kid", "precision", "recall", "density", "coverage")
+WINSOR = 5.0  # standardised features are clipped to ± this many real standard deviations
 FIDELITY_IMAGES = 2000
 """Images scored per synthetic store (whole source groups, seeded); None in the calls: all."""
 PRDC_K = 5  # Naeem et al.'s k
@@ -180,8 +181,8 @@ def real_halves(patients: np.ndarray, seed: int, draws: int = FLOOR_DRAWS) -> li
 def feature_scale(real: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per feature space, the mean and standard deviation of each feature over the real images
     (a constant feature gets scale 1): distances are taken on features standardised by them
-    (:func:`standardise`), so that no few dimensions with extreme activations outweigh the
-    others (the classifier's penultimate layer has some ~100× larger than the rest)."""
+    (:func:`standardise`), so that no few dimensions or images with extreme activations outweigh
+    the others (the classifier's penultimate layer has some ~100× larger than the rest)."""
     out = {}
     for space, feats in real.items():
         feats = np.asarray(feats, dtype=np.float64)
@@ -193,9 +194,15 @@ def feature_scale(real: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np
 def standardise(
     features: dict[str, np.ndarray], scale: dict[str, tuple[np.ndarray, np.ndarray]]
 ) -> dict[str, np.ndarray]:
-    """``features`` with each space's real mean removed and divided by its real spread."""
+    """``features`` with each space's real mean removed, divided by its real spread and
+    winsorised at ±:data:`WINSOR` (a robust standardisation): without the clip, a few synthetic
+    images with extreme activations decided the classifier-feature FD of the demo's store alone
+    (9.6e5 ± 1.9e6 over the floor's draws, against a floor of 714 ± 26; clipped: 659 ± 217
+    against 483 ± 22)."""
     return {
-        space: (np.asarray(f, dtype=np.float64) - scale[space][0]) / scale[space][1]
+        space: np.clip(
+            (np.asarray(f, dtype=np.float64) - scale[space][0]) / scale[space][1], -WINSOR, WINSOR
+        )
         for space, f in features.items()
         if space in scale
     }

@@ -380,3 +380,18 @@ def test_standardised_features_separate_a_shuffled_pixel_store(larger_store, tmp
         for s in (perfect, shuffled)
     ]
     assert raw[1] < 2 * raw[0]
+
+
+def test_one_extreme_image_cannot_decide_a_distance():
+    """Before the clip, a few synthetic images with extreme activations set the classifier FD of
+    the demo's store alone (9.6e5 against a floor of 714)."""
+    rng = np.random.default_rng(0)
+    real = {"classifier": rng.normal(size=(80, 16))}
+    synthetic = rng.normal(size=(80, 16))
+    synthetic[3] = 1e4
+    scale = fd.feature_scale(real)
+    z = fd.standardise({"classifier": synthetic}, scale)["classifier"]
+    assert np.abs(z).max() == fd.WINSOR
+    reference = fd.standardise(real, scale)["classifier"]
+    assert fd.frechet_distance_from_features(z, reference) < 20
+    assert fd.frechet_distance_from_features(synthetic, real["classifier"]) > 1e6  # raw

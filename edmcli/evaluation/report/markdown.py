@@ -219,7 +219,8 @@ def quality_markdown(report: dict[str, Any]) -> list[str]:
         "synthetic images against the label maps that conditioned them; *acc.*: the real-trained "
         "classifier's accuracy on the synthetic images; FD, KID and precision / recall on "
         + ", ".join(f"{short[s]} = the {SPACE_TITLES[s]}" for s in spaces)
-        + " features, each standardised by the real images' mean and spread (FD on the "
+        + " features, each standardised by the real images' mean and spread and clipped at "
+        "±5 (FD on the "
         "radiomics features: a Fréchet radiomics distance), synthetic vs the real test images "
         "at the floor's sizes: as many synthetic images as half the real test patients hold, "
         "against the other half, averaged over the real row's draws; *diversity*: mean "
