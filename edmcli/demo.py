@@ -193,10 +193,9 @@ def quality_lines(report: dict[str, Any]) -> list[str]:
              "images against their label maps", True),
             ("synthetic_accuracy", "real-trained classifier's view accuracy on synthetic images",
              True),
-            ("segmenter.fd", "Fréchet distance, segmenter bottleneck features", False),
-            ("classifier.fd", "Fréchet distance, classifier features", False),
+            ("segmenter.kid", "KID (unbiased), segmenter bottleneck features", False),
+            ("classifier.kid", "KID (unbiased), classifier features", False),
             ("radiomics.fd", "Fréchet radiomics distance (first order + GLCM)", False),
-            ("segmenter.kid", "KID, segmenter bottleneck features", False),
             ("diversity", "diversity between samples of the same label map", False)]  # fmt: skip
     lines = []
     for store in quality["stores"]:
