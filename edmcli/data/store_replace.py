@@ -45,6 +45,26 @@ def atomic_store_path(out: str | Path, overwrite: bool = False) -> Iterator[Path
         tmp.rename(out)
 
 
+def check_not_an_input(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Raise one DataError when the output ``out`` is one of the command's inputs (``inputs``:
+    what each is → its path; None skipped), lies inside one, or holds one: writing or
+    ``--overwrite`` there would destroy what the command reads. Paths are compared resolved,
+    through symbolic links, whatever the flags."""
+    target = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            relation = (
+                "is" if target == source else "lies inside" if source in target.parents else "holds"
+            )
+            raise DataError(
+                f"--out {out} {relation} the {what} this command reads ({path}); write the "
+                "output elsewhere"
+            )
+
+
 def check_replaceable(path: str | Path) -> None:
     """Raise one DataError unless ``--overwrite`` may delete ``path``: only an echo-synth store
     (a Zarr v3 group whose attrs hold the echo-synth marker and nothing but its arrays) or an

@@ -30,7 +30,7 @@ import zarr
 
 from edmcli.data.store import DatasetStore
 from edmcli.data.store_format import ATTRS_KEY, jsonable
-from edmcli.data.store_replace import check_replaceable
+from edmcli.data.store_replace import check_not_an_input, check_replaceable
 from edmcli.errors import EchoSynthError
 from edmcli.models.guidance import guidance_branches
 from edmcli.models.registry import get_spec
@@ -299,6 +299,8 @@ def plan_sample(
         raise EchoSynthError(f"--batch {batch} must divide --chunk {chunk}")
     for learnt in (run_dir, *([] if vae is None else [vae.run])):
         load_training_patients(learnt)  # the provenance's generator patients
+    check_not_an_input(out, {"label store": request.label_store, "diffusion run": run_dir,
+                             "Γ-VAE run": None if vae is None else vae.run})  # fmt: skip
     if rank == 0:  # the rank that writes the store checks it
         _check_output(out, request.content(run_dir.resolve()), overwrite)
     held_out = held_out_patients(store, sources, holdout, seed)

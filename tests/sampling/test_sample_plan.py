@@ -203,6 +203,21 @@ REFUSALS = [
     ("a Γ-VAE run without its training patients", lambda w, s: {
         "run": make_latent_run(w / "runs", "l", data=s, vae_patients=False)},
      "l-vae does not record its training patients"),
+    # an output may never be an input (issue 25: --overwrite deleted the label store it read)
+    ("output is the label store", lambda w, s: {
+        "labels": _copy_store(s, w, "copyA.zarr"), "out": w / "copyA.zarr", "overwrite": True},
+     "copyA.zarr is the label store this command reads"),
+    ("output is the run's training store", lambda w, s: {"out": s, "overwrite": True},
+     "is the label store this command reads"),
+    ("output is a link to the label store", lambda w, s: {
+        "labels": _copy_store(s, w, "copyB.zarr"), "overwrite": True,
+        "out": (w / "link.zarr").symlink_to(w / "copyB.zarr") or w / "link.zarr"},
+     "link.zarr is the label store this command reads (/"),
+    ("output inside the run", lambda w, s: {"out": w / "runs" / "edm-l64" / "s.zarr"},
+     "lies inside the diffusion run this command reads"),
+    ("output holding the label store", lambda w, s: {
+        "labels": _copy_store(s, w, "copyC.zarr"), "out": w, "overwrite": True},
+     "holds the label store this command reads"),
     ("holdout of every patient", lambda w, s: {"holdout": 0.95, "splits": "train,val"},
      "holdout 0.95 would hold back all 9 source patients"),
 ]  # fmt: skip
