@@ -18,6 +18,7 @@ from typing import Any
 
 from edmcli.console import console
 from edmcli.errors import EchoSynthError
+from edmcli.runs.output_folder import check_output_folder, mark_output_folder
 from edmcli.settings import PIPELINES
 
 DEMO = PIPELINES["demo"]  # what the demo runs: one named row of the settings table
@@ -44,8 +45,7 @@ def run_demo(
 
     check_class_cond(class_cond)  # a typo fails now, not after the Γ-VAE's minutes
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EchoSynthError(f"demo output {out} is a file; name a folder")
+    check_output_folder(out, "demo")
     if n_patients < 10:
         raise EchoSynthError(
             f"the demo needs at least 10 phantom patients (train, validation and test), got "
@@ -62,6 +62,7 @@ def run_demo(
                 f"{out} holds a demo of {count} phantom patients (another --n-patients or "
                 f"--seed); rerun with those settings to continue it, or use another --out"
             )
+    mark_output_folder(out, "demo")
     model, nfe, latent, preset = DEMO["model"], DEMO["nfe"], DEMO["latent"], DEMO["preset"]
     vae_run, diffusion_run = out / "runs" / f"vae-l{latent}", out / "runs" / model
     synthetic = out / "synthetic" / f"{model}-nfe{nfe}.zarr"

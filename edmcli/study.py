@@ -34,6 +34,7 @@ import yaml
 
 from edmcli.console import console
 from edmcli.errors import EchoSynthError
+from edmcli.runs.output_folder import check_output_folder, mark_output_folder
 from edmcli.settings import PIPELINES
 
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -159,10 +160,9 @@ def run_study(
         if stage not in STAGES:
             raise EchoSynthError(f"--only {stage!r}: choose from {', '.join(STAGES)}")
     out = Path(config["out"])
-    if out.exists() and not out.is_dir():
-        raise EchoSynthError(f"study output {out} is a file; name a folder")
+    check_output_folder(out, "study", option=f"{config_path}: out")
     if not dry_run:
-        out.mkdir(parents=True, exist_ok=True)
+        mark_output_folder(out, "study")
     log = StudyLog(out)
     seed, device, models = config["seed"], config["device"], config["models"]
     data = dict(config["data"])

@@ -72,6 +72,7 @@ from edmcli.bench.targets import Target, preset_target, run_target, target_flops
 from edmcli.bench.throughput import measure_target, size_batch
 from edmcli.data.store_format import jsonable
 from edmcli.models.registry import paper_reference
+from edmcli.runs.output_folder import mark_output_folder
 
 __all__ = [
     "bench",
@@ -150,7 +151,7 @@ def run_bench(plan: BenchPlan, *, started: float | None = None) -> dict[str, Any
     scales, notes = list(plan.scales), list(plan.notes)
     ref_nfe = paper_reference().paper_reference_nfe
     peaks = device_peaks(dev)
-    out.mkdir(parents=True, exist_ok=True)
+    mark_output_folder(out, "bench")
     result: dict[str, Any] = {
         "format": "echo-synth-bench",
         "format_version": 1,

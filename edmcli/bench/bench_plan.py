@@ -26,6 +26,7 @@ from edmcli.errors import EchoSynthError
 from edmcli.models.registry import model_names, paper_reference
 from edmcli.runs.diffusion_run import check_model_name, resolve_run
 from edmcli.runs.distributed import resolve_device
+from edmcli.runs.output_folder import check_output_folder
 
 __all__ = [
     "DEFAULT_NFES",
@@ -160,8 +161,7 @@ def plan_bench(
     nfes = parse_nfes(nfe)
     report_data = read_reports(list(reports or []))
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EchoSynthError(f"--out {out} is a file, not a folder")
+    check_output_folder(out, "bench")
     dev = resolve_device(device)
     if runs:
         for path in runs:

@@ -64,6 +64,7 @@ from edmcli.runs.distributed import (
 )
 from edmcli.runs.folder import prepare_run_dir
 from edmcli.runs.lock import run_lock
+from edmcli.runs.output_folder import mark_output_folder
 from edmcli.training.engine import TrainConfig, Trainer, autocast_dtype
 from edmcli.training.run import train_config_dict
 
@@ -126,7 +127,7 @@ def run_evaluate(plan: EvaluationPlan) -> dict[str, Any] | None:
         runs = [run.record() for run in plan.runs]
         notes = list(plan.notes)
         if env.is_main:
-            Path(out).mkdir(parents=True, exist_ok=True)
+            mark_output_folder(out, "evaluation")
             for note in notes:
                 console.print(f"note: {note}", highlight=False)
         started = time.perf_counter()

@@ -43,6 +43,7 @@ from edmcli.evaluation.train_specs import (
     store_paths,
 )
 from edmcli.runs.distributed import process_layout, resolve_device
+from edmcli.runs.output_folder import check_output_folder
 from edmcli.settings import known_settings, resolve
 from edmcli.training.engine import TrainConfig
 
@@ -151,6 +152,7 @@ def plan_evaluate(
     there); raises its refusals (module docstring), writes nothing."""
     overrides = dict(overrides or {})
     _check_options(train, bootstrap_iterations, bootstrap_fraction)
+    check_output_folder(out, "evaluation")
     test_store, test_patients = _check_test_store(test)
     _check_label_values(test, train)
     specs = _parse_specs(train, fidelity)

@@ -307,8 +307,10 @@ def test_fig3_plots_against_nfe(tmp_path):
 
 def test_a_downstream_run_in_use_is_refused(phantom_store, tmp_path):
     from edmcli.runs.lock import run_lock
+    from edmcli.runs.output_folder import mark_output_folder
 
     out = tmp_path / "eval"
+    mark_output_folder(out, "evaluation")  # as the other process's evaluate did
     run_dir = out / "runs" / f"seg-{parse_train_spec(str(phantom_store)).slug}"
     with run_lock(run_dir):
         line = _error(["--train", phantom_store, "--test", phantom_store, "--out", out,
