@@ -4,9 +4,12 @@ parsed options to a stage function's keyword arguments."""
 from __future__ import annotations
 
 import enum
+import math
 from typing import Annotated, Any
 
 import typer
+
+from edmcli.errors import EchoSynthError
 
 # Options shared by the training commands (the engine's settings); None: the preset decides.
 BatchOpt = Annotated[int | None, typer.Option(help="Global batch size.")]
@@ -57,10 +60,21 @@ RunOption = typer.Option(
 )
 
 
+def check_finite(values: dict[str, Any]) -> None:
+    """Refuse, in one place for every command, a float option (or a float in a list option)
+    that is NaN or infinite: ``sample --churn nan`` wrote all-black images into a complete
+    store, ``--sigma-data nan`` surfaced as a NaN loss blaming the learning rate."""
+    for name, value in values.items():
+        for item in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise EchoSynthError(f"--{name.replace('_', '-')} {item} must be a finite number")
+
+
 def stage_options(values: dict[str, Any], *drop: str) -> dict[str, Any]:
     """A command's parsed options as the stage function's keyword arguments: the one path from
     flags (and ``--config`` YAML, which arrives as the options' defaults) to settings. Enums
     become their values; ``config`` and ``drop`` are left out."""
+    check_finite(values)
     skip = {"config", *drop}
     return {
         k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items() if k not in skip

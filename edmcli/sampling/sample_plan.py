@@ -61,6 +61,7 @@ __all__ = [
 
 PIN_OUTSIDE_DEFAULT = False
 HOLDOUT_STREAM = 7  # seed stream of the held-out patient draw
+MAX_GUIDANCE = 100.0  # the largest guidance scale sample accepts
 
 
 @dataclass(frozen=True)
@@ -192,8 +193,11 @@ def resolve_guidance(run_dir: Path, guidance: float | None) -> tuple[str | None,
     """(class conditioning of the run, guidance scale to sample with): a class-conditional run
     samples with ``guidance`` (default 1, the conditional denoiser); a map-only run refuses one."""
     class_cond = check_class_cond(load_run_config(run_dir).get("class_cond"))
-    if guidance is not None and (not np.isfinite(guidance) or guidance < 0):
-        raise EchoSynthError(f"--guidance {guidance} must be a finite number ≥ 0")
+    if guidance is not None and (not np.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE):
+        raise EchoSynthError(
+            f"--guidance {guidance} must be a number from 0 to {MAX_GUIDANCE:g} (guidance scales "
+            "in use are 1–10; 1e30 overflowed into all-black images)"
+        )
     if class_cond is None:
         if guidance is not None:
             raise EchoSynthError(

@@ -15,6 +15,13 @@ def _config(tmp_path, text):
     return path
 
 
+def _mine(tmp_path):
+    """A folder holding a user's own report."""
+    (tmp_path / "mypaper").mkdir()
+    (tmp_path / "mypaper" / "report.md").write_text("my own words")
+    return tmp_path / "mypaper"
+
+
 # (name, argv builder, expected fragment of the one line)
 CASES = [
     ("config syntax error", lambda t, s: ["prepare", "--out", t / "o.zarr", "--config",
@@ -53,6 +60,19 @@ CASES = [
     ("negative churn", lambda t, s: ["sample", "--model", "edm", "--churn", "-5"],
      "churn -5.0 must be at least 0"),
     ("unknown model", lambda t, s: ["sample", "--model", "edm-l32"], "edm-l32"),
+    # non-finite floats, refused in one place for every command (issue 25)
+    ("churn nan", lambda t, s: ["sample", "--model", "edm", "--churn", "nan"],
+     "--churn nan must be a finite number"),
+    ("guidance inf", lambda t, s: ["sample", "--model", "edm", "--guidance", "inf"],
+     "--guidance inf must be a finite number"),
+    ("lr nan", lambda t, s: ["train-vae", "--data", s, "--latent", "64", "--run", t / "r",
+                             "--lr", "nan", "--device", "cpu"], "--lr nan must be a finite"),
+    ("bootstrap fraction nan", lambda t, s: ["evaluate", "--train", s, "--test", s, "--out",
+                                             t / "e", "--bootstrap-fraction", "nan"],
+     "--bootstrap-fraction nan must be a finite number"),
+    ("evaluate into a folder of the user's files", lambda t, s: [
+        "evaluate", "--train", s, "--test", s, "--out", _mine(t), "--preset", "tiny"],
+     "already holds files echo-synth did not write"),
     ("demo into a file", lambda t, s: ["demo", "--out", t / "f.txt"], "is a file"),
     ("demo with an unknown conditioning", lambda t, s: ["demo", "--out", t / "d", "--class-cond",
                                                         "views"], "--class-cond 'views'"),

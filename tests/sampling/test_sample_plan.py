@@ -145,9 +145,11 @@ REFUSALS = [
     ("unknown class conditioning in the run", lambda w, s: {
         "run": make_run(w / "runs", "odd", data=s, class_cond="views")}, "--class-cond 'views'"),
     ("negative guidance", lambda w, s: {"run": w / "runs" / "edm-l64-view", "guidance": -1.0},
-     "--guidance -1.0 must be a finite number ≥ 0"),
+     "--guidance -1.0 must be a number from 0 to 100"),
     ("infinite guidance", lambda w, s: {"run": w / "runs" / "edm-l64-view",
-                                        "guidance": math.inf}, "must be a finite number"),
+                                        "guidance": math.inf}, "must be a number from 0 to 100"),
+    ("huge guidance", lambda w, s: {"run": w / "runs" / "edm-l64-view", "guidance": 1e30},
+     "--guidance 1e+30 must be a number from 0 to 100"),
     ("guidance for a map-only run", lambda w, s: {"guidance": 2.0},
      "--guidance needs a model trained with classes"),
     ("NFE 0", lambda w, s: {"nfe": 0}, "NFE (network evaluations) must be an integer >= 1"),
