@@ -161,6 +161,9 @@ def diffusion_run_settings(
             )
         net_size = ref.settings.latent_size
     precond_overrides = dict(precond_overrides or {})
+    sigma_data = precond_overrides.get("sigma_data")
+    if sigma_data is not None and not float(sigma_data) > 0:  # σ_data divides c_in, c_out, c_skip
+        raise EchoSynthError(f"--sigma-data {sigma_data} must be positive (the data's std)")
     sigma_data_source = None
     if ref is not None and "sigma_data" in precond_settings(model):
         stats = load_latent_stats(ref.run)

@@ -61,6 +61,9 @@ CASES = [
      "churn -5.0 must be at least 0"),
     ("unknown model", lambda t, s: ["sample", "--model", "edm-l32"], "edm-l32"),
     # non-finite floats, refused in one place for every command (issue 25)
+    ("sigma data 0", lambda t, s: ["train-diffusion", "--model", "edm", "--data", s, "--run",
+                                   t / "r", "--sigma-data", "0", "--device", "cpu"],
+     "--sigma-data 0.0 must be positive"),
     ("churn nan", lambda t, s: ["sample", "--model", "edm", "--churn", "nan"],
      "--churn nan must be a finite number"),
     ("guidance inf", lambda t, s: ["sample", "--model", "edm", "--guidance", "inf"],
