@@ -292,9 +292,7 @@ def measure_target(
     labels_np = labels.cpu().numpy().astype(np.uint8)
     with tempfile.TemporaryDirectory(prefix="echo-synth-bench-") as tmp:
         writer = StoreWriter(Path(tmp), batch, target.image_size)
-        timings["store_write"] = time_call(lambda: writer.write(images, labels_np), device,
-                                           max(1, s.repeats), 1)  # fmt: skip
-        timings |= _noise_timings(batch, target.net_size, device, noisy, max(3, s.repeats))
+        timings |= _write_and_noise(writer, images, labels_np, target, device, noisy, s.repeats)
         best = "nfe_cached_compiled" if "nfe_cached_compiled" in timings else "nfe_cached_eager"
         model, cost_record = _cost_model(batch, timings, best)
         runner = compiled if best == "nfe_cached_compiled" else net
@@ -475,6 +473,15 @@ def _checks(target, runner, labels, labels_np, vae, writer, model, s, m, warm) -
     return out, record
 
 
+def _write_and_noise(writer, images: torch.Tensor, labels_np: np.ndarray, target, device,
+                     noisy: bool, repeats: int) -> dict[str, Timing]:  # fmt: skip
+    """The fixed costs after the network at one batch: the store write and the noise draws."""
+    batch = len(labels_np)
+    write = time_call(lambda: writer.write(images, labels_np), device, max(1, repeats), 1)
+    return {"store_write": write,
+            **_noise_timings(batch, target.net_size, device, noisy, max(3, repeats))}  # fmt: skip
+
+
 def _decoded(vae, x: torch.Tensor, labels: torch.Tensor, flops: float, m,
              timings: dict[str, Timing]) -> torch.Tensor:  # fmt: skip
     """Images of the final ``x``: the Γ-VAE decode of a latent model, timed into
@@ -519,10 +526,8 @@ def _at_matched_batch(target, net, runner, vae, batch, own_batch, best, noisy, f
         labels_np = labels.cpu().numpy().astype(np.uint8)
         with tempfile.TemporaryDirectory(prefix="echo-synth-bench-") as tmp:
             writer = StoreWriter(Path(tmp), batch, target.image_size)
-            timings["store_write"] = time_call(lambda: writer.write(images, labels_np), device,
-                                               max(1, s.repeats), 1)  # fmt: skip
-        return timings | _noise_timings(batch, target.net_size, device, noisy,
-                                        max(3, s.repeats))  # fmt: skip
+            return timings | _write_and_noise(writer, images, labels_np, target, device, noisy,
+                                              s.repeats)  # fmt: skip
 
     timings = m.attempt("matched_batch", measure)
     release_memory(device)
