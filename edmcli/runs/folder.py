@@ -32,9 +32,14 @@ RESUMABLE_CHANGES = frozenset(
      "device", "keep_checkpoints", "eval_batches"}
 )  # fmt: skip
 CONFIG_FILE = "config.yaml"
+# The record of a NaN/Inf stop (:func:`record_nan_stop`): while it exists, a rerun may change
+# the settings that cure a diverging run (:data:`NAN_CORRECTIONS`) and resumes from the last
+# good checkpoint with them.
+NAN_STOP_FILE = "nan_stop.json"
+NAN_CORRECTIONS = frozenset({"lr", "precision", "grad_clip", "warmup_steps", "weight_decay"})
 # What a first attempt that failed before its first checkpoint leaves and a fresh start removes
 # (so nothing of it mixes into the new run's records).
-ATTEMPT_RECORDS = ("metrics.jsonl", "summary.json", "checkpoints/best.pt", "grids")
+ATTEMPT_RECORDS = ("metrics.jsonl", "summary.json", "checkpoints/best.pt", "grids", NAN_STOP_FILE)
 # Files that do not make a folder "something else than a training run".
 _HOUSEKEEPING = {RUN_LOCK_NAME, f".{CONFIG_FILE}.tmp"}
 
@@ -69,8 +74,20 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], is_main: bool = True)
         ]
         if has_checkpoint and problem:
             raise EchoSynthError(f"{problem}; the run has checkpoints, so it cannot be resumed")
+        _check_same_kind(run_dir, saved, config)
+        nan_stop = _read_nan_stop(run_dir) if has_checkpoint and diffs else None
+        if nan_stop is not None and set(diffs) <= NAN_CORRECTIONS:
+            diffs = []  # a corrected rerun of a run stopped on NaN: resume with the cure
+            if is_main:
+                (run_dir / NAN_STOP_FILE).unlink(missing_ok=True)
         if has_checkpoint and diffs:
             key = diffs[0]
+            if nan_stop is not None:
+                raise EchoSynthError(
+                    f"run {run_dir} stopped on a NaN loss at step {nan_stop.get('step')}; its "
+                    f"rerun may change only {', '.join(sorted(NAN_CORRECTIONS))} (resuming from "
+                    f"its last good checkpoint), not {key}; for other settings use another --run"
+                )
             raise EchoSynthError(
                 f"run {run_dir} was started with {key}={saved.get(key)!r} but this command asks "
                 f"for {key}={config.get(key)!r}; resume with the same settings or use another --run"
@@ -94,6 +111,38 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], is_main: bool = True)
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(config_path, config)
     return False
+
+
+_KIND_NAMES = {"vae": "Γ-VAE"}
+
+
+def _check_same_kind(run_dir: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
+    """A run folder of one command never continues as another's (``train-diffusion --run`` on
+    a Γ-VAE run was reported as a ``base_channels`` mismatch)."""
+    was, asked = saved.get("kind"), config.get("kind")
+    if was is not None and asked is not None and was != asked:
+        raise EchoSynthError(
+            f"{run_dir} is a {_KIND_NAMES.get(was, was)} run, not a "
+            f"{_KIND_NAMES.get(asked, asked)} run; choose another --run"
+        )
+
+
+def record_nan_stop(run_dir: Path, step: int, checkpoint: Path | None) -> None:
+    """Record that training stopped on a NaN/Inf at ``step`` (:data:`NAN_STOP_FILE`): the
+    rerun with a cure (:data:`NAN_CORRECTIONS`) is then accepted on this run."""
+    record = {"step": int(step), "last_good_checkpoint": checkpoint.name if checkpoint else None}
+    path = Path(run_dir) / NAN_STOP_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_nan_stop(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((Path(run_dir) / NAN_STOP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _same_setting(saved: Any, asked: Any) -> bool:

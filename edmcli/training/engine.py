@@ -55,7 +55,7 @@ from edmcli.runs.checkpoint import (
     save_checkpoint,
 )
 from edmcli.runs.distributed import DistEnv, all_reduce_mean, broadcast_flag
-from edmcli.runs.folder import MetricsLog
+from edmcli.runs.folder import MetricsLog, record_nan_stop
 from edmcli.training.batch_order import ResumableDistributedSampler
 from edmcli.training.ema import EMA
 
@@ -618,12 +618,17 @@ class Trainer:
 
     def _nan_stop(self, step: int, terms: dict[str, torch.Tensor]) -> None:
         last = latest_checkpoint(self.run_dir)
-        kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written"
-        values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        raise EchoSynthError(
-            f"the loss became NaN/Inf at step {step} ({values}); {kept}; lower the learning "
-            "rate, use fp32 precision or check the data"
+        if self.env.is_main:
+            record_nan_stop(self.run_dir, step, last)
+        kept = (
+            f"the last good checkpoint {last} is kept: rerun on this run with a lower --lr "
+            "(or --precision fp32, a --grad-clip) to resume from it, or check the data"
+            if last
+            else "no checkpoint was written: rerun with a lower --lr (or --precision fp32), or "
+            "check the data"
         )
+        values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        raise EchoSynthError(f"the loss became NaN/Inf at step {step} ({values}); {kept}")
 
 
 def _share_stopping(state: StoppingState, env: DistEnv) -> StoppingState:

@@ -88,6 +88,33 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     load_checkpoint(latest_checkpoint(tmp_path))  # still loadable
 
 
+def test_a_run_stopped_on_nan_resumes_with_a_cure_and_only_with_one(tmp_path):
+    """Issue 25: after the NaN guard advised a lower learning rate, the corrected command was
+    refused on the same run ("started with lr=10.0"): the run folder was poisoned."""
+    from edmcli.runs.folder import NAN_STOP_FILE
+
+    settings = {"kind": "toy", "lr": 10.0, "batch": 4}
+    assert not prepare_run_dir(tmp_path, settings)
+    with pytest.raises(EchoSynthError, match="rerun on this run with a lower --lr"):
+        Trainer(Regression(nan_at=7), _config(lr=10.0), tmp_path, CPU).fit()
+    assert (tmp_path / NAN_STOP_FILE).is_file()
+    with pytest.raises(EchoSynthError, match="stopped on a NaN loss at step 7.*not batch"):
+        prepare_run_dir(tmp_path, {**settings, "lr": 0.05, "batch": 8})
+    assert prepare_run_dir(tmp_path, {**settings, "lr": 0.05})  # resumes from step 5
+    assert not (tmp_path / NAN_STOP_FILE).exists()
+    result = Trainer(Regression(), _config(), tmp_path, CPU).fit()
+    assert result.steps == 12 and result.resumed_from == 5
+    with pytest.raises(EchoSynthError, match="was started with lr=0.05"):
+        prepare_run_dir(tmp_path, settings)  # a healthy run keeps its settings
+
+
+def test_a_run_folder_of_one_kind_is_not_continued_as_another(tmp_path):
+    prepare_run_dir(tmp_path, {"kind": "vae", "base_channels": 16})
+    save_checkpoint({"step": 1, "model": {}}, checkpoint_path(tmp_path, 1))
+    with pytest.raises(EchoSynthError, match="is a Γ-VAE run, not a diffusion run"):
+        prepare_run_dir(tmp_path, {"kind": "diffusion", "model": "edm"})
+
+
 def test_sigterm_writes_a_checkpoint(tmp_path):
     with pytest.raises(TrainingInterrupted, match="interrupted at step 4"):
         Trainer(Regression(sigterm_at=3), _config(), tmp_path, CPU).fit()
