@@ -18,8 +18,19 @@ from typing import Any
 
 from rich.console import Console
 
-console = Console(soft_wrap=True, emoji=False)
-err_console = Console(stderr=True, soft_wrap=True, emoji=False)
+# No console markup: the text printed holds user paths and option values, and a path such as
+# ``runs/[old]`` or ``mk[/]st.zarr`` is printed as it is (rich would style it away or raise
+# MarkupError after the work was done). Styling is applied with :func:`styled` instead.
+console = Console(soft_wrap=True, emoji=False, markup=False)
+err_console = Console(stderr=True, soft_wrap=True, emoji=False, markup=False)
+
+
+def styled(text: str, style: str = "bold"):
+    """``text`` as rich renderable in ``style``: never parsed as markup."""
+    from rich.text import Text
+
+    return Text(text, style=style)
+
 
 # Third-party log lines that say nothing to a user of the command line: torch's C++-extension
 # module (imported by torch.compile's CPU backend) warns "No CUDA runtime is found, using

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edmcli.console import console
+from edmcli.console import console, styled
 from edmcli.errors import EchoSynthError
 from edmcli.runs.output_folder import check_output_folder, mark_output_folder
 from edmcli.settings import PIPELINES
@@ -113,7 +113,7 @@ def run_demo(
     report = None
     stage_seconds: dict[str, float] = {}
     for name, step in steps:
-        console.rule(f"[bold]demo: {name}")
+        console.rule(styled(f"demo: {name}"))
         started = time.perf_counter()
         result = step()
         stage_seconds[name] = time.perf_counter() - started
@@ -126,7 +126,7 @@ def run_demo(
     tmp = page.with_name(f".{page.name}.tmp")
     tmp.write_text(front_page(report, bench_result, out, class_cond, stage_seconds))
     os.replace(tmp, page)
-    console.rule("[bold]demo: done")
+    console.rule(styled("demo: done"))
     console.print(f"everything is under {out}; the summary is {page}", highlight=False)
     return report
 

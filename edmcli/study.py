@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from edmcli.console import console
+from edmcli.console import console, styled
 from edmcli.errors import EchoSynthError
 from edmcli.runs.output_folder import check_output_folder, mark_output_folder
 from edmcli.settings import PIPELINES
@@ -202,7 +202,7 @@ def run_study(
             for line in planned.describe():
                 console.print(f"  {line}", highlight=False)
             return
-        console.rule(f"[bold]study: {key}")
+        console.rule(styled(f"study: {key}"))
         if main_only and not _is_main():
             while not log.done(key, settings):  # the main rank marks it when it is done
                 time.sleep(WAIT_POLL_S)
@@ -300,6 +300,6 @@ def run_study(
                       highlight=False)  # fmt: skip
         return log.read()
     record = log.read()
-    console.rule("[bold]study: done")
+    console.rule(styled("study: done"))
     console.print(f"everything is under {out}; stages in {log.path}", highlight=False)
     return record

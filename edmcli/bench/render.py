@@ -80,7 +80,7 @@ def render(result: dict[str, Any], console) -> None:
     from rich.table import Table
 
     if not console.is_terminal and console.width < 120:  # a log: room for the tables
-        console = Console(file=console.file, width=120, soft_wrap=True, emoji=False)
+        console = Console(file=console.file, width=120, soft_wrap=True, emoji=False, markup=False)
 
     def show(item) -> None:
         console.print(item, highlight=False)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from edmcli.config import ConfigOption
-from edmcli.console import console
+from edmcli.console import console, styled
 
 from .errors import user_errors
 from .options import stage_options
@@ -97,9 +97,11 @@ def info(
     from rich.table import Table
 
     console.print(
-        f"[bold]{summary['path']}[/]: {summary['samples']} images, "
-        f"{summary['image_size'][0]}×{summary['image_size'][1]}, "
-        f"{summary['bytes_on_disk'] / 2**20:.1f} MiB on disk"
+        styled(str(summary["path"])),
+        f": {summary['samples']} images, {summary['image_size'][0]}×{summary['image_size'][1]}, "
+        f"{summary['bytes_on_disk'] / 2**20:.1f} MiB on disk",
+        sep="",
+        highlight=False,
     )
     table = Table("split", "patients", "images", *_view_phase_columns(summary))
     for split, row in summary["splits"].items():

@@ -3,8 +3,10 @@ the :func:`user_errors` wrapper that every command runs inside (it also applies 
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
+from pathlib import Path
 
 import typer
 
@@ -37,7 +39,7 @@ def user_errors(fn):
             error_line(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
-            error_line(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+            error_line(os_error_message(exc, kwargs.get("out") or kwargs.get("run")))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
@@ -52,6 +54,24 @@ def user_errors(fn):
     return wrapper
 
 
+def os_error_message(exc: OSError, target=None) -> str:
+    """One sentence for a file-system refusal, naming the path: the file the error names, else
+    the command's output (``target``: its ``--out``/``--run``)."""
+    name = exc.filename
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = name or target
+        place = f" while writing {where}" if where else ""
+        return (
+            f"no space left on the device{place}; free space and rerun the same command "
+            "(what was written completely is kept and resumed from)"
+        )
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and name and Path(name).is_file():
+        return f"{name} is a file, not a folder; choose an output path inside folders"
+    if name:
+        return f"{exc.strerror or exc}: {name}"
+    return str(exc)
+
+
 def _set_threads(threads: int | None) -> None:
     from edmcli.threads import configure_threads
 
@@ -62,6 +82,6 @@ def _set_threads(threads: int | None) -> None:
 
 def error_line(message: str) -> None:
     """``error: MESSAGE`` on stderr, the message printed as it is (no rich markup)."""
-    from rich.markup import escape
+    from rich.text import Text
 
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False)

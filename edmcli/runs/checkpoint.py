@@ -31,14 +31,38 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep: int | None = 2) -> 
     checkpoints of its folder (None: prune nothing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        disk_full = _disk_full(exc, path.parent)
+        tmp.unlink(missing_ok=True)  # a partial file would keep the disk full
+        if disk_full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
     if keep is not None:
         for old in list_checkpoints(path.parent)[:-keep]:
             old.unlink(missing_ok=True)
+
+
+DISK_FULL_BYTES = 1 << 20  # a failed write with less free space than this: the disk was full
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed checkpoint write failed for want of space: an ENOSPC/EDQUOT, or torch's
+    writer error (``RuntimeError: [enforce fail at inline_container.cc] ...``, which names no
+    cause) on a disk left with (almost) no free space."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(exc, RuntimeError):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BYTES
+    except OSError:
+        return False
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

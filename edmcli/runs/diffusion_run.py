@@ -127,8 +127,18 @@ def resolve_run(model: str | None, run: Path | None, runs_root: Path) -> tuple[s
     if model is not None:
         check_model_name(model)
     path = Path(run) if run is not None else Path(runs_root) / model
+    if not (path / "config.yaml").is_file() and (path / "zarr.json").is_file():
+        raise EchoSynthError(
+            f"{path} is a dataset store, not a run folder; --run names a folder written by "
+            "`echo-synth train-diffusion`"
+        )
+    if not (path / "config.yaml").is_file() and model is None:
+        raise EchoSynthError(
+            f"no trained run at {path} (it has no config.yaml); --run names a folder written by "
+            "`echo-synth train-diffusion`, or name the model with --model"
+        )
     if not (path / "config.yaml").is_file():
-        name = model or "MODEL"
+        name = model
         hint = "--vae RUN " if model is not None and get_spec(model).is_latent else ""
         raise EchoSynthError(
             f"no trained {name} run at {path}; train one with `echo-synth train-diffusion "

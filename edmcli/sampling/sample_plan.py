@@ -284,6 +284,11 @@ def plan_sample(
     _world, rank, local_rank = process_layout()
     device_used = resolve_device(device, local_rank)
     settings = _run_settings(model, run_dir)
+    if labels is None and not Path(settings.data).exists():
+        raise EchoSynthError(
+            f"{settings.data}, the training store of run {run_dir} and so the default label "
+            "maps, does not exist (moved or deleted?); name the label maps with --labels STORE"
+        )
     vae = diffusion_vae_ref(run_dir, settings)
     request = SampleRequest(
         model=model, label_store=str(labels or settings.data),

@@ -183,7 +183,7 @@ BAD = [
     (["--repeats", "0"], "--repeats 0"),
     (["--reports", "missing"], "--reports missing"),
     (["--run", "norun", "--models", "edm"], "--models and --run"),
-    (["--run", "norun"], "no trained MODEL run"),
+    (["--run", "norun"], "no trained run at"),
 ]
 
 

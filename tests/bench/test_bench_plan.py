@@ -76,7 +76,7 @@ REFUSALS = [
     ("output is a file", lambda r: {"out": _file(r)}, "is a file, not a folder"),
     ("not a device", lambda r: {"device": "gpu"}, "--device 'gpu' is not a device"),
     ("unsupported device", lambda r: {"device": "meta"}, "--device 'meta' is not supported"),
-    ("missing run", lambda r: {"models": None, "run": [r / "norun"]}, "no trained MODEL run at"),
+    ("missing run", lambda r: {"models": None, "run": [r / "norun"]}, "no trained run at"),
     ("a Γ-VAE run", lambda r: {"models": None, "run": [_run(r, kind="vae")]},
      "is not a diffusion run (it is a 'vae' run)"),
     ("a run of an unknown model", lambda r: {"models": None, "run": [_run(r, model="edm-l32")]},

@@ -37,13 +37,26 @@ def test_sample_needs_a_model_or_a_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _one_line_error(["sample"], "--model", "--run")
     _one_line_error(["sample", "--model", "edm-l32"], "edm-l32", "valid: sdm")
-    _one_line_error(["sample", "--run", tmp_path / "none"], "no trained MODEL run")
+    _one_line_error(["sample", "--run", tmp_path / "none"], "no trained run at", "--model")
 
 
 def test_user_text_is_printed_without_markup(tmp_path):
     odd = tmp_path / "[old] :smile: [/]"
     line = _one_line_error(["info", odd])
     assert "[old] :smile: [/]" in line
+
+
+def test_paths_with_brackets_are_written_and_printed_as_they_are(tmp_path):
+    """Rich markup in a path (issue 25): ``[/]`` raised MarkupError after the store was written
+    complete, ``[old]``/``[bold red]`` were printed mangled."""
+    odd = tmp_path / "mk[/]st [bold red]x [old].zarr"
+    result = runner.invoke(app, ["prepare", "--n-patients", "2", "--size", "16", "--out",
+                                 str(odd), "--threads", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"wrote {odd}" in result.output
+    result = runner.invoke(app, ["info", str(odd), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"{odd}: 8 images" in result.output
 
 
 @pytest.mark.parametrize("command", ["train-vae", "train-diffusion", "evaluate"])

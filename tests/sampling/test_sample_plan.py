@@ -115,6 +115,14 @@ def _without_vae_run(world, phantom_store):
     return run
 
 
+def _moved_store_run(world, phantom_store):
+    """A run whose training store was moved after training."""
+    store = _copy_store(phantom_store, world, "moving.zarr")
+    run = make_run(world / "runs", "moved", data=store)
+    store.rename(world / "moved.zarr")
+    return run
+
+
 def _folder_with_a_file(world):
     (world / "o.zarr").mkdir()
     (world / "o.zarr" / "notes.txt").write_text("keep")
@@ -134,7 +142,9 @@ REFUSALS = [
     ("unknown model", lambda w, s: {"model": "edm-l32"}, "model 'edm-l32' does not exist"),
     ("no run under the runs root", lambda w, s: {"model": "edm", "run": None, "runs_root": w},
      "no trained edm run at"),
-    ("missing run folder", lambda w, s: {"run": w / "nowhere"}, "no trained MODEL run at"),
+    ("missing run folder", lambda w, s: {"run": w / "nowhere"}, "no trained run at"),
+    ("a dataset store named by --run", lambda w, s: {"run": s},
+     "is a dataset store, not a run folder"),
     ("a Γ-VAE run named by --run", lambda w, s: {"run": make_run(w / "runs", "vae", data=s,
                                                                   kind="vae")},
      "is not a diffusion run (it is a 'vae' run)"),
@@ -172,6 +182,9 @@ REFUSALS = [
         "run": make_run(w / "runs", "new", data=s, checkpoint=False)},
      "has no checkpoint yet; train it first"),
     ("missing label store", lambda w, s: {"labels": w / "none.zarr"}, "none.zarr does not exist"),
+    ("the run's training store moved", lambda w, s: {
+        "run": _moved_store_run(w, s), "labels": None},
+     "the training store of run"),
     ("label store of another convention", lambda w, s: {"labels": _no_convention(s, w)},
      "does not use the label convention"),
     ("label values past 4", lambda w, s: {"labels": _relabelled(s, w)},
