@@ -1,8 +1,9 @@
-"""Fault injection for crash drills and tests: ``ECHO_SYNTH_FAULT_KILL=POINT:N``.
+"""Fault injection for crash drills and tests: ``ECHO_SYNTH_FAULT_KILL=POINT:N[:SIGNAL]``.
 
-The process SIGKILLs itself the N-th time it passes ``POINT``: ``train-step`` (after optimiser
-step N, before that step's checkpoint) or ``sample-shard`` (after N shards were written, before
-the next one). Unset, it costs one environment lookup.
+The process sends itself SIGNAL (default KILL; e.g. ``TERM``, ``INT``) the N-th time it passes
+``POINT``: ``train-step`` (after optimiser step N, before that step's checkpoint),
+``sample-shard`` (after N shards were written, before the next one) or ``prepare-sample`` (after
+the N-th sample was generated). Unset, it costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -15,5 +16,8 @@ ENV = "ECHO_SYNTH_FAULT_KILL"
 
 def maybe_kill(point: str, count: int) -> None:
     value = os.environ.get(ENV)
-    if value and value == f"{point}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not value:
+        return
+    where, _, name = value.partition(":")[2].partition(":")
+    if value.split(":", 1)[0] == point and where == str(count):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name or 'KILL'}"))

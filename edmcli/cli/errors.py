@@ -3,9 +3,11 @@ the :func:`user_errors` wrapper that every command runs inside (it also applies 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import inspect
+import signal
 from pathlib import Path
 
 import typer
@@ -19,7 +21,7 @@ EXIT_CODES = {
     0: "ok",
     1: "a failure of the tool (a bug: please report it)",
     2: "bad input or a refused command (one line on stderr says which)",
-    130: "interrupted (Ctrl-C / SIGTERM; a checkpoint was written, rerun resumes)",
+    130: "interrupted (SIGINT / SIGTERM; what was written completely is kept, rerun continues)",
 }
 
 
@@ -34,15 +36,17 @@ def user_errors(fn):
     def wrapper(*args, threads: int | None = None, **kwargs):
         try:
             _set_threads(threads)
-            return fn(*args, **kwargs)
+            with stop_signals():
+                return fn(*args, **kwargs)
         except EchoSynthError as exc:
             error_line(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
             error_line(os_error_message(exc, kwargs.get("out") or kwargs.get("run")))
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted", highlight=False)
+        except KeyboardInterrupt as exc:
+            by = f" by {exc.args[0]}" if exc.args else ""
+            error_line(f"interrupted{by}; rerun the same command to continue")
             raise typer.Exit(130) from None
 
     signature = inspect.signature(fn, eval_str=True)
@@ -52,6 +56,28 @@ def user_errors(fn):
     wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
     wrapper.__annotations__ = {**fn.__annotations__, "threads": ThreadsOpt}
     return wrapper
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGINT and SIGTERM stop the command as Ctrl-C does (KeyboardInterrupt, exit 130), also
+    when it was started with SIGINT ignored (``cmd &`` in a script) or under a scheduler that
+    sends SIGTERM: what was written completely stays, the rerun continues. Training installs
+    its own handlers inside (a checkpoint first) and restores these."""
+
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    try:
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (a test runner's worker): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def os_error_message(exc: OSError, target=None) -> str:

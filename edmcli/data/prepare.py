@@ -27,6 +27,7 @@ from edmcli.data.store_format import SampleMeta, meta_columns, samples_per_shard
 from edmcli.data.store_replace import atomic_store_path
 from edmcli.data.store_writer import create_store, mark_complete, write_block
 from edmcli.errors import DataError
+from edmcli.faults import maybe_kill
 
 __all__ = [
     "PrepareResult",
@@ -185,6 +186,7 @@ def _write(
                 buffer = []
             if progress:
                 progress(1)
+            maybe_kill("prepare-sample", sum(counts.values()))
         if buffer:
             _flush(group, written, buffer)
             written += len(buffer)

@@ -622,7 +622,7 @@ class Trainer:
             record_nan_stop(self.run_dir, step, last)
         kept = (
             f"the last good checkpoint {last} is kept: rerun on this run with a lower --lr "
-            "(or --precision fp32, a --grad-clip) to resume from it, or check the data"
+            "(or --precision fp32) to resume from it, or check the data"
             if last
             else "no checkpoint was written: rerun with a lower --lr (or --precision fp32), or "
             "check the data"

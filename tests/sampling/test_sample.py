@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import zarr
+from echo_process import assert_stopped, echo_synth
 from typer.testing import CliRunner
 
 from edmcli.cli import app
@@ -108,6 +109,21 @@ def test_resume_after_sigkill_and_two_ranks_give_identical_stores(runs, tmp_path
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same(reference, ranks)
+
+
+def test_sigint_stops_a_sample_started_with_sigint_ignored_and_the_rerun_resumes(runs, tmp_path):
+    """Issue 25: SIGTERM exited 143 without a word, and a sample started with SIGINT ignored
+    (``cmd &`` in a script) ran to the end; now both stop with exit 130 after whole shards."""
+    reference = tmp_path / "ref.zarr"
+    _ok(_sample_args(runs, reference))
+    out = tmp_path / "cut.zarr"
+    args = _sample_args(runs, out)[:-2] + ["--out", out]
+    stopped = echo_synth(args, fault="sample-shard:1:INT", ignore_sigint=True)
+    assert_stopped(stopped, "SIGINT")
+    assert zarr.open_group(str(out), mode="r")["shard_done"][:].tolist() == [True, False, False]
+    assert_stopped(echo_synth(args, fault="sample-shard:1:TERM"), "SIGTERM")
+    assert echo_synth(args).returncode == 0
+    _assert_same(reference, out)
 
 
 def test_batch_size_changes_only_floating_point_noise(runs, tmp_path):
