@@ -67,10 +67,39 @@ class VerifyResult:
 def read_error(store: Path, name: str, exc: BaseException, where: str = "") -> DataError:
     """The one sentence for a failed read of array ``name`` of ``store``."""
     reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+    settle_abandoned_reads()
     return DataError(
         f"{store} is damaged: reading {name}{where} failed ({reason}); copy it again from its "
         "source or re-run the command that wrote it"
     )
+
+
+def settle_abandoned_reads(timeout: float = 10.0) -> None:
+    """Let the reads that zarr ran beside a failed one finish, and collect their results.
+
+    zarr decodes a selection's chunks concurrently on its own event loop; when one fails the
+    others are left pending, and at exit the interpreter printed 30–110 lines of asyncio
+    "Task was destroyed but it is pending" / "Task exception was never retrieved" after the
+    one-line error (issue 25). Waiting for them here (bounded) leaves nothing to print."""
+    import asyncio
+
+    try:
+        from zarr.core.sync import sync
+    except ImportError:  # another zarr layout: nothing to settle
+        return
+
+    async def settle() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: no "never retrieved" message at exit
+
+    try:
+        sync(settle())
+    except Exception:  # the error being reported matters more than the noise
+        pass
 
 
 @dataclass(frozen=True)
