@@ -128,8 +128,9 @@ def _phantom_samples(plan: PreparePlan):
 
 def _source_samples(plan: PreparePlan):
     assert plan.source is not None
+    grey_levels = plan.source.grey_levels  # one scale for the source's images
     for item in plan.source.items:
-        image, labels, spacing = load_item(item)
+        image, labels, spacing = load_item(item, grey_levels)
         image, labels, scale = resize_pair(image, labels, plan.size, plan.keep_aspect)
         meta = SampleMeta(
             patient=item.patient,
@@ -152,10 +153,13 @@ def write_plan(plan: PreparePlan, progress: Progress | None = None) -> PrepareRe
 
 def run_prepare(plan: PreparePlan) -> PrepareResult:
     """Write the store of ``plan`` with a progress bar (the work of ``echo-synth prepare``)."""
-    from edmcli.console import progress
+    from edmcli.console import console, progress
 
     with progress(plan.samples, f"prepare ({plan.layout})") as advance:
-        return write_plan(plan, advance)
+        result = write_plan(plan, advance)
+    for note in plan.source.grey_levels.notes if plan.source is not None else ():
+        console.print(f"note: {note}", highlight=False)  # a rescaling of the images' grey levels
+    return result
 
 
 def _write(

@@ -1,14 +1,17 @@
 """Sources of real image/label pairs: the user's CAMUS copy (both releases) or a folder of pairs.
 
 A source is a list of :class:`SourceItem` (one image with its label file and metadata) plus the
-official split when the source has one. Files are only opened by :func:`load_item`.
+official split when the source has one. Files are only opened by :func:`load_item` (and, for
+images wider than 8 bits, by the one pass of :class:`GreyLevels` that fixes the source's scale).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +48,113 @@ class Source:
     official_split: dict[str, str] | None = None
     skipped: list[str] = field(default_factory=list)
 
+    @cached_property
+    def grey_levels(self) -> GreyLevels:
+        """The one grey-level scale of this source's images (see :class:`GreyLevels`)."""
+        return GreyLevels([item.image for item in self.items])
 
-def load_item(item: SourceItem) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    """Read and validate one pair: (image float32 (H, W), labels uint8 5-class (H, W), spacing).
 
+class GreyLevels:
+    """How a source's image values become the store's 8-bit grey levels: one rule per source.
+
+    - 8-bit images are taken as they are (as before this rule existed, bit for bit).
+    - Integer images wider than 8 bits (16-bit PNG, int16/uint16 NIfTI or MetaImage): when every
+      value of the source fits in 0..255 they are taken as they are; otherwise every image is
+      multiplied by 255 / (2**bits - 1), where ``bits`` is the bit depth that holds the largest
+      value of the whole source (``max.bit_length()``: 12 for a maximum of 4095 or 3000, 16 for
+      65535). Why this scale: B-mode exported as 16-bit PNG usually carries the scanner's 10-,
+      12- or 14-bit grey levels; scaling by the dtype's 65535 would leave a 12-bit echo in the
+      darkest sixteenth of the range, and scaling each image by its own min/max would change the
+      brightness of a frame with its content (a dark frame brightened, tissue no longer
+      comparable between frames and patients). One factor for the source keeps the ordering of
+      grey levels and the relative brightness of every frame; rounding the maximum up to a whole
+      bit depth anchors the factor on the scanner's white level rather than on the brightest
+      pixel of the files at hand, so a few more or fewer images rarely change it. Negative
+      values are refused (they are not B-mode grey levels: signed or CT-like data).
+    - Float images (NIfTI, MetaImage): NaN or infinite values are refused naming the file. When
+      every value of the source lies in 0..1 they are multiplied by 255; in 0..255 they are taken
+      as they are (as before); any other range is refused naming the file and its range, since a
+      float image declares no white level to scale by.
+
+    Label files never come here: their values are class ids, read as stored.
+
+    The rule is fixed the first time an image wider than 8 bits is met, by one pass over all the
+    source's images (a source of 8-bit images is never read twice). Each rescaling adds one line
+    to :attr:`notes` (``prepare`` prints them), so it is never silent.
+    """
+
+    def __init__(self, images: Sequence[Path]) -> None:
+        self.images = tuple(images)
+        self.notes: list[str] = []
+        self._factors: tuple[float, float] | None = None  # (integer images, float images)
+
+    def __call__(self, image: np.ndarray, path: Path) -> np.ndarray:
+        """``image`` (read from ``path``, one of the source's images) as float32 grey levels."""
+        if image.dtype == np.uint8 or image.dtype.kind not in "uif":
+            return image.astype(np.float32)
+        if self._factors is None:
+            self._factors = self._decide(image, path)
+        factor = self._factors[1 if image.dtype.kind == "f" else 0]
+        if factor == 1:
+            return image.astype(np.float32)
+        return (image.astype(np.float64) * factor).astype(np.float32)
+
+    def _decide(self, current: np.ndarray, current_path: Path) -> tuple[float, float]:
+        """One pass over the source's images wider than 8 bits: the factor of each kind."""
+        paths = self.images if current_path in self.images else (*self.images, current_path)
+        int_max, n_int, float_max, n_float = 0, 0, 0.0, 0
+        for path in paths:
+            array = current if path == current_path else read_2d(path)[0]
+            if array.dtype == np.uint8 or array.dtype.kind not in "uif" or array.size == 0:
+                continue
+            if array.dtype.kind == "f":
+                if not np.all(np.isfinite(array)):
+                    raise DataError(f"{path} contains NaN or infinite values")
+                low, high = float(array.min()), float(array.max())
+                if low < 0 or high > 255:
+                    raise DataError(
+                        f"{path} has float values in [{low:.6g}, {high:.6g}]: expected grey "
+                        "levels in 0..1 or 0..255 (rescale the images to one of these, or save "
+                        "them as 8- or 16-bit integers)"
+                    )
+                float_max, n_float = max(float_max, high), n_float + 1
+            else:
+                low, high = int(array.min()), int(array.max())
+                if low < 0:
+                    raise DataError(
+                        f"{path} has negative grey levels (values {low}..{high}): expected "
+                        "unsigned images (0..255, or up to 65535 for 16-bit)"
+                    )
+                int_max, n_int = max(int_max, high), n_int + 1
+        int_factor = float_factor = 1.0
+        if int_max > 255:
+            bits = int_max.bit_length()
+            white = 2**bits - 1
+            int_factor = 255 / white
+            self.notes.append(
+                f"{n_int} of {len(paths)} images hold integer values up to {int_max}: their grey "
+                f"levels are scaled by 255/{white} (the {bits}-bit range), the same for every "
+                "image"
+            )
+        if n_float and float_max <= 1:
+            float_factor = 255.0
+            self.notes.append(
+                f"{n_float} of {len(paths)} images hold float values in 0..1: their grey levels "
+                "are multiplied by 255"
+            )
+        return int_factor, float_factor
+
+
+def load_item(
+    item: SourceItem, grey_levels: GreyLevels | None = None
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Read and validate one pair: (image float32 (H, W) grey levels 0..255, labels uint8
+    5-class (H, W), spacing).
+
+    The image's values become grey levels by ``grey_levels``, the rule of the item's source
+    (:attr:`Source.grey_levels`); without it, by the same rule applied to this image alone.
     CAMUS-style labels {0, 1, 2, 3} get the sector label 4 from the image; labels that already
-    contain 4 are kept as they are.
+    contain 4 are kept as they are. Labels are never rescaled.
     """
     image, spacing = read_2d(item.image)
     labels, _ = read_2d(item.label)
@@ -61,6 +165,9 @@ def load_item(item: SourceItem) -> tuple[np.ndarray, np.ndarray, tuple[float, fl
         )
     if not np.all(np.isfinite(image)):
         raise DataError(f"{item.image} contains NaN or infinite values")
+    if grey_levels is None:
+        grey_levels = GreyLevels([item.image])
+    image = grey_levels(image, item.image)
     if np.issubdtype(labels.dtype, np.floating):
         if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
             raise DataError(f"{item.label} contains non-integer label values")
@@ -73,7 +180,7 @@ def load_item(item: SourceItem) -> tuple[np.ndarray, np.ndarray, tuple[float, fl
     labels = labels.astype(np.uint8)
     if not np.any(labels == SECTOR):
         labels = add_sector_label(labels, sector_from_image(image))
-    return image.astype(np.float32), labels, spacing
+    return image, labels, spacing
 
 
 # ----------------------------------------------------------------------------------------- CAMUS
