@@ -249,6 +249,7 @@ def _sample_shard(job: _Job, shard: int, advance) -> None:
                 class_labels=batch_classes, guidance=request.guidance,
             )  # fmt: skip
         pixels = (batch.float() * 255).round().clamp(0, 255).to(torch.uint8)
+        check_samples(batch, pixels, labels, seeds[b : b + request.batch], lo + b)
         images[b : b + len(labels)] = pixels.cpu().numpy()
         advance(len(labels))
     meta = {name: values[src] for name, values in job.columns.items()}
@@ -273,6 +274,27 @@ def source_classes(
     views = torch.from_numpy(codes(columns["view"][sources], VIEWS))
     phases = torch.from_numpy(codes(columns["phase"][sources], PHASES))
     return class_ids(class_cond, views, phases)
+
+
+def check_samples(
+    batch: torch.Tensor, pixels: torch.Tensor, labels: torch.Tensor, seeds: list[int], first: int
+) -> None:
+    """Refuse a batch that holds a broken sample before it is written (a store is never marked
+    complete with one): a non-finite value anywhere (written as black by the uint8 conversion:
+    ``--churn nan`` filled a complete store with black images), or an image with one grey level
+    over its whole sector (a diverged solver or a broken checkpoint)."""
+    finite = torch.isfinite(batch.float()).flatten(1).all(dim=1)
+    sector = labels[:, None] > 0
+    high = torch.where(sector, pixels, 0).flatten(1).amax(dim=1)
+    low = torch.where(sector, pixels, 255).flatten(1).amin(dim=1)
+    flat = (high == low) & (sector.flatten(1).sum(dim=1) > 1)
+    for i in torch.nonzero(~finite | flat).flatten().tolist():
+        what = "holds NaN/Inf values" if not finite[i] else f"is {int(low[i])} over its sector"
+        raise EchoSynthError(
+            f"sample {first + i} (seed {seeds[i]}) {what}: the solver diverged or the "
+            "checkpoint is broken; nothing of its shard was written and the store stays "
+            "incomplete (check --churn, --guidance, --nfe, or sample an earlier checkpoint)"
+        )
 
 
 def _solver_options(request: SampleRequest) -> dict[str, Any]:

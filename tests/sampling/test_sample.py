@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from echo_process import assert_stopped, echo_synth
 from typer.testing import CliRunner
@@ -124,6 +125,32 @@ def test_sigint_stops_a_sample_started_with_sigint_ignored_and_the_rerun_resumes
     assert_stopped(echo_synth(args, fault="sample-shard:1:TERM"), "SIGTERM")
     assert echo_synth(args).returncode == 0
     _assert_same(reference, out)
+
+
+@pytest.mark.parametrize("broken, expected", [
+    (lambda x: x.index_fill(0, torch.tensor([1]), float("nan")), "sample 9 (seed"),
+    (lambda x: x.index_fill(0, torch.tensor([0]), 0.5), "is 128 over its sector"),
+])  # fmt: skip
+def test_a_broken_sample_is_never_written_into_a_complete_store(runs, tmp_path, monkeypatch,
+                                                                broken, expected):  # fmt: skip
+    """Issue 25: ``--churn nan`` wrote all-black images into a store marked complete."""
+    from edmcli.sampling import sample as sample_module
+
+    real = sample_module.generate
+    calls = []
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return broken(out) if len(calls) == 3 else out  # the third batch: rows 8–11
+
+    monkeypatch.setattr(sample_module, "generate", generate)
+    out = tmp_path / "broken.zarr"
+    result = runner.invoke(app, _sample_args(runs, out))
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert zarr.open_group(str(out), mode="r")["shard_done"][:].tolist() == [True, False, False]
+    with pytest.raises(Exception, match="incomplete"):
+        DatasetStore(out)
 
 
 def test_batch_size_changes_only_floating_point_noise(runs, tmp_path):
