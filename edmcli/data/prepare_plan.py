@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edmcli.data.store_replace import check_replaceable
+from edmcli.data.store_replace import check_name_length, check_replaceable
 from edmcli.errors import DataError
 
 if TYPE_CHECKING:
@@ -108,11 +108,21 @@ def assign_splits(
     return {unique[i]: names[k] for k, i in enumerate(order)}
 
 
+SIZE_MULTIPLE = 8  # the downstream networks' rule too (evaluate --size); the presets use 64–256
+
+
 def _check_size(size: int) -> None:
     if size < 16:
         raise DataError(f"--size must be at least 16, got {size}")
     if size > MAX_SIZE:
         raise DataError(f"--size {size} is larger than {MAX_SIZE} (the images are square)")
+    if size % SIZE_MULTIPLE:
+        raise DataError(
+            f"--size {size} is not a multiple of {SIZE_MULTIPLE}: the networks halve the image "
+            f"several times (the Γ-VAE to a quarter, the U-Nets further), so no model could "
+            f"train on it; use e.g. {max(16, size // SIZE_MULTIPLE * SIZE_MULTIPLE)} or "
+            f"{(size // SIZE_MULTIPLE + 1) * SIZE_MULTIPLE} (the presets use 64, 128, 256)"
+        )
 
 
 def _counts(splits: Sequence[str]) -> dict[str, int]:
@@ -219,6 +229,7 @@ def plan_prepare(
     if source not in SOURCES:
         raise DataError(f"source {source!r} is unknown; choose from {', '.join(SOURCES)}")
     ratio = parse_split_ratio(split_ratio) if isinstance(split_ratio, str) else split_ratio
+    check_name_length(out)
     if _exists(out):
         if not overwrite:
             raise DataError(f"{out} already exists; pass --overwrite to replace it")

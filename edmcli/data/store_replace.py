@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,29 @@ def atomic_store_path(out: str | Path, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+# The longest name echo-synth derives from a store's: ``STEM-summary.json`` beside a sampled
+# store (13 more than its stem), ``.NAME.partial`` and ``.NAME.lock``.
+DERIVED_NAME_EXTRA = 13
+
+
+def check_name_length(out: str | Path, option: str = "--out") -> None:
+    """Refuse an output name that the file system takes but that leaves no room for the files
+    echo-synth keeps beside it (a legal 255-character name failed on ``.NAME.lock``)."""
+    out = Path(out)
+    anchor = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    try:
+        limit = os.pathconf(anchor, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = limit - DERIVED_NAME_EXTRA
+    if len(os.fsencode(out.name)) > longest:
+        raise DataError(
+            f"{option} name {out.name[:40]}… is {len(os.fsencode(out.name))} bytes long; "
+            f"echo-synth keeps files named after it beside it (.NAME.lock, NAME-summary.json), "
+            f"so it may be at most {longest} bytes on this file system"
+        )
 
 
 def check_not_an_input(out: str | Path, inputs: dict[str, str | Path | None]) -> None:

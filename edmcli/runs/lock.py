@@ -114,7 +114,11 @@ def run_lock(
 def store_lock(
     store: str | Path, *, enabled: bool = True, agree: Callable[[bool], bool] | None = None
 ):
-    """:func:`exclusive` for a dataset store (``.NAME.lock`` next to it)."""
+    """:func:`exclusive` for a dataset store (``.NAME.lock`` next to it; a name too long to
+    leave room for it is refused first)."""
+    from edmcli.data.store_replace import check_name_length
+
+    check_name_length(store)
     return exclusive(store, "store", inside=False, enabled=enabled, agree=agree)
 
 

@@ -30,7 +30,11 @@ import zarr
 
 from edmcli.data.store import DatasetStore
 from edmcli.data.store_format import ATTRS_KEY, jsonable
-from edmcli.data.store_replace import check_not_an_input, check_replaceable
+from edmcli.data.store_replace import (
+    check_name_length,
+    check_not_an_input,
+    check_replaceable,
+)
 from edmcli.errors import EchoSynthError
 from edmcli.models.guidance import guidance_branches
 from edmcli.models.registry import get_spec
@@ -298,6 +302,7 @@ def plan_sample(
         guidance=guidance,
     )  # fmt: skip
     out = Path(out) if out is not None else Path("synthetic") / f"{model}-nfe{nfe}.zarr"
+    check_name_length(out)
     store, sources, count = _sources(request)
     if store.image_size != (settings.image_size, settings.image_size):
         raise EchoSynthError(

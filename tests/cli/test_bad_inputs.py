@@ -38,6 +38,8 @@ CASES = [
     ("unknown option", lambda t, s: ["prepare", "--bogus"], "No such option: --bogus"),
     ("size too large", lambda t, s: ["prepare", "--out", t / "o.zarr", "--size", "100000"],
      "larger than 2048"),
+    ("size no model can use", lambda t, s: ["prepare", "--out", t / "o.zarr", "--size", "63"],
+     "--size 63 is not a multiple of 8"),
     ("split ratio without train", lambda t, s: ["prepare", "--out", t / "o.zarr",
                                                 "--split-ratio", "0:1:1"], "positive train"),
     ("overwrite the working directory", lambda t, s: ["prepare", "--out", ".", "--overwrite"],
@@ -85,6 +87,8 @@ CASES = [
     ("unknown lr schedule", lambda t, s: ["evaluate", "--train", s, "--test", s, "--lr-schedule",
                                           "step"], "'step' is not one of"),
     ("markup in a path", lambda t, s: ["info", t / "[old] :smile:"], "[old] :smile:"),
+    ("a legal 255-byte output name", lambda t, s: ["prepare", "--out", t / ("a" * 250 + ".zarr")],
+     "so it may be at most 242 bytes"),
 ]  # fmt: skip
 
 

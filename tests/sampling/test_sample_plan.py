@@ -200,6 +200,8 @@ REFUSALS = [
     ("a run without its training patients", lambda w, s: {
         "run": make_run(w / "runs", "old", data=s, patients=False)},
      "does not record its training patients"),
+    ("an output name without room for its lock", lambda w, s: {"out": w / ("b" * 250)},
+     "it may be at most 242 bytes"),
     ("output of another command", lambda w, s: _folder_with_a_file(w) or {},
      "o.zarr exists and was not written by this exact sample command; pass --overwrite"),
     ("overwrite of a folder that is not a store", lambda w, s: _folder_with_a_file(w) or {

@@ -94,9 +94,11 @@ def test_bad_inputs(phantom_store, tmp_path):
     )
 
 
-def test_latent_must_divide_image_size(tmp_path):
+def test_latent_must_divide_image_size(tmp_path, monkeypatch):
+    from edmcli.data import prepare_plan
     from edmcli.data.prepare import prepare_phantom
 
+    monkeypatch.setattr(prepare_plan, "SIZE_MULTIPLE", 2)  # a store of another tool's size
     store = tmp_path / "s18.zarr"
     prepare_phantom(store, 4, 18, 0, (0.5, 0.25, 0.25))
     message = _error(["train-vae", "--data", str(store), *TINY, "--run", str(tmp_path / "r")])
