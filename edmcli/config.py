@@ -16,21 +16,22 @@ import yaml
 from edmcli.errors import EchoSynthError
 
 
-def load_yaml_mapping(path: Path) -> dict[str, Any]:
-    """Read a YAML file whose top level is a mapping, or raise one clear error."""
+def load_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML file whose top level is a mapping, or raise one clear error naming the file
+    as ``what`` (a syntax error: its line and column, not the parser's dump)."""
     if not path.is_file():
-        raise EchoSynthError(f"config file {path} does not exist")
+        raise EchoSynthError(f"{what} {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise EchoSynthError(f"config file {path} is not valid YAML ({where}{problem})") from None
+        raise EchoSynthError(f"{what} {path} is not valid YAML ({where}{problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise EchoSynthError(f"config file {path} must be a mapping of option: value")
+        raise EchoSynthError(f"{what} {path} must be a mapping of option: value")
     return data
 
 

@@ -6,7 +6,10 @@ every store against real-trained networks (the Fig. 3 plots) → ``bench`` with 
 its utility-per-cost frontier (the Fig. 4 plots). Each stage calls the function its command
 calls, so each resumes on its own; ``study.json`` under ``out`` records every finished stage with
 the settings it ran with, and a rerun skips a finished stage whose settings did not change (a
-changed one runs again and resumes or refuses as its command would). The file layout is the
+changed one runs again and resumes or refuses as its command would; changed data settings are
+refused while the store prepared with the earlier ones, or a stage made from it, exists, since
+the store would be used as it is). A refusal whose remedy is an option the study has not
+(``--overwrite``, ``--run``) names what a study can do instead. The file layout is the
 demo's: ``out/phantom64.zarr`` (or ``data.json``'s store), ``out/runs/``, ``out/synthetic/``,
 ``out/evaluation/``, ``out/bench/``.
 
@@ -15,8 +18,10 @@ their commands do; ``prepare`` and ``bench`` run on the main rank while the othe
 mark in ``study.json``.
 
 Why a command and not a shell script: stage skipping needs the settings each stage ran with,
-and a YAML file checked up front (an unknown key, a misspelt model) fails in a second rather
-than after hours of training; the commands stay available for a stage run by hand.
+and a YAML file checked up front (:func:`load_config`: an unknown key at any level, a misspelt
+model; :func:`check_stages`: every stage's values, e.g. a task, solver or NFE budget that the
+stage would refuse) fails in a second rather than after hours of training; the commands stay
+available for a stage run by hand.
 """
 
 from __future__ import annotations
@@ -24,18 +29,19 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from edmcli.config import load_yaml_mapping
 from edmcli.console import console, styled
 from edmcli.errors import EchoSynthError
 from edmcli.runs.output_folder import check_output_folder, mark_output_folder
-from edmcli.settings import PIPELINES
+from edmcli.settings import PIPELINES, known_settings
+from edmcli.study_checks import check_stages, check_types
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("store", "source", "size", "n_patients", "split_ratio", "camus_dir", "folder",
@@ -46,24 +52,25 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "bench": ("preset", "models", "nfe", "batch", "repeats", "compile", "peer", "dtype"),
 }  # fmt: skip
 TOP = ("out", "seed", "device", "models", *SECTIONS)
+# the settings mappings inside a section, and the kind of run whose settings they hold (None:
+# the downstream tasks')
+NESTED = (("train", "vae", "vae"), ("train", "diffusion", "diffusion"),
+          ("evaluate", "overrides", None))  # fmt: skip
 STAGES = ("prepare", "train-vae", "train-diffusion", "sample", "evaluate", "bench")
 WAIT_POLL_S = 5.0
 STUDY = PIPELINES["study"]  # what a config leaves out: one named row of the settings table
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    """Read and check a study YAML file: known keys only, the models registered, NFEs ≥ 1."""
+    """Read and check a study YAML file (a syntax error: one line with its line and column):
+    known keys only, at every level (the sections and the settings mappings inside them), the
+    models registered, NFEs ≥ 1, ``out``, ``seed`` and ``device`` of their types. The values of
+    every stage's options: :func:`check_stages`."""
+    from edmcli.evaluation.downstream import TASKS
     from edmcli.models.registry import MODEL_NAMES
 
     path = Path(path)
-    if not path.is_file():
-        raise EchoSynthError(f"study config {path} does not exist")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise EchoSynthError(f"study config {path} is not valid YAML: {exc}") from None
-    if not isinstance(config, dict):
-        raise EchoSynthError(f"study config {path} must be a mapping of settings")
+    config = load_yaml_mapping(path, "study config")
     _known(config, TOP, str(path))
     for section, keys in SECTIONS.items():
         value = config.get(section)
@@ -74,6 +81,15 @@ def load_config(path: Path) -> dict[str, Any]:
             raise EchoSynthError(f"{path}: {section} must be a mapping, got {value!r}")
         config[section] = dict(value or {})
         _known(config[section], keys, f"{path}: {section}")
+    for section, key, kind in NESTED:
+        value = config[section].get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise EchoSynthError(f"{path}: {section}.{key} must be a mapping, got {value!r}")
+        kinds = TASKS if kind is None else (kind,)
+        known = sorted(set().union(*(known_settings(k) for k in kinds)))
+        _known(value, tuple(known), f"{path}: {section}.{key}")
     models = config.get("models")
     if not models or not isinstance(models, list):
         raise EchoSynthError(f"{path}: models must be a list of models ({', '.join(MODEL_NAMES)})")
@@ -91,6 +107,7 @@ def load_config(path: Path) -> dict[str, Any]:
         raise EchoSynthError(f"{path}: sample.nfe must be a list of integers ≥ 1, got {nfes!r}")
     for key in ("out", "seed", "device"):
         config.setdefault(key, STUDY[key])
+    check_types(config, {"out": Path, "seed": int, "device": str}, f"{path}: ")
     return config
 
 
@@ -131,6 +148,110 @@ class StudyLog:
         tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, self.path)
 
+    def check_prepared(self, settings: dict[str, Any], store: Path, config: Path) -> None:
+        """Refuse data ``settings`` other than those the study's store was prepared with (the
+        ``prepare`` record) while that store or a stage made from it exists: the store would
+        be used as it is, and the finished stages skipped, under the new settings. A setting
+        left out and the same setting given at prepare's default are the same."""
+        stages = self.read()["stages"]
+        entry = stages.get("prepare")
+        if entry is None:
+            return
+        old, new = _prepare_settings(entry["settings"]), _prepare_settings(_plain(settings))
+        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diffs = [k for k in diffs if k != "store"] or diffs  # a default path follows the rest
+        later = [k for k in stages if k != "prepare"]
+        if not diffs or not (later or store.exists()):
+            return  # nothing made from the earlier data: prepare runs with the new settings
+        changed = ", ".join(f"data.{k} is {new.get(k)!r} (was {old.get(k)!r})" for k in diffs)
+        them = "them" if len(diffs) > 1 else "it"
+        if later:
+            raise EchoSynthError(
+                f"{config}: {changed}, but {self.path} records {store} as prepared with the "
+                f"earlier data and {len(later)} stages made from it ({later[0]}, …); put "
+                f"{them} back, or {NEW_STUDY}"
+            )
+        raise EchoSynthError(
+            f"{config}: {changed}, but {store} was prepared with the earlier data "
+            f"({self.path}); put {them} back, delete {store} to prepare it again, or {NEW_STUDY}"
+        )
+
+
+NEW_STUDY = "set out to a new folder for a study with the new settings"
+# the tails of a run folder's refusals (edmcli.runs.folder) that name an option the study has
+# not: its runs are OUT/runs/NAME
+_RUN_ADVICE = ("use another --run", "choose another --run")
+
+
+def _prepare_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A ``prepare`` record's settings with the defaults it leaves out (prepare's own, the
+    study's source and size), so that a default given is the same as one left out."""
+    import inspect
+
+    from edmcli.data.prepare_plan import plan_prepare
+
+    params = inspect.signature(plan_prepare).parameters.values()
+    defaults = {p.name: p.default for p in params
+                if p.kind is p.KEYWORD_ONLY and p.name not in ("seed", "overwrite")}  # fmt: skip
+    return {**defaults, "source": STUDY["source"], "size": STUDY["size"], **settings}
+
+
+@contextmanager
+def _study_advice(
+    log: StudyLog,
+    key: str,
+    settings: Any,
+    config: Path,
+    section: str,
+    output: Path | None,
+) -> Iterator[None]:
+    """A stage command's refusal whose remedy is an option the study does not have, told as
+    what a study can do: an ``output`` store that the stage's command did not write with
+    these settings (``--overwrite``: the settings that changed since ``study.json`` recorded
+    the stage, put back, or a new study), a run folder started with other settings
+    (``--run``: a new study)."""
+    from edmcli.sampling.sample_plan import output_exists_error
+
+    try:
+        yield
+    except EchoSynthError as exc:
+        text = str(exc)
+        if output is not None and text == str(output_exists_error(output)):
+            message = _changed_output(log, key, settings, config, section, output)
+            raise EchoSynthError(message) from None
+        for tail in _RUN_ADVICE:
+            if text.endswith(tail):
+                raise EchoSynthError(f"study: {key}: {text[: -len(tail)]}{NEW_STUDY}") from None
+        raise
+
+
+def _changed_output(
+    log: StudyLog, key: str, settings: Any, config: Path, section: str, output: Path
+) -> str:
+    """The refusal of a sampled store that its stage's new ``settings`` would not write."""
+    stages = log.read()["stages"]
+    old, new = (stages.get(key) or {}).get("settings") or {}, _plain(settings)
+    diffs = [k for k in sorted(set(old) | set(new)) if old and old.get(k) != new.get(k)]
+    if not diffs:
+        return (
+            f"{config}: {output} exists but {log.path} records no {key} that made it with "
+            f"these settings; move it away, or {NEW_STUDY}"
+        )
+    changed = ", ".join(
+        f"{k if k in TOP else f'{section}.{k}'} is {new.get(k)!r} (was {old.get(k)!r})"
+        for k in diffs
+    )
+    them = "them" if len(diffs) > 1 else "it"
+    if "evaluate" in stages:  # evaluated: a new store would leave the evaluation stale
+        return (
+            f"{config}: {changed}, but {output} was sampled with the earlier settings and "
+            f"evaluated ({log.path}); put {them} back, or {NEW_STUDY}"
+        )
+    return (
+        f"{config}: {changed}, but {output} was sampled with the earlier settings "
+        f"({log.path}); put {them} back, delete {output} to sample it again, or {NEW_STUDY}"
+    )
+
 
 def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
@@ -161,14 +282,17 @@ def run_study(
             raise EchoSynthError(f"--only {stage!r}: choose from {', '.join(STAGES)}")
     out = Path(config["out"])
     check_output_folder(out, "study", option=f"{config_path}: out")
-    if not dry_run:
-        mark_output_folder(out, "study")
     log = StudyLog(out)
     seed, device, models = config["seed"], config["device"], config["models"]
     data = dict(config["data"])
     size = data.get("size", STUDY["size"])
     source = data.get("source", STUDY["source"])
     store = Path(data.pop("store", None) or out / f"{source}{size}.zarr")
+    prepare_settings = {"store": str(store), **data}
+    check_stages(config, Path(config_path), store)
+    log.check_prepared(prepare_settings, store, config_path)
+    if not dry_run:
+        mark_output_folder(out, "study")
     train = config["train"]
     preset = train.get("preset", STUDY["train_preset"])
     latents = sorted({get_spec(m).latent for m in models if get_spec(m).is_latent})
@@ -183,19 +307,23 @@ def run_study(
         plan: Callable[[], Any],
         needs: tuple[str, ...] = (),
         main_only: bool = False,
+        section: str = "",
+        output: Path | None = None,
     ):
         if only and name not in only:
             return
         if log.done(key, settings):
             console.print(f"study: {key} done, skipped", highlight=False)
             return
+        advice = partial(_study_advice, log, key, settings, config_path, section, output)
         if dry_run:
             waits = [k for k in needs if k in pending]
             if waits:
                 pending.add(key)
                 console.print(f"study: {key}: planned once {waits[0]} has run", highlight=False)
                 return
-            planned = plan()
+            with advice():
+                planned = plan()
             if not isinstance(planned, _Using):  # an existing store: nothing to wait for
                 pending.add(key)
             console.print(f"study: {key}: would run", highlight=False)
@@ -208,7 +336,8 @@ def run_study(
                 time.sleep(WAIT_POLL_S)
             return
         start = time.perf_counter()
-        work()
+        with advice():
+            work()
         if _is_main():
             log.mark(key, settings, time.perf_counter() - start)
 
@@ -237,8 +366,7 @@ def run_study(
             return _Using(store)
         return plan_prepare(store, seed=seed, **data)
 
-    stage("prepare", "prepare", {"store": str(store), **data}, prepare_store, plan_store,
-          main_only=True)  # fmt: skip
+    stage("prepare", "prepare", prepare_settings, prepare_store, plan_store, main_only=True)
     common = {"preset": preset, "device": device, "seed": seed,
               "precision": train.get("precision", "auto")}  # fmt: skip
     vae_settings = {**common, **(train.get("vae") or {})}
@@ -272,7 +400,8 @@ def run_study(
         sample_keys.append(key)
         kwargs = {"run": runs / model, "nfe": nfe, "out": path, **options}
         stage("sample", key, options, partial(sample, **kwargs),
-              partial(plan_sample, **kwargs), needs=(f"train-diffusion {model}",))  # fmt: skip
+              partial(plan_sample, **kwargs), needs=(f"train-diffusion {model}",),
+              section="sample", output=path)  # fmt: skip
 
     for model in models:
         for nfe in nfes:

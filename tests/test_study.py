@@ -4,6 +4,7 @@ runs end to end, then skips every finished stage on a rerun."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -150,3 +151,183 @@ def test_dry_run_plans_stages_whose_inputs_exist_and_refuses_their_bad_settings(
     with pytest.raises(EchoSynthError, match="batch 0"):
         run_study(_write(tmp_path, **config), dry_run=True)
     assert not out.exists()
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [edm-l64]\nsample:\n  nfe: [3\n")
+    result = runner.invoke(app, ["study", str(bad)])
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [line for line in result.output.splitlines() if line.strip()][-1:]
+    assert "bad.yaml is not valid YAML (line 4, column 1: expected ',' or ']'" in errors[0]
+    assert "<unicode string>" not in result.output and "^" not in result.output
+
+
+TINY = {"device": "cpu", "models": ["edm-l64"], "train": {"preset": "tiny"},
+        "data": {"source": "phantom", "size": 64, "n_patients": 10, "split_ratio": "5:1:4"},
+        "sample": {"nfe": [3]}, "evaluate": {"preset": "tiny", "tasks": ["seg"]},
+        "bench": {"preset": "tiny", "nfe": [1]}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("train", {"vae": {"stepz": 4}}, r"train\.vae: unknown setting 'stepz'"),
+        ("train", {"diffusion": {"lrr": 0.1}}, r"train\.diffusion: unknown setting 'lrr'"),
+        ("train", {"vae": [4]}, r"train\.vae must be a mapping"),
+        ("evaluate", {"overrides": {"stepz": 4}}, r"evaluate\.overrides: unknown setting"),
+    ],
+)
+def test_unknown_keys_inside_a_section_are_refused_before_any_work(
+    tmp_path, section, values, message
+):
+    out = tmp_path / "out"
+    path = _write(tmp_path, **{**TINY, "out": str(out), section: {**TINY[section], **values}})
+    with pytest.raises(EchoSynthError, match=message):
+        load_config(path)
+    with pytest.raises(EchoSynthError, match=message):
+        run_study(path, dry_run=True)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("evaluate", {"tasks": ["segg"]}, r"evaluate: task 'segg' is unknown; choose from seg"),
+        ("evaluate", {"checkpoint": "best"}, r"evaluate: checkpoint 'best' is unknown"),
+        ("evaluate", {"overrides": {"lr": -1.0}}, r"evaluate: lr -1.0 must be positive"),
+        ("evaluate", {"fidelity": "yes"}, r"evaluate\.fidelity must be true or false"),
+        ("sample", {"solver": "eulerr"}, r"sample: solver 'eulerr' is unknown"),
+        ("sample", {"nfe": [4]}, r"sample\.nfe \(edm-l64\): Heun .* NFE 4 is not reachable"),
+        ("sample", {"splits": "train,vall"}, r"sample: split 'vall' is unknown"),
+        ("sample", {"k": "5"}, r"sample\.k must be an integer, got '5'"),
+        ("sample", {"guidance": 2.0}, r"sample\.guidance needs a model trained with classes"),
+        ("train", {"diffusion": {"class_cond": "vue"}}, r"--class-cond 'vue' is unknown"),
+        ("train", {"vae": {"lr": "1e-3"}}, r"train\.vae\.lr must be a number, got '1e-3'"),
+        ("train", {"diffusion": {"batch": 16, "batch_gpu": 5}}, r"batch_gpu 5 must divide"),
+        ("train", {"precision": "fp64"}, r"train\.precision: precision 'fp64' is unknown"),
+        ("data", {"n_patients": 0}, r"data: --n-patients must be at least 1"),
+        ("bench", {"dtype": "fp8"}, r"bench: --dtype 'fp8'"),
+    ],
+)
+def test_every_stage_option_is_checked_before_any_stage_runs(
+    tmp_path, monkeypatch, section, values, message
+):
+    import edmcli.data.prepare
+
+    def prepare_ran(*args, **kwargs):
+        raise AssertionError("prepare ran before the study file was checked")
+
+    monkeypatch.setattr(edmcli.data.prepare, "prepare", prepare_ran)
+    out = tmp_path / "out"
+    config = {**TINY, "out": str(out), section: {**TINY[section], **values}}
+    with pytest.raises(EchoSynthError, match=message):
+        run_study(_write(tmp_path, **config), dry_run=True)
+    with pytest.raises(EchoSynthError, match=message):
+        run_study(_write(tmp_path, **config))  # not after prepare: before it
+    assert not out.exists()
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """The stages after prepare as recorders (a study's bookkeeping in milliseconds); set
+    ``refuse[name]`` to an exception that stage raises."""
+    import edmcli.evaluation.evaluate
+    import edmcli.sampling.sample
+    import edmcli.training.diffusion
+    import edmcli.training.vae
+
+    calls, refuse = [], {}
+
+    def fake(name):
+        def run(*args, **kwargs):
+            calls.append((name, kwargs.get("out") or kwargs.get("run")))
+            if name in refuse:
+                raise refuse[name](kwargs)
+
+        return run
+
+    for module, name in [(edmcli.training.vae, "train_vae"),
+                         (edmcli.training.diffusion, "train_diffusion"),
+                         (edmcli.sampling.sample, "sample"),
+                         (edmcli.evaluation.evaluate, "evaluate")]:  # fmt: skip
+        monkeypatch.setattr(module, name, fake(name))
+    return calls, refuse
+
+
+def _small_study(tmp_path, **data):
+    """A pixel-model study on a phantom store of three patients (prepared for real)."""
+    return {"out": str(tmp_path / "out"), "device": "cpu", "models": ["edm"],
+            "data": {"source": "phantom", "size": 32, "n_patients": 3, "split_ratio": "1:1:1",
+                     **data},
+            "train": {"preset": "tiny"}, "sample": {"nfe": [3], "k": 1},
+            "evaluate": {"preset": "tiny", "tasks": ["seg"]}}  # fmt: skip
+
+
+def test_changed_data_settings_never_reuse_the_store_of_the_earlier_ones(tmp_path, fake_stages):
+    out = tmp_path / "out"
+    config = _small_study(tmp_path)
+    record = run_study(_write(tmp_path, **config))
+    assert "evaluate" in record["stages"]
+    before = (out / "study.json").read_text()
+    store = out / "phantom32.zarr"
+    assert len(DatasetStore(store).patients("train")) == 1
+
+    changed = _small_study(tmp_path, n_patients=4)
+    for dry_run in (True, False):
+        with pytest.raises(EchoSynthError) as refused:
+            run_study(_write(tmp_path, **changed), dry_run=dry_run)
+        message = str(refused.value)
+        assert "data.n_patients is 4 (was 3)" in message and "put it back" in message
+        assert "set out to a new folder" in message and "--overwrite" not in message
+    with pytest.raises(EchoSynthError, match="data.n_patients is 4"):
+        run_study(_write(tmp_path, **changed), only=["sample"])  # whatever stages are asked for
+    assert (out / "study.json").read_text() == before
+
+    # a default given is the setting left out: nothing changed, every stage stays done
+    same = _small_study(tmp_path, keep_aspect=False, image_glob="images/*.png")
+    result = runner.invoke(app, ["study", str(_write(tmp_path, **same))])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("done, skipped") == len(record["stages"]) - 1  # but prepare
+
+
+def test_a_store_nothing_was_made_from_may_be_deleted_and_prepared_again(tmp_path, fake_stages):
+    out = tmp_path / "out"
+    run_study(_write(tmp_path, **_small_study(tmp_path)), only=["prepare"])
+    path = _write(tmp_path, **_small_study(tmp_path, n_patients=4))
+    with pytest.raises(EchoSynthError, match=f"delete {out / 'phantom32.zarr'} to prepare it"):
+        run_study(path, only=["prepare"])
+    shutil.rmtree(out / "phantom32.zarr")
+    record = run_study(path, only=["prepare"])
+    assert record["stages"]["prepare"]["settings"]["n_patients"] == 4
+    assert len(DatasetStore(out / "phantom32.zarr").patients()) == 4
+
+
+def test_refusals_advise_what_a_study_can_do_not_the_commands_options(tmp_path, fake_stages):
+    from edmcli.sampling.sample_plan import output_exists_error
+
+    calls, refuse = fake_stages
+    out = tmp_path / "out"
+    run_study(_write(tmp_path, **_small_study(tmp_path)))
+    config = _small_study(tmp_path)
+    config["sample"]["k"] = 2  # the store of k 1 exists: the sample command refuses it
+    refuse["sample"] = lambda kwargs: output_exists_error(kwargs["out"])
+    result = runner.invoke(app, ["study", str(_write(tmp_path, **config))])
+    assert result.exit_code == 2
+    assert "--overwrite" not in result.output
+    assert "sample.k is 2 (was 1)" in result.output
+    assert f"{out / 'synthetic' / 'edm-nfe3.zarr'} was sampled with the earlier" in result.output
+    assert "put it back, or set out to a new folder" in result.output
+
+    config["sample"]["k"] = 1
+    config["train"] = {"preset": "tiny", "diffusion": {"lr": 0.5}}
+    refuse["train_diffusion"] = lambda kwargs: EchoSynthError(
+        f"run {kwargs['run']} was started with lr=0.001 but this command asks for lr=0.5; "
+        "resume with the same settings or use another --run"
+    )
+    result = runner.invoke(app, ["study", str(_write(tmp_path, **config))])
+    assert result.exit_code == 2
+    assert "--run" not in result.output
+    assert "study: train-diffusion edm: run" in result.output
+    assert "resume with the same settings or set out to a new folder" in result.output

@@ -64,7 +64,8 @@ def study(
 ) -> None:
     """The paper's study from one YAML file: prepare, the Γ-VAEs, every diffusion model,
     sampling at each NFE, quality metrics and evaluation of every store (Fig. 3), bench
-    (Fig. 4). Each finished stage is recorded in OUT/study.json and skipped on a rerun."""
+    (Fig. 4). The whole file, every stage's settings included, is checked before any stage
+    runs. Each finished stage is recorded in OUT/study.json and skipped on a rerun."""
     from edmcli.study import run_study
 
     run_study(config, only=only, dry_run=dry_run)

@@ -28,7 +28,7 @@ FORBIDDEN = {
     "cli": set(),
 }  # fmt: skip
 BASE = {"errors", "console", "config", "faults", "settings", "threads", "__init__", "__main__"}
-PIPELINES = {"demo", "study"}
+PIPELINES = {"demo", "study", "study_checks"}
 
 
 def layer_of(module: str) -> str:
