@@ -61,6 +61,9 @@ def oversubscription_warning(threads: int, cores: int, load: float | None) -> st
     return None
 
 
+MAX_THREADS = 1024  # more than any machine's cores; torch.set_num_threads overflows past 2**63
+
+
 def configure_threads(threads: int | None = None, *, load: float | None = None) -> ThreadPlan:
     """Set torch's intra-op threads to ``threads`` (default: :func:`available_cores`).
 
@@ -79,8 +82,8 @@ def configure_threads(threads: int | None = None, *, load: float | None = None) 
     cores = available_cores()
     chosen = threads is not None
     threads = cores if threads is None else threads
-    if threads < 1:
-        raise EchoSynthError(f"--threads {threads} must be at least 1")
+    if not 1 <= threads <= MAX_THREADS:
+        raise EchoSynthError(f"--threads {threads} must be from 1 to {MAX_THREADS}")
     torch.set_num_threads(threads)
     if chosen:
         load = None

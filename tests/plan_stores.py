@@ -4,6 +4,7 @@ names, label values outside the convention), built in milliseconds."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from edmcli.data.store import DatasetStore
 from edmcli.data.store_format import SampleMeta, meta_columns
 from edmcli.data.store_writer import create_store, mark_complete, write_block
 
@@ -64,6 +66,25 @@ def fake_vae_run(
         (run / "checkpoints" / "checkpoint-00000004.pt").write_bytes(checkpoint)
     if sigma_data is not None:
         (run / "latent_stats.json").write_text(json.dumps({"sigma_data": sigma_data}))
+    return run
+
+
+def fake_diffusion_run(root: Path, name: str = "edm-l64", *, data: Path, model: str = "edm-l64",
+             kind: str = "diffusion", image_size: int = 32, class_cond: str | None = None,
+             checkpoint: bool = True, patients: bool = True, **extra) -> Path:  # fmt: skip
+    """A diffusion run folder as training leaves it, minus the weights (an empty checkpoint)."""
+    run = root / name
+    (run / "checkpoints").mkdir(parents=True)
+    config = {
+        "kind": kind, "model": model, "data": str(data), "preset": "tiny",
+        "image_size": image_size, "net_size": 16, "unet": {}, "class_cond": class_cond, **extra,
+    }  # fmt: skip
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    if checkpoint:
+        (run / "checkpoints" / "checkpoint-00000004.pt").write_bytes(b"")
+    if patients:
+        record = {"patients": DatasetStore(data).patients(["train", "val"]), "splits": ["train"]}
+        (run / "training_patients.json").write_text(json.dumps(record))
     return run
 
 

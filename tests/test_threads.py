@@ -63,7 +63,7 @@ def test_every_command_takes_threads(capsys):
 def test_bad_threads_is_one_line(capsys, tmp_path):
     assert main(["info", "--threads", "0", str(tmp_path / "missing.zarr")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --threads 0 must be at least 1"]
+    assert err == ["error: --threads 0 must be from 1 to 1024"]
 
 
 def test_no_color_honoured():

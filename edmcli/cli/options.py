@@ -70,11 +70,23 @@ def check_finite(values: dict[str, Any]) -> None:
                 raise EchoSynthError(f"--{name.replace('_', '-')} {item} must be a finite number")
 
 
+MAX_SEED = 2**63 - 1  # numpy's SeedSequence takes any non-negative int, torch's seed 64 bits
+
+
+def check_seed(values: dict[str, Any]) -> None:
+    """Refuse a ``--seed`` that the random number generators cannot take (negative, or past
+    :data:`MAX_SEED`): ``prepare --seed -1`` raised numpy's ValueError as a traceback."""
+    seed = values.get("seed")
+    if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+        raise EchoSynthError(f"--seed {seed} must be an integer from 0 to 2**63 - 1")
+
+
 def stage_options(values: dict[str, Any], *drop: str) -> dict[str, Any]:
     """A command's parsed options as the stage function's keyword arguments: the one path from
     flags (and ``--config`` YAML, which arrives as the options' defaults) to settings. Enums
     become their values; ``config`` and ``drop`` are left out."""
     check_finite(values)
+    check_seed(values)
     skip = {"config", *drop}
     return {
         k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items() if k not in skip

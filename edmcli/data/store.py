@@ -272,7 +272,18 @@ def open_store_group(path: str | Path) -> zarr.Group:
             "recorded, so the flag was set by hand or by another tool); rerun the command that "
             "writes it"
         )
-    missing = [k for k in ("images", "labels", *STRING_FIELDS) if k not in group.array_keys()]
+    name = "zarr.json"
+    try:  # every array's metadata, once: a damaged zarr.json of an array is found here
+        names = list(group.array_keys())
+        for name in names:
+            group[name]
+    except Exception as exc:  # zarr raises many types (JSON, validation, unknown dtype ...)
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise DataError(
+            f"{path} is damaged: the metadata of {name} cannot be read ({reason}); copy it "
+            "again from its source or re-run the command that wrote it"
+        ) from None
+    missing = [k for k in ("images", "labels", *STRING_FIELDS) if k not in names]
     if missing:
         raise DataError(f"{path} is corrupt: arrays {', '.join(missing)} are missing")
     return group

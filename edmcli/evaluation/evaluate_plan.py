@@ -280,6 +280,8 @@ def _plan_runs(
             check_validation_unseen(spec, (val_store, val_split))
             n_train = count_train(spec.stores, task)
             batch_size = int(values["batch"])
+            if batch_size < 1:
+                raise EchoSynthError(f"batch {batch_size} must be at least 1")
             if n_train < batch_size:
                 raise EchoSynthError(
                     f"batch {batch_size} is larger than the {n_train} training images of "

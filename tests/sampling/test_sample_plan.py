@@ -15,34 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 import zarr
+from plan_stores import fake_diffusion_run as make_run
 
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.models.registry import get_spec
 from edmcli.sampling.sample import open_output
 from edmcli.sampling.sample_plan import HOLDOUT_STREAM, SamplingPlan, plan_sample
-
-
-def make_run(root: Path, name: str = "edm-l64", *, data: Path, model: str = "edm-l64",
-             kind: str = "diffusion", image_size: int = 32, class_cond: str | None = None,
-             checkpoint: bool = True, patients: bool = True, **extra) -> Path:  # fmt: skip
-    """A diffusion run folder as training leaves it, minus the weights (an empty checkpoint)."""
-    run = root / name
-    (run / "checkpoints").mkdir(parents=True)
-    config = {
-        "kind": kind, "model": model, "data": str(data), "preset": "tiny",
-        "image_size": image_size, "net_size": 16, "unet": {}, "class_cond": class_cond, **extra,
-    }  # fmt: skip
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    if checkpoint:
-        (run / "checkpoints" / "checkpoint-00000004.pt").write_bytes(b"")
-    if patients:
-        record = {"patients": DatasetStore(data).patients(["train", "val"]), "splits": ["train"]}
-        (run / "training_patients.json").write_text(json.dumps(record))
-    return run
-
 
 VAE_BYTES = b"the weights of a gamma-VAE"
 VAE_SHA = hashlib.sha256(VAE_BYTES).hexdigest()
