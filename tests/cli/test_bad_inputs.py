@@ -22,6 +22,18 @@ def _mine(tmp_path):
     return tmp_path / "mypaper"
 
 
+def _edm_run(tmp_path, store):
+    from plan_stores import fake_diffusion_run
+
+    return fake_diffusion_run(tmp_path / "runs", "edm", data=store, model="edm")
+
+
+def _vae_run(tmp_path):
+    from plan_stores import fake_vae_run
+
+    return fake_vae_run(tmp_path / "vae")
+
+
 # (name, argv builder, expected fragment of the one line)
 CASES = [
     ("config syntax error", lambda t, s: ["prepare", "--out", t / "o.zarr", "--config",
@@ -87,6 +99,28 @@ CASES = [
     ("unknown lr schedule", lambda t, s: ["evaluate", "--train", s, "--test", s, "--lr-schedule",
                                           "step"], "'step' is not one of"),
     ("markup in a path", lambda t, s: ["info", t / "[old] :smile:"], "[old] :smile:"),
+    # issue 25, round two
+    ("bench --run naming a store", lambda t, s: ["bench", "--run", s, "--out", t / "b"],
+     "is a dataset store, not a run folder"),
+    ("sample into its own label store", lambda t, s: ["sample", "--run", _edm_run(t, s),
+                                                      "--labels", s, "--out", s, "--overwrite"],
+     "is the label store"),
+    ("train-diffusion on a Γ-VAE run", lambda t, s: [
+        "train-diffusion", "--model", "edm", "--data", s, "--run", _vae_run(t), "--preset",
+        "tiny", "--device", "cpu"], "is a Γ-VAE run, not a diffusion run"),
+    ("a seed the generators cannot take", lambda t, s: ["prepare", "--out", t / "o.zarr",
+                                                        "--seed", "-1"], "--seed -1 must be"),
+    ("threads past any machine", lambda t, s: ["info", s, "--threads", str(10**20)],
+     "must be from 1 to 1024"),
+    ("evaluate batch 0", lambda t, s: ["evaluate", "--train", s, "--test", s, "--out", t / "e",
+                                       "--preset", "tiny", "--batch", "0", "--device", "cpu"],
+     "batch 0 must be at least 1"),
+    ("study YAML error", lambda t, s: ["study", _config(t, "out: x\nmodels: [edm\n")],
+     "is not valid YAML (line 3, column 1"),
+    ("study task misspelt", lambda t, s: ["study", _config(
+        t, f"out: {t / 'st'}\nmodels: [edm]\nsample: {{nfe: [5]}}\nevaluate: {{tasks: [segg]}}\n"
+        "data: {n_patients: 10, size: 16}\n")],
+     "task 'segg' is unknown"),
     ("a legal 255-byte output name", lambda t, s: ["prepare", "--out", t / ("a" * 250 + ".zarr")],
      "so it may be at most 242 bytes"),
 ]  # fmt: skip
