@@ -261,9 +261,9 @@ def _peer_hook(scale: Scale):
         if not measure.optional("peer", flops_uncached):
             return {"match": match, "skipped": measure.skipped["peer"]}
         settings.log(f"[{scale.name}] peer: MONAI at channels {match['monai']['channels']}")
-        from edmcli.sampling.sample import compile_denoiser
+        from edmcli.sampling.compiled import compiled_network
 
-        compile_fn = (lambda net: compile_denoiser(net, labels.device)) if scale.compile else None
+        compile_fn = (lambda net: compiled_network(net, labels.device)) if scale.compile else None
         timed = time_peer(unet, labels, match, measure, compile_fn, settings.autocast_ctx)
         return {"match": match, **timed, "skipped": measure.skipped}
 

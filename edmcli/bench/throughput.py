@@ -49,9 +49,10 @@ from edmcli.data.phantom import generate_patient
 from edmcli.data.store_format import STRING_FIELDS
 from edmcli.data.store_writer import create_store, write_block
 from edmcli.models.registry import get_spec, paper_reference
+from edmcli.sampling.compiled import compiled_network
 from edmcli.sampling.nfe import plan
 from edmcli.sampling.pipeline import SampleNoise, generate
-from edmcli.sampling.sample import EXTRA_FIELDS, compile_denoiser
+from edmcli.sampling.sample import EXTRA_FIELDS
 from edmcli.sampling.solvers import nfe_cost
 
 __all__ = [
@@ -271,7 +272,7 @@ def measure_target(
 
             def run_compiled():
                 nonlocal compiled
-                compiled = compile_denoiser(net, device)
+                compiled = compiled_network(net, device)
                 with s.autocast_ctx():
                     return m.time(lambda: compiled(x, sigma, spade_cache=cache),
                                   flops.cached * batch, always_warm=True)  # fmt: skip

@@ -47,6 +47,7 @@ from edmcli.runs.diffusion_run import LoadedDiffusion, class_ids
 from edmcli.runs.distributed import DistEnv
 from edmcli.runs.folder import load_training_patients
 from edmcli.runs.grids import save_image_grid
+from edmcli.sampling.compiled import compile_denoiser
 from edmcli.sampling.pipeline import generate
 from edmcli.sampling.sample_plan import (
     PIN_OUTSIDE_DEFAULT,
@@ -299,13 +300,6 @@ def check_samples(
 
 def _solver_options(request: SampleRequest) -> dict[str, Any]:
     return {"s_churn": request.churn} if request.solver == "heun" and request.churn else {}
-
-
-def compile_denoiser(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``torch.compile`` the network once per process; on CUDA with "reduce-overhead" (CUDA
-    graphs): the σ schedule is precomputed and the loop never syncs, so graphs replay."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(net, mode=mode, dynamic=False)
 
 
 def _grid(out: Path) -> Path:

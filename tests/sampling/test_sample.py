@@ -189,6 +189,57 @@ def test_compiled_sampler_matches_eager(runs, tmp_path):
     assert diff.max() <= 1
 
 
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(runs, tmp_path, monkeypatch):
+    """Issue 26: a torch.compile failure (raised at the first call, where compiling happens)
+    must not end the run: the same store as eager, one warning line naming the cause."""
+    from edmcli.sampling import compiled as compiled_module
+
+    def broken_compile(net, **_kwargs):
+        def call(*_args, **_kw):
+            raise RuntimeError("InductorError: no working C compiler\n(pages of log)")
+
+        return call
+
+    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
+    a, b = tmp_path / "eager.zarr", tmp_path / "fallback.zarr"
+    _ok(_sample_args(runs, a, "--n", "8"))
+    result = _ok([x for x in _sample_args(runs, b, "--n", "8") if x != "--no-compile"])
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.output
+    assert (
+        "torch.compile failed (RuntimeError: InductorError: no working C compiler)" in (warnings[0])
+    )
+    _assert_same(a, b)
+
+
+def test_the_eager_fallback_raises_the_inputs_errors_and_keeps_attributes():
+    from torch import nn
+
+    from edmcli.sampling.compiled import EagerFallback
+
+    class Net(nn.Module):
+        sigma_min = 0.002
+
+        def forward(self, x):
+            if x.shape[-1] != 3:
+                raise ValueError("wrong width")
+            return x * 2
+
+    said = []
+
+    def broken(_x):
+        raise RuntimeError("BackendCompilerFailed")
+
+    wrapped = EagerFallback(Net(), broken, warn=said.append)
+    assert wrapped.sigma_min == 0.002
+    with pytest.raises(ValueError, match="wrong width"):
+        wrapped(torch.ones(2, 4))  # eager fails too: the inputs' error, compiled kept
+    assert said == [] and wrapped.fallback_reason is None
+    torch.testing.assert_close(wrapped(torch.ones(2, 3)), torch.full((2, 3), 2.0))
+    wrapped(torch.ones(1, 3))
+    assert len(said) == 1 and wrapped.fallback_reason == "RuntimeError: BackendCompilerFailed"
+
+
 def _error(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
