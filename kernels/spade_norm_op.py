@@ -12,6 +12,18 @@ context manager) if set, else the environment variable ``ECHO_SYNTH_SPADE_BACKEN
 reference otherwise; ``"triton"`` forces the fused op (CUDA tensors, or CPU tensors when
 ``TRITON_INTERPRET=1``, as the CPU tests do); ``"torch"`` forces the reference.
 
+Under ``"auto"`` the fused path never crashes a run: if importing Triton or the kernel module,
+compiling, or launching a kernel raises (an old Triton, no compiler for the card, a shape the
+kernels refuse, a launch error), that call runs the op's torch formulation instead, one line is
+logged (logger ``echo_synth_kernels``, level WARNING) naming the cause, and the process uses the
+torch path from then on (``_fallback_cause`` records why). Forced ``"triton"`` raises instead.
+Asynchronous CUDA faults (reported at a later synchronisation, with the CUDA context lost) cannot
+be caught this way.
+
+The interpreter mode is passed explicitly: the kernel module is imported once and
+``spade_norm_triton.build(interpret)`` jits its device functions compiled or interpreted, so
+``TRITON_INTERPRET`` is only read (here, at call time), never changed.
+
 The custom ops carry fake (meta) implementations and an autograd registration, so
 ``torch.compile(fullgraph=True)`` traces through them without graph breaks. The forward op returns
 ``(y, mean, rstd)``; mean and rstd (N, G) are saved for the backward op, which returns
@@ -25,20 +37,22 @@ reference supports it).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
+import logging
 import math
 import os
-import sys
 import threading
-from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
-from typing import Optional
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Optional, TypeVar
 
 import torch
 from torch import Tensor
 
 from .reference import acc_dtype, modulate, spade_group_norm_reference
+
+if TYPE_CHECKING:  # the kernel module imports triton: only when a kernel first runs
+    from .spade_norm_triton import SpadeNormKernels
 
 __all__ = [
     "BACKENDS",
@@ -103,7 +117,12 @@ def spade_backend(backend: str | None) -> Iterator[None]:
 
 
 def _interpret_requested() -> bool:
+    """``TRITON_INTERPRET`` read here (not through ``triton.knobs``, which Triton 3.0-3.3 lack)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
+
+
+#: device types on which ``auto`` takes the fused op (tests add "cpu", run by the interpreter)
+_AUTO_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 def _use_fused(x: Tensor) -> bool:
@@ -111,7 +130,7 @@ def _use_fused(x: Tensor) -> bool:
     if backend == "torch":
         return False
     if backend == "auto":
-        return TRITON_AVAILABLE and x.device.type == "cuda"
+        return TRITON_AVAILABLE and _fallback_cause is None and x.device.type in _AUTO_DEVICES
     if not TRITON_AVAILABLE:
         raise RuntimeError("SPADE-norm backend 'triton' was forced but triton is not installed.")
     if x.device.type == "cuda" or (x.device.type == "cpu" and _interpret_requested()):
@@ -123,61 +142,104 @@ def _use_fused(x: Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernel modules: a compiled and an interpreted copy, loaded on first use
+# Triton kernels: a compiled and an interpreted set, built on first use
 
 _KERNEL_MODULE = f"{__package__}.spade_norm_triton"
-_kernel_copies: dict[bool, ModuleType] = {}
+_kernel_sets: dict[bool, SpadeNormKernels] = {}
 _kernel_lock = threading.Lock()
 
 
-def _kernels(interpret: bool) -> ModuleType:
-    """The kernel module whose ``triton.jit`` ran with ``TRITON_INTERPRET`` = ``interpret``.
+def _kernels(interpret: bool) -> SpadeNormKernels:
+    """The kernels jitted for Triton's interpreter (``interpret``) or compiled for CUDA.
 
-    ``triton.jit`` reads ``TRITON_INTERPRET`` when a kernel is defined, so the module is executed
-    with the variable set as wanted (and restored afterwards). The regular module is used when it
-    was imported in the wanted mode; otherwise a private copy is executed from the same file.
+    The mode is passed to the kernel module's ``build`` explicitly: ``TRITON_INTERPRET`` is
+    neither read by nor changed for it, and the module is imported (with triton) once.
     """
     with _kernel_lock:
-        module = _kernel_copies.get(interpret)
-        if module is not None:
-            return module
-        previous = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
-            if _KERNEL_MODULE not in sys.modules or (
-                sys.modules[_KERNEL_MODULE].INTERPRETED == interpret
-            ):
-                module = importlib.import_module(_KERNEL_MODULE)
-            if module is None or module.INTERPRETED != interpret:
-                name = f"{_KERNEL_MODULE}_{'interpreted' if interpret else 'compiled'}"
-                path = Path(__file__).with_name("spade_norm_triton.py")
-                spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                spec.loader.exec_module(module)
-        finally:
-            if previous is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = previous
-        _kernel_copies[interpret] = module
-        return module
+        kernels = _kernel_sets.get(interpret)
+        if kernels is None:
+            kernels = importlib.import_module(_KERNEL_MODULE).build(interpret)
+            _kernel_sets[interpret] = kernels
+        return kernels
 
 
-def _kernels_for(device: torch.device) -> ModuleType | None:
-    """Kernels that can run on ``device`` in this process, or None (torch formulation)."""
+def _kernel_mode(device: torch.device) -> bool | None:
+    """Which kernels run on ``device`` in this process (True: interpreted, False: compiled),
+    or None where none can (the torch formulation runs)."""
     if not TRITON_AVAILABLE:
         return None
     if device.type == "cuda":
-        return _kernels(_interpret_requested())
+        return _interpret_requested()
     if device.type == "cpu" and _interpret_requested():
-        return _kernels(True)
+        return True
     return None
 
 
 def _device_guard(x: Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it x's."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# fallback: a failure of the fused kernels under "auto" switches this process to torch
+
+_logger = logging.getLogger("echo_synth_kernels")
+#: why the fused kernels were given up in this process ("ExceptionType: message"), or None
+_fallback_cause: str | None = None
+_T = TypeVar("_T")
+
+
+def _describe(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _fall_back(exc: BaseException, what: str) -> None:
+    """Give up the fused kernels for the rest of the process; log one line, the first time."""
+    global _fallback_cause
+    with _kernel_lock:
+        if _fallback_cause is not None:
+            return
+        _fallback_cause = _describe(exc)
+    _logger.warning(
+        "echo_synth_kernels: the fused Triton SPADE norm failed (%s, %s); using the torch "
+        "implementation for the rest of this process (ECHO_SYNTH_SPADE_BACKEND=triton raises "
+        "instead).",
+        what,
+        _fallback_cause,
+    )
+
+
+def _run_fused(
+    x: Tensor,
+    what: str,
+    fused: Callable[[SpadeNormKernels], _T],
+    torch_path: Callable[[], _T],
+) -> _T:
+    """``fused(kernels)`` where the kernels can run on x's device, else ``torch_path()``.
+
+    Unless the backend ``"triton"`` is forced, any exception from importing, building,
+    compiling or launching the kernels runs ``torch_path()`` instead and switches the process
+    to torch (:func:`_fall_back`); forced, it propagates. Out of GPU memory is not a kernel
+    failure (the torch path needs more): it propagates and changes nothing.
+    """
+    strict = get_spade_backend() == "triton"
+    interpret = _kernel_mode(x.device)
+    if interpret is None or (_fallback_cause is not None and not strict):
+        return torch_path()
+    try:
+        kernels = _kernels(interpret)
+        with _device_guard(x):
+            return fused(kernels)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        if strict:
+            raise
+        _fall_back(exc, what)
+        return torch_path()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,11 +302,12 @@ def spade_group_norm_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused forward: ``(y, mean, rstd)``, y in x's dtype (NCHW), mean/rstd (N, G) in fp32
     (fp64 for fp64 x). Arguments must be valid (see :func:`spade_group_norm`)."""
-    kernels = _kernels_for(x.device)
-    if kernels is None:
-        return _forward_torch(x, gamma, beta, num_groups, eps, silu)
-    with _device_guard(x):
-        return kernels.forward(x, gamma, beta, num_groups, eps, silu)
+    return _run_fused(
+        x,
+        "forward",
+        lambda kernels: kernels.forward(x, gamma, beta, num_groups, eps, silu),
+        lambda: _forward_torch(x, gamma, beta, num_groups, eps, silu),
+    )
 
 
 @spade_group_norm_op.register_fake
@@ -272,11 +335,12 @@ def spade_group_norm_backward_op(
     None (the forward then does not keep beta alive)."""
     if silu and beta is None:
         raise ValueError("spade_group_norm_backward needs beta when silu is True.")
-    kernels = _kernels_for(x.device)
-    if kernels is None:
-        return _backward_torch(dy, x, gamma, beta, mean, rstd, num_groups, silu)
-    with _device_guard(x):
-        return kernels.backward(dy, x, gamma, beta, mean, rstd, num_groups, silu)
+    return _run_fused(
+        x,
+        "backward",
+        lambda kernels: kernels.backward(dy, x, gamma, beta, mean, rstd, num_groups, silu),
+        lambda: _backward_torch(dy, x, gamma, beta, mean, rstd, num_groups, silu),
+    )
 
 
 @spade_group_norm_backward_op.register_fake

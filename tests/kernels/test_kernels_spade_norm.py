@@ -1,27 +1,30 @@
 """The fused SPADE group norm: Triton kernels (run by Triton's CPU interpreter), custom op,
-autograd, torch.compile and dispatch, all against the torch reference.
+autograd, torch.compile, dispatch and the fallback to torch, all against the torch reference;
+and (slow) every kernel variant the runtime launches compiled for sm_80-sm_90 through ptxas.
 
-``TRITON_INTERPRET`` is read by ``triton.jit`` when a kernel is defined. These tests never set it
-for the whole process: the ``interpret`` fixture sets it for one test, and
-``kernels.spade_norm_op`` loads an interpreted copy of the kernel module on first use while it is
-set (whatever else the process imported before), so other test modules are not affected.
+These tests never set ``TRITON_INTERPRET`` for the whole process: the ``interpret`` fixture sets
+it for one test (the op reads it at call time), and the kernels are jitted for the interpreter
+explicitly (``spade_norm_triton.build(interpret=True)``), so other test modules are not affected.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-import triton
 
 import echo_synth_kernels as kernels
-from echo_synth_kernels import spade_group_norm, spade_group_norm_reference
+from echo_synth_kernels import ptxas_check, spade_group_norm, spade_group_norm_reference
 from echo_synth_kernels import spade_norm_op as op
+from echo_synth_kernels import spade_norm_triton as tri
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +44,9 @@ def interpret(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture(autouse=True)
 def _no_env_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No backend from the environment, and no fallback recorded by an earlier test."""
     monkeypatch.delenv(kernels.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(op, "_fallback_cause", None)
 
 
 def _inputs(n, c, h, w, dtype=torch.float32, seed=0, offset=0.0):
@@ -155,33 +160,173 @@ def test_mixed_dtypes_and_channels_last(interpret):
 def test_small_batches_fill_the_gpu(interpret, monkeypatch, batch):
     """Latent 64² level (192 channels, 32 groups) at batch 1 and 8 on a 132-SM GPU: the groups
     are split so the launch has several programs per SM, and the tiles cover every row."""
-    monkeypatch.setattr(interpret, "_sm_count", lambda *_: 132)
+    monkeypatch.setattr(tri, "_sm_count", lambda *_: 132)
     rows, row_len = batch * 32, 6 * 64 * 64
-    block, split, warps, tiles = interpret.launch_config(rows, row_len, torch.device("cuda", 0))
-    assert interpret.single_config(row_len) is None  # too big for one program per group
+    block, split, warps, tiles = tri.launch_config(rows, row_len, torch.device("cuda", 0))
+    assert tri.single_config(row_len) is None  # too big for one program per group
     assert rows * split >= 4 * 132
     assert split <= tiles and tiles * block >= row_len > (tiles - 1) * block
     assert block & (block - 1) == 0 and 1 <= warps <= 8
 
 
+def test_kernels_are_jitted_per_mode_without_touching_the_environment(monkeypatch):
+    """build(interpret) jits the same functions compiled or interpreted, whatever
+    TRITON_INTERPRET says, and leaves the variable alone; each kernel calls the helpers of its
+    own mode."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    compiled, interpreted = tri.build(False), tri.build(True)
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    assert set(compiled.kernels) == set(interpreted.kernels) == set(tri.KERNEL_NAMES)
+    for name in tri.KERNEL_NAMES:
+        c, i = compiled.kernels[name], interpreted.kernels[name]
+        assert isinstance(c, JITFunction) and isinstance(i, InterpretedFunction)
+        assert isinstance(c.fn.__globals__["_sum"], JITFunction)
+        assert isinstance(i.fn.__globals__["_sum"], InterpretedFunction)
+    assert "triton.knobs" not in Path(tri.__file__).read_text()  # not in Triton 3.0-3.3
+
+
+def test_fp64_groups_of_8192_leave_the_one_program_kernels(interpret):
+    """fp64 spills in the one-program backward at 8192 elements × 16 warps (ptxas, sm_80-90),
+    so fp64 groups over 4096 take the looping kernels; the other dtypes keep 8192 × 16 warps.
+    Results still match an fp64 computation."""
+    assert tri.single_config(8192) == (8192, 16)
+    assert tri.single_config(8192, torch.float64) is None
+    assert tri.single_config(4096, torch.float64) == (4096, 8)
+    x, gamma, beta, dy = _inputs(1, 2, 64, 64, dtype=torch.float64, seed=11)
+    y, mean, rstd = interpret.forward(x, gamma, beta, 1, 1e-5, True)
+    y_ref, mean_ref, rstd_ref = op._forward_torch(x, gamma, beta, 1, 1e-5, True)
+    _close(y, y_ref, 1e-12, 1e-12)
+    _close(mean, mean_ref, 1e-12, 1e-12)
+    _close(rstd, rstd_ref, 1e-12, 1e-12)
+    grads = interpret.backward(dy, x, gamma, beta, mean, rstd, 1, True)
+    grads_ref = op._backward_torch(dy, x, gamma, beta, mean, rstd, 1, True)
+    for got, want in zip(grads, grads_ref, strict=True):
+        _close(got, want, 1e-12, 1e-12)
+
+
+class _Recorder:
+    """Stands in for a jitted kernel: records ``kernel[grid](..., **constexprs)`` launches."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.name, kwargs))
+
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    ("n", "c", "hw"), [(2, 64, 32), (1, 128, 64), (64, 64, 64), (1, 64, 64)], ids=str
+)
+def test_launch_variants_are_what_the_launchers_launch(monkeypatch, n, c, hw, dtype):
+    """launch_variants (what the ptxas check compiles) names exactly the kernels, BLOCK,
+    num_warps and SPLIT_P2 that forward and backward launch (single, split, looping, and fp64's
+    8192 groups), for a 16-SM card."""
+    monkeypatch.setattr(tri, "_sm_count", lambda *_: 16)
+    kernels_ = tri.build(interpret=True)
+    log: list = []
+    for name in tri.KERNEL_NAMES:
+        setattr(kernels_, name, _Recorder(name, log))
+    x = torch.zeros(n, c, hw, hw, dtype=dtype)
+    mean = torch.zeros(n, 32, dtype=tri.acc_dtype(dtype))
+    for silu in (False, True):
+        kernels_.forward(x, x, x, 32, 1e-5, silu)
+        kernels_.backward(x, x, x, x, mean, mean, 32, silu)
+    launched = {
+        tri.Variant(
+            name,
+            tri._TL_NAMES[dtype],
+            kw.get("SILU", False),
+            kw["BLOCK"],
+            kw["num_warps"],
+            kw.get("SPLIT_P2", 0),
+        )  # fmt: skip
+        for name, kw in log
+    }
+    groups = [(n * 32, c // 32 * hw * hw)]
+    assert launched == tri.launch_variants(groups, 16, (dtype,))
+
+
+# ---------------------------------------------------------------------------------------------
+# every variant the runtime launches, compiled for every card (no GPU: Triton + ptxas)
+
+
+def _doc_variants() -> dict[int, set[tuple]]:
+    """(kernel, silu, BLOCK, warps, SPLIT_P2) rows of each arch's table in the doc."""
+    rows: dict[int, set[tuple]] = {}
+    arch = None
+    for line in (ROOT / "docs" / "kernels-ptxas.md").read_text().splitlines():
+        if m := re.match(r"### sm_(\d+)$", line):
+            arch = int(m.group(1))
+        elif arch and (m := re.match(r"\| `(\w+)` \| (\S+) \| (\d+) \| (\d+) \| (\S+) \|", line)):
+            kernel, silu, block, warps, split_p2 = m.groups()
+            split_p2 = 0 if split_p2 == "–" else int(split_p2)
+            row = (kernel, silu == "yes", int(block), int(warps), split_p2)
+            rows.setdefault(arch, set()).add(row)
+    return rows
+
+
+def test_ptxas_doc_lists_the_variants_the_heuristics_pick():
+    """docs/kernels-ptxas.md (benchmarks/ptxas_table.py) is current: its per-arch tables hold
+    exactly the variants the launch heuristics give for the paper's shapes."""
+    expected = {
+        arch: {
+            (v.kernel, v.silu, v.block, v.num_warps, v.split_p2)
+            for v in ptxas_check.variants_for(arch)
+        }
+        for arch in ptxas_check.ARCHS
+    }
+    assert _doc_variants() == expected, "regenerate: python benchmarks/ptxas_table.py"
+
+
+def test_ptxas_report_parsing():
+    log = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_bwd_single_kernel' for 'sm_90a'
+ptxas info    : Function properties for _bwd_single_kernel
+    112 bytes stack frame, 92 bytes spill stores, 84 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 16 bytes smem, 448 bytes cmem[0]
+"""
+    assert ptxas_check.parse_ptxas_log(log) == {
+        "registers": 128,
+        "spill_stores": 92,
+        "spill_loads": 84,
+        "stack_frame": 112,
+        "static_smem": 16,
+    }
+    variant = tri.Variant("_bwd_single_kernel", "fp64", True, 8192, 16)
+    report = ptxas_check.PtxasReport(90, variant, 128, 92, 84, 112, 16, 300 * 1024, True, True)
+    problems = report.problems()
+    assert len(problems) == 2 and "spill" in problems[0] and "shared memory" in problems[1]
+
+
 @pytest.mark.slow
-def test_compiled_kernels_build_for_sm90():
-    """Without a GPU: every kernel of the module compiles for sm_90 through ptxas, in bf16 and
-    fp32, and the streamed tensors are read and written with 128-bit accesses."""
-    compiled = op._kernels(False)
-    ptx = compiled.compile_all(arch=90)
-    defined = {
-        name
-        for name, value in vars(compiled).items()
-        if name.endswith("_kernel") and isinstance(value, triton.runtime.JITFunction)
-    }
-    assert {(name.split("[")[0], "bf16" in name) for name in ptx} == {
-        (name, bf16) for name in defined for bf16 in (False, True)
-    }
-    for name, code in ptx.items():
-        assert "ld.global.v4" in code, name
-        if not name.startswith("_fwd_stats"):
-            assert "st.global.v4" in code, name
+def test_every_launch_variant_fits_every_card():
+    """Without a GPU: every kernel variant the runtime launches for the paper's shapes (batch
+    1-64, 64²-256², 64-512 channels, 32 groups; heuristics at the SM counts of each card)
+    compiles for sm_80, sm_86, sm_89 and sm_90 in fp32, bf16, fp16 and fp64, spills nothing
+    (ptxas -v), fits the card's shared memory per block, and reads and writes the streamed
+    tensors with 128-bit accesses. The table of these numbers is docs/kernels-ptxas.md."""
+    start = time.perf_counter()
+    reports = ptxas_check.report()
+    elapsed = time.perf_counter() - start
+    problems = [p for r in reports for p in r.problems()]
+    assert not problems, "\n".join(problems)
+    for arch in ptxas_check.ARCHS:
+        assert {r.variant.kernel for r in reports if r.arch == arch} == set(tri.KERNEL_NAMES)
+        assert {r.variant.dtype for r in reports if r.arch == arch} == {
+            "fp32", "bf16", "fp16", "fp64"
+        }  # fmt: skip
+    for r in reports:
+        assert r.vector_load, (r.arch, r.variant.name)
+        if r.variant.kernel != "_fwd_stats_kernel":  # writes three scalars per program
+            assert r.vector_store, (r.arch, r.variant.name)
+    print(f"{len(reports)} variants compiled and checked in {elapsed:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +500,175 @@ def test_reference_is_groupnorm_then_modulation():
     _close(spade_group_norm_reference(x, gamma, beta, 2), z, 1e-5, 1e-5)
     silu = spade_group_norm_reference(x, gamma, beta, 2, silu=True)
     _close(silu, z * torch.sigmoid(z), 1e-5, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# fallback: under "auto" a failing fused path gives the torch result, warns once, then stays off
+
+
+class _Failing:
+    """Stands in for a jitted kernel whose launch raises ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise self.error
+
+        return launch
+
+
+def _inject(kind: str, monkeypatch: pytest.MonkeyPatch) -> type[Exception]:
+    """Make the fused path fail as ``kind`` says; the exception type it then raises."""
+    from triton.runtime.errors import InterpreterError, OutOfResources
+
+    if kind == "import":  # triton or the kernel module cannot be imported
+        monkeypatch.setattr(op, "_kernel_sets", {})
+        monkeypatch.setitem(sys.modules, op._KERNEL_MODULE, None)
+        return ImportError
+    if kind == "old-triton":  # building the kernels hits an API this Triton lacks
+        monkeypatch.setattr(op, "_kernel_sets", {})
+
+        def build(interpret):
+            raise AttributeError("module 'triton' has no attribute 'knobs'")
+
+        monkeypatch.setattr(tri, "build", build)
+        return AttributeError
+    if kind == "compile":  # a kernel does not build (here: a tile that is no power of two)
+        monkeypatch.setattr(tri, "single_config", lambda *args: (48, 1))
+        return InterpreterError  # CompilationError when compiled for a GPU
+    if kind == "shape":  # a group the kernels refuse
+        monkeypatch.setattr(tri, "_MAX_INDEX", 8)
+        return ValueError
+    if kind == "launch":  # the launch fails (a card with too little shared memory)
+        error = OutOfResources(232448, 101376, "shared memory")
+        monkeypatch.setattr(op._kernels(True), "_fwd_single_kernel", _Failing(error))
+        return OutOfResources
+    raise AssertionError(kind)
+
+
+@pytest.fixture
+def auto_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backend "auto" takes the fused path for CPU tensors (interpreted), as it does on CUDA."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(op, "_AUTO_DEVICES", ("cuda", "cpu"))
+
+
+def _fallback_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "echo_synth_kernels"]
+
+
+FAILURES = ["import", "old-triton", "compile", "shape", "launch"]
+
+
+@pytest.mark.parametrize("kind", FAILURES)
+def test_auto_falls_back_to_torch_once(auto_on_cpu, monkeypatch, caplog, spy, kind):
+    """A failure to import, build, compile or launch the fused kernels under "auto": that call
+    returns exactly what the op's torch formulation gives (y and, through autograd, the
+    gradients), one WARNING line names the cause, and later calls take the torch reference
+    without trying the kernels again or warning again."""
+    error_type = _inject(kind, monkeypatch)
+    x, gamma, beta, dy = _inputs(2, 6, 5, 7, seed=12)
+    leaves = [t.clone().requires_grad_() for t in (x, gamma, beta)]
+    with caplog.at_level(logging.WARNING, logger="echo_synth_kernels"):
+        y = spade_group_norm(*leaves, 3, silu=True)
+        y.backward(dy)
+        y_ref, mean, rstd = op._forward_torch(x, gamma, beta, 3, 1e-5, True)
+        assert torch.equal(y, y_ref)
+        grads_ref = op._backward_torch(dy, x, gamma, beta, mean, rstd, 3, True)
+        for leaf, want in zip(leaves, grads_ref, strict=True):
+            assert torch.equal(leaf.grad, want)
+        assert spy == ["fused"]
+        assert op._fallback_cause.split(":")[0] in {
+            t.__name__ for t in error_type.__subclasses__()
+        } | {error_type.__name__}
+        # the rest of the process: the reference, no second warning
+        y2 = spade_group_norm(x, gamma, beta, 3, silu=True)
+        spade_group_norm(x[:1], gamma[:1], beta[:1], 3)
+        assert spy == ["fused"]
+        assert torch.equal(y2, spade_group_norm_reference(x, gamma, beta, 3, silu=True))
+    records = _fallback_records(caplog)
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    message = records[0].getMessage()
+    assert "\n" not in message and "forward" in message and "torch" in message
+    assert op._fallback_cause in message
+
+
+@pytest.mark.parametrize("kind", FAILURES)
+def test_forced_triton_raises_instead(monkeypatch, caplog, kind):
+    """Backend "triton" forced: the same failures raise, nothing falls back or warns."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    error_type = _inject(kind, monkeypatch)
+    x, gamma, beta, _ = _inputs(1, 4, 3, 3, seed=13)
+    with kernels.spade_backend("triton"), pytest.raises(error_type):
+        spade_group_norm(x, gamma, beta, 2)
+    assert op._fallback_cause is None and not _fallback_records(caplog)
+
+
+def test_backward_launch_failure_falls_back(auto_on_cpu, monkeypatch, caplog):
+    """The forward ran fused, the backward kernel fails: the gradients are the op's torch
+    formulation from the saved fused statistics, exactly; one warning names the backward."""
+    from triton.runtime.errors import OutOfResources
+
+    interpreted = op._kernels(True)
+    error = OutOfResources(232448, 101376, "shared memory")
+    monkeypatch.setattr(interpreted, "_bwd_single_kernel", _Failing(error))
+    x, gamma, beta, dy = _inputs(2, 6, 5, 7, seed=14)
+    leaves = [t.clone().requires_grad_() for t in (x, gamma, beta)]
+    with caplog.at_level(logging.WARNING, logger="echo_synth_kernels"):
+        y = spade_group_norm(*leaves, 3, silu=True)
+        assert op._fallback_cause is None  # the forward kernels ran
+        y.backward(dy)
+    y_k, mean, rstd = interpreted.forward(x, gamma, beta, 3, 1e-5, True)
+    assert torch.equal(y, y_k)
+    grads_ref = op._backward_torch(dy, x, gamma, beta, mean, rstd, 3, True)
+    for leaf, want in zip(leaves, grads_ref, strict=True):
+        assert torch.equal(leaf.grad, want)
+    (record,) = _fallback_records(caplog)
+    assert "backward" in record.getMessage() and "OutOfResources" in record.getMessage()
+
+
+def test_out_of_memory_is_no_reason_to_fall_back(auto_on_cpu, monkeypatch, caplog):
+    """Out of GPU memory in the fused path propagates and leaves the kernels on."""
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(op._kernels(True), "_fwd_single_kernel", _Failing(oom))
+    x, gamma, beta, _ = _inputs(1, 4, 3, 3, seed=15)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        spade_group_norm(x, gamma, beta, 2)
+    assert op._fallback_cause is None and not _fallback_records(caplog)
+
+
+def test_fallback_prints_one_line_per_process(tmp_path):
+    """In a fresh process (no logging configured, as the CLI), a launch failure on every call
+    prints exactly one line to stderr, naming the cause."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import torch\n"
+        "from triton.runtime.errors import OutOfResources\n"
+        "from echo_synth_kernels import spade_group_norm, spade_norm_op as op\n"
+        "op._AUTO_DEVICES = ('cuda', 'cpu')\n"
+        "class Failing:\n"
+        "    def __getitem__(self, grid):\n"
+        "        def launch(*args, **kwargs):\n"
+        "            raise OutOfResources(232448, 101376, 'shared memory')\n"
+        "        return launch\n"
+        "op._kernels(True)._fwd_single_kernel = Failing()\n"
+        "x = torch.randn(2, 6, 4, 4)\n"
+        "for _ in range(3):\n"
+        "    spade_group_norm(x, x, x, 3, silu=True)\n"
+        "print('done')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env.pop(kernels.ENV_BACKEND, None)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "OutOfResources" in lines[0] and "torch" in lines[0], lines
 
 
 # ---------------------------------------------------------------------------------------------
