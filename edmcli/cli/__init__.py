@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     """The ``echo-synth`` entry point: every usage mistake (an unknown option, a bad value, a bad
     ``--config`` file) is one ``error:`` line and exit 2, like the commands' own errors;
     :data:`EXIT_CODES` lists the codes."""
-    from typer._click.exceptions import UsageError
+    try:  # typer ≥ 0.22 carries its own copy of click
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        from click.exceptions import UsageError
 
     try:
         code = app(args=argv, standalone_mode=False)
