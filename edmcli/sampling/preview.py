@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from edmcli.models.registry import get_spec
+from edmcli.runs.memory import PREVIEW_CHUNK
 from edmcli.sampling.pipeline import generate
 
 PREVIEW_STEPS = 8
@@ -26,17 +27,21 @@ def preview_samples(
     ``sample`` does by default (guidance scale 1: the conditional model)."""
     was_training = net.training
     net.eval()
+    chunks = []
     try:
-        return generate(
-            net,
-            settings.model,
-            labels,
-            seeds=range(labels.shape[0]),
-            net_size=settings.net_size,
-            solver=get_spec(settings.model).preview_solver,
-            steps=PREVIEW_STEPS,
-            decode=vae.model.decode if vae is not None else None,
-            class_labels=class_labels,
-        )
+        for lo in range(0, labels.shape[0], PREVIEW_CHUNK):  # bounded memory; per-sample seeds
+            hi = lo + PREVIEW_CHUNK
+            chunks.append(generate(
+                net,
+                settings.model,
+                labels[lo:hi],
+                seeds=range(lo, min(hi, labels.shape[0])),
+                net_size=settings.net_size,
+                solver=get_spec(settings.model).preview_solver,
+                steps=PREVIEW_STEPS,
+                decode=vae.model.decode if vae is not None else None,
+                class_labels=None if class_labels is None else class_labels[lo:hi],
+            ))  # fmt: skip
+        return torch.cat(chunks)
     finally:
         net.train(was_training)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from edmcli.console import console
 from edmcli.data.store import DatasetStore
 from edmcli.data.store_format import ATTRS_KEY, jsonable
 from edmcli.data.store_replace import (
@@ -47,6 +48,7 @@ from edmcli.runs.diffusion_run import (
 )
 from edmcli.runs.distributed import process_layout, resolve_device
 from edmcli.runs.folder import load_run_config, load_training_patients
+from edmcli.runs.memory import sampling_check, sampling_memory
 from edmcli.sampling.nfe import NFEError, StepPlan, plan
 from edmcli.sampling.schedules import SCHEDULES
 from edmcli.sampling.solvers import SOLVERS, nfe_cost
@@ -265,7 +267,9 @@ def plan_sample(
     device: str = "auto",
 ) -> SamplingPlan:
     """The checked plan of :func:`edmcli.sampling.sample.sample` with these arguments (see
-    there); raises its refusals (module docstring), writes nothing."""
+    there); raises its refusals (module docstring), writes nothing. On CUDA it prints the
+    estimated peak GPU memory at ``batch`` and refuses a batch that cannot fit
+    (:mod:`edmcli.runs.memory`)."""
     if k < 1 or batch < 1 or chunk < 1:
         raise EchoSynthError("k, batch and chunk must each be at least 1")
     if not 0.0 <= holdout < 1.0:
@@ -318,6 +322,16 @@ def plan_sample(
     if rank == 0:  # the rank that writes the store checks it
         _check_output(out, request.content(run_dir.resolve()), overwrite)
     held_out = held_out_patients(store, sources, holdout, seed)
+    memory = sampling_check(  # on CUDA: refuse a --batch that cannot fit, say what fits
+        device_used,
+        lambda: sampling_memory(
+            settings, None if vae is None else vae.settings.model_config(), precision=precision,
+            spade_cache=spade_cache, branches=guidance_branches(guidance),
+        ),
+        batch=batch, chunk=chunk,
+    )  # fmt: skip
+    if memory is not None and rank == 0:
+        console.print(memory.message, highlight=False)
     return SamplingPlan(
         request=request, run_dir=run_dir, count=count, step_plan=step_plan,
         schedule_used=schedule or spec.schedule, class_cond=class_cond, out=out,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edmcli.console import console
 from edmcli.data.augment import AugmentConfig, PairedAugment
 from edmcli.data.dataset import EchoDataset
 from edmcli.data.labels import sector_mask
@@ -36,8 +37,10 @@ from edmcli.data.store import DatasetStore
 from edmcli.models.masked import masked_mean
 from edmcli.models.registry import build_loss, loss_settings
 from edmcli.runs.diffusion_run import DiffusionSettings, build_network, class_ids
+from edmcli.runs.distributed import process_layout
 from edmcli.runs.folder import Dependency
 from edmcli.runs.grids import save_image_grid
+from edmcli.runs.memory import VALIDATION_CHUNK
 from edmcli.runs.vae_run import LoadedVAE, open_vae_run
 from edmcli.training.diffusion_plan import (
     DiffusionTrainingPlan,
@@ -164,7 +167,12 @@ class DiffusionTask(TrainingTask):
         sigma = torch.full((y.shape[0],), CHECK_SIGMA, device=device)
         classes = self.class_labels(batch)
         extra = {} if classes is None else {"class_labels": classes}
-        denoised = ema_model(noisy, sigma, batch["labels"], **extra).float()
+        denoised = torch.cat([
+            ema_model(noisy[i : i + VALIDATION_CHUNK], sigma[i : i + VALIDATION_CHUNK],
+                      batch["labels"][i : i + VALIDATION_CHUNK],
+                      **{k: v[i : i + VALIDATION_CHUNK] for k, v in extra.items()}).float()
+            for i in range(0, y.shape[0], VALIDATION_CHUNK)
+        ])  # fmt: skip
         mse = float(masked_mean((denoised - y) ** 2, mask))
         noisy_mse = float(masked_mean((noisy - y) ** 2, mask))
         return {"score": -mse, "denoised_mse": mse, "noisy_mse": noisy_mse}
@@ -189,8 +197,11 @@ class DiffusionTask(TrainingTask):
 
 def run_train_diffusion(plan: DiffusionTrainingPlan) -> dict[str, Any] | None:
     """Train (or resume) the planned diffusion run: load its Γ-VAE (a latent model), then train;
-    returns the run's summary on the main rank."""
+    returns the run's summary on the main rank. On CUDA it first prints the plan's GPU memory
+    estimate."""
     settings = plan.settings
+    if plan.memory is not None and process_layout()[1] == 0:
+        console.print(plan.memory.message, highlight=False)
     loaded_vae = open_vae_run(plan.vae, torch.device("cpu")) if plan.vae is not None else None
 
     def make_task(env):

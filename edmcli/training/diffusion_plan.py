@@ -38,6 +38,7 @@ from edmcli.runs.diffusion_run import (
     class_ids,
 )
 from edmcli.runs.folder import frozen_dependency
+from edmcli.runs.memory import MemoryCheck, diffusion_training_memory, training_check
 from edmcli.runs.vae_run import LoadedVAE, VAERunRef, find_vae_run, load_latent_stats
 from edmcli.settings import resolve, training_steps
 from edmcli.training.engine import TrainConfig
@@ -70,6 +71,7 @@ class DiffusionTrainingPlan:
     placement: Placement
     vae: VAERunRef | None = None
     preview: PreviewFn | None = None
+    memory: MemoryCheck | None = None  # the GPU memory estimate (None off CUDA)
 
     @property
     def steps(self) -> int:
@@ -101,6 +103,8 @@ class DiffusionTrainingPlan:
             )
         if self.preview is not None and self.train_config.grid_every:
             lines.append(f"sample grids every {self.train_config.grid_every} steps")
+        if self.memory is not None:
+            lines.append(self.memory.message)
         return lines
 
 
@@ -258,7 +262,8 @@ def plan_train_diffusion(
     (missing, incomplete, non-square, not the label convention, label values outside it), the
     Γ-VAE run of a latent model (missing, not a Γ-VAE run, no checkpoint, its checkpoint gone or
     changed, another latent size or image size), the network settings, the length, the device
-    and the engine's settings (``TrainConfig.validate``)."""
+    and the engine's settings (``TrainConfig.validate``), and on CUDA a ``--batch-gpu`` whose
+    estimated peak memory does not fit the device's free memory (:mod:`edmcli.runs.memory`)."""
     check_model_name(model)
     values = resolve("diffusion", preset, overrides, defaults=preset_row(model, preset).training)
     unet = {k: values[k] for k in UNET_SETTINGS if values.get(k) is not None}
@@ -276,5 +281,15 @@ def plan_train_diffusion(
     resolved = {"kind": "diffusion", **settings_dict(settings),
                 **train_config_dict(train_config)}  # fmt: skip
     placement = place(run, device, train_config)
+    vae_config = vae_ref.settings.model_config() if vae_ref is not None else None
+    memory = training_check(
+        placement.device_name,
+        lambda: diffusion_training_memory(
+            settings, vae_config, precision=precision, world_size=placement.world_size,
+            resuming=placement.resumes_from is not None,
+        ),
+        batch=train_config.batch, batch_gpu=train_config.batch_gpu,
+        world_size=placement.world_size,
+    )  # fmt: skip
     return DiffusionTrainingPlan(model, preset, run, settings, train_config, resolved, n_train,
-                                 placement, vae_ref, preview)  # fmt: skip
+                                 placement, vae_ref, preview, memory)  # fmt: skip

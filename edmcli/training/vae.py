@@ -19,6 +19,7 @@ from edmcli.models.gamma_vae import GammaVAE
 from edmcli.models.perceptual import MissingWeightsError, build_perceptual
 from edmcli.models.vae_loss import GammaVAELoss, GammaVAELossWeights
 from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
+from edmcli.runs.distributed import process_layout
 from edmcli.runs.grids import save_image_grid
 from edmcli.runs.vae_run import VAESettings, save_latent_stats
 from edmcli.training.engine import TrainingTask
@@ -99,8 +100,11 @@ LOW_CORRELATION = 0.5  # below it the latent does not follow the image: say so
 
 
 def run_train_vae(plan: VAETrainingPlan) -> dict[str, Any] | None:
-    """Train (or resume) the planned Γ-VAE run; returns its summary on the main rank."""
+    """Train (or resume) the planned Γ-VAE run; returns its summary on the main rank. On CUDA
+    it first prints the plan's GPU memory estimate."""
     settings = plan.settings
+    if plan.memory is not None and process_layout()[1] == 0:
+        console.print(plan.memory.message, highlight=False)
     summary = train_run(
         run=plan.run,
         device=plan.placement.device,

@@ -22,6 +22,7 @@ import torch
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.models.perceptual import MissingWeightsError, backbone_weights_path, build_perceptual
+from edmcli.runs.memory import MemoryCheck, training_check, vae_training_memory
 from edmcli.runs.vae_run import VAESettings, settings_dict
 from edmcli.settings import resolve, training_steps
 from edmcli.training.engine import TrainConfig
@@ -47,6 +48,7 @@ class VAETrainingPlan:
     resolved: dict[str, Any]
     n_train: int  # training images of the store
     placement: Placement
+    memory: MemoryCheck | None = None  # the GPU memory estimate (None off CUDA)
 
     @property
     def steps(self) -> int:
@@ -63,13 +65,14 @@ class VAETrainingPlan:
 
     def describe(self) -> list[str]:
         s = self.settings
-        return [
+        lines = [
             f"train-vae: {self.network}, preset {self.preset}, base channels {s.base_channels}, "
             f"perceptual {s.perceptual}",
             self.placement.line(self.run),
             f"data: train split of {s.data}",
             length_line(self.train_config, self.n_train),
         ]
+        return lines + ([self.memory.message] if self.memory is not None else [])
 
 
 def missing_weights(exc: MissingWeightsError) -> EchoSynthError:
@@ -133,7 +136,8 @@ def plan_train_vae(
     """The plan of :func:`edmcli.training.vae.train_vae` (same arguments). Refuses, in the
     stage's order: the preset and settings, the store (missing, incomplete, non-square, no
     training split), the Γ-VAE settings, the length, the device, the engine's settings
-    (``TrainConfig.validate``) and a missing LPIPS weights file."""
+    (``TrainConfig.validate``), a missing LPIPS weights file, and on CUDA a ``--batch-gpu`` whose
+    estimated peak memory does not fit the device's free memory (:mod:`edmcli.runs.memory`)."""
     values = resolve("vae", preset, overrides)
     settings, train_config, n_train = _settings_config(data, latent, values, seed, precision)
     resolved = {"kind": "vae", "preset": preset, **settings_dict(settings),
@@ -141,4 +145,14 @@ def plan_train_vae(
     run = Path(run) if run is not None else Path("runs") / f"vae-l{latent}"
     placement = place(run, device, train_config)
     check_perceptual_weights(settings.perceptual)
-    return VAETrainingPlan(run, preset, settings, train_config, resolved, n_train, placement)
+    memory = training_check(
+        placement.device_name,
+        lambda: vae_training_memory(
+            settings, precision=precision, world_size=placement.world_size,
+            resuming=placement.resumes_from is not None,
+        ),
+        batch=train_config.batch, batch_gpu=train_config.batch_gpu,
+        world_size=placement.world_size,
+    )  # fmt: skip
+    return VAETrainingPlan(run, preset, settings, train_config, resolved, n_train, placement,
+                           memory)  # fmt: skip
