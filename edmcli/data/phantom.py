@@ -61,13 +61,27 @@ from scipy import ndimage
 
 from edmcli.data.labels import LA, LV, MYO, OUTSIDE, SECTOR
 
-SPECKLE_SIGMA_AXIAL = 0.7  # polar-grid bins (≈ pixels along the beam)
-SPECKLE_SIGMA_LATERAL = 1.6  # polar-grid bins (≈ pixels across the beam at mid depth)
+SPECKLE_SIGMA_AXIAL = 0.7  # polar-grid bins (≈ pixels along the beam), × speckle_scale(size)
+SPECKLE_SIGMA_LATERAL = 1.6  # polar-grid bins (≈ pixels across the beam at mid depth), × the same
+# Texture after resizing (version 3, calibrated to real CAMUS's HF, R3 and AC1 at 64² and 128²,
+# :mod:`edmcli.data.texture`): real B-mode grain, resized to these sizes, spans a few output
+# pixels, so the speckle is coarser in pixels than at full resolution (SPECKLE_SCALE at 64², ×
+# SPECKLE_SCALE_STEP per doubling), the image is blurred by the resize (DISPLAY_BLUR pixels at
+# 64², + DISPLAY_BLUR_STEP per doubling, applied with zero outside the sector, which also softens
+# its edge) and keeps a little pixel-scale grain (DISPLAY_GRAIN, relative).
+SPECKLE_SCALE, SPECKLE_SCALE_STEP = 2.2, 0.3
+DISPLAY_BLUR, DISPLAY_BLUR_STEP = 0.9, 0.2
+DISPLAY_GRAIN = 0.07
+WALL_TEXTURE = 0.3  # relative amplitude of the myocardium's smooth texture
+BLOOD_LEVEL = 0.9  # × the drawn blood haze (cavity brightness)
+ATRIAL_LEVEL = 0.85  # × the drawn atrial haze
+BLOOD_TEXTURE = 0.45  # relative amplitude of the ventricles' smooth blood texture
+SMOKE_SPREAD = 1.5  # × the drawn log-normal spread of the atrial smoke
 ATRIAL_WALL_MM = 2.5  # thickness of the (unlabelled) atrial wall
 SMOKE_MM = 6.0  # correlation length of the atrial smoke
 SIDE_LOBE_MM = (2.0, 10.0)  # lateral spread of side-lobe clutter at the probe and at the bottom
 PERSISTENCE_FRAMES = 3  # frames averaged in intensity: blood speckle decorrelates between them
-PHANTOM_VERSION = 2  # 1: the high-contrast look (black cavities); 2: calibrated to CAMUS
+PHANTOM_VERSION = 3  # 1: high contrast (black cavities); 2: CAMUS grey levels; 3: + CAMUS texture
 
 # Real CAMUS at 64² (aggregate over images, grey levels 0-255): (mean, std) of the pixels of each
 # region, the myocardium-vs-cavity Cohen's d and the held-out accuracy of a nearest-centroid
@@ -234,11 +248,19 @@ def _smooth_field(rng, size, sigma, amplitude):
     return 1.0 + amplitude * field
 
 
-def speckle_envelope(rng: np.random.Generator, n_radial: int, n_lateral: int) -> np.ndarray:
-    """Complex Gaussian field blurred anisotropically (axial < lateral) on the polar grid; returns
-    the complex field scaled so that E|z|² = 1 (its modulus is Rayleigh with mean √π/2)."""
+def resize_octaves(size: int) -> float:
+    """Doublings of ``size`` over 64 (the calibration's steps are per doubling)."""
+    return math.log2(size / 64)
+
+
+def speckle_envelope(
+    rng: np.random.Generator, n_radial: int, n_lateral: int, scale: float = 1.0
+) -> np.ndarray:
+    """Complex Gaussian field blurred anisotropically (axial < lateral, × ``scale``) on the polar
+    grid; returns the complex field scaled so that E|z|² = 1 (its modulus is Rayleigh with mean
+    √π/2)."""
     z = rng.standard_normal((2, n_radial, n_lateral))
-    sigma = (0, SPECKLE_SIGMA_AXIAL, SPECKLE_SIGMA_LATERAL)
+    sigma = (0, SPECKLE_SIGMA_AXIAL * scale, SPECKLE_SIGMA_LATERAL * scale)
     z = ndimage.gaussian_filter(z, sigma, mode="wrap")
     z /= math.sqrt(float(np.mean(z[0] ** 2 + z[1] ** 2)))
     return z
@@ -348,7 +370,7 @@ def render(
     tissue = a.tissue_echo
     echo = tissue * _smooth_field(rng, size, 6.0 / pixel, 0.15)
     wall_echo = tissue * a.wall_contrast * rng.uniform(0.9, 1.1)  # a little per view and phase
-    echo = np.where(myo, wall_echo * _smooth_field(rng, size, 4.0 / pixel, 0.15), echo)
+    echo = np.where(myo, wall_echo * _smooth_field(rng, size, 4.0 / pixel, WALL_TEXTURE), echo)
     echo = np.where(pericardium & ~la, tissue * a.pericardium_contrast, echo)
     echo = np.where(rv_wall, tissue * a.rv_wall_contrast, echo)
     echo = np.where(atrial_wall, tissue * a.atrial_wall_contrast, echo)
@@ -387,12 +409,13 @@ def render(
     # reverberation, side lobes) share one pattern; blood decorrelates between frames, so frame
     # persistence averages the intensity of PERSISTENCE_FRAMES independent blood patterns.
     n_radial, n_lateral = int(size * 1.1), size
+    speckle_scale = SPECKLE_SCALE + SPECKLE_SCALE_STEP * resize_octaves(size)
     ir = rho / a.depth_mm * (n_radial - 1)
     il = (theta + half) / (2 * half) * (n_lateral - 1)
     coords = np.stack([ir, il])
 
     def field() -> np.ndarray:
-        z = speckle_envelope(rng, n_radial, n_lateral)
+        z = speckle_envelope(rng, n_radial, n_lateral, speckle_scale)
         real = ndimage.map_coordinates(z[0], coords, order=1, mode="nearest")
         imag = ndimage.map_coordinates(z[1], coords, order=1, mode="nearest")
         return real + 1j * imag
@@ -405,11 +428,12 @@ def render(
     ventricles = (blood & ~atria).astype(float)
     ventricles[rv_pool] *= a.rv_haze  # trabeculations and the moderator band clutter the RV
     ventricles = ndimage.gaussian_filter(ventricles, soft)
-    texture = _smooth_field(rng, size, 12.0 / pixel, 0.25) * ventricles
+    texture = _smooth_field(rng, size, 12.0 / pixel, BLOOD_TEXTURE) * ventricles
     smoke = _smooth_field(rng, size, SMOKE_MM / pixel, 1.0) - 1.0  # unit-variance field
-    smoke = a.atrial_haze * np.exp(a.smoke * smoke - a.smoke**2 / 2)
+    spread = a.smoke * SMOKE_SPREAD
+    smoke = a.atrial_haze * ATRIAL_LEVEL * np.exp(spread * smoke - spread**2 / 2)
     texture = texture + smoke * ndimage.gaussian_filter(atria.astype(float), soft)
-    blood_echo = a.blood_haze * tissue * texture
+    blood_echo = a.blood_haze * BLOOD_LEVEL * tissue * texture
     side = _lateral_blur(echo, SIDE_LOBE_MM[0] / spacing[1], SIDE_LOBE_MM[1] / spacing[1], depth)
     # Scatterers are attenuated on the way (round trip); reverberation clutter (near-field and
     # a floor) is not, so that time-gain compensation raises it with depth.
@@ -417,7 +441,8 @@ def render(
     attenuation = np.exp(-a.attenuation * depth)
     clutter = tissue * (a.near_haze * np.exp(-rho / a.near_haze_mm) + a.reverb_floor)
     scatter = echo**2 * (1 - moving) + (a.side_lobe * side) ** 2
-    static = np.sqrt(scatter * attenuation**2 + clutter**2) * field()
+    static_amplitude = np.sqrt(scatter * attenuation**2 + clutter**2)
+    static = static_amplitude * field()
     heart = np.sqrt(echo**2 * moving + blood_echo**2) * attenuation
     frames = [np.abs(static + heart * field()) ** 2 for _ in range(PERSISTENCE_FRAMES)]
     intensity = sum(frames) / PERSISTENCE_FRAMES
@@ -426,7 +451,12 @@ def render(
     amplitude = np.sqrt(intensity) / (math.sqrt(math.pi) / 2) * tgc + noise
     falloff = 1 - 0.25 * (np.abs(theta) / half) ** 4
     gain = a.gain * math.exp(rng.normal(0, 0.05))
-    image = np.clip(amplitude * falloff * gain * 255.0, 0, 255)
+    image = np.where(sector, amplitude * falloff * gain * 255.0, 0.0)
+    blur = DISPLAY_BLUR + DISPLAY_BLUR_STEP * resize_octaves(size)
+    image = ndimage.gaussian_filter(image, blur) * (
+        1 + DISPLAY_GRAIN * rng.standard_normal(image.shape)
+    )
+    image = np.clip(image, 0, 255)
     image[~sector] = 0
     return image.astype(np.uint8), labels, spacing
 

@@ -112,6 +112,18 @@ def test_acquisition_settings_do_not_move_the_labels():
         assert a[2] == b[2] and not np.array_equal(a[0], b[0])
 
 
+@pytest.fixture
+def acoustics_only(monkeypatch):
+    """The image formation before the resize to the output size (no resize blur or grain,
+    speckle at its acoustic size): what the speckle-statistics tests examine."""
+    from edmcli.data import phantom
+
+    for name, value in {"SPECKLE_SCALE": 1.0, "SPECKLE_SCALE_STEP": 0.0, "DISPLAY_BLUR": 0.0,
+                        "DISPLAY_BLUR_STEP": 0.0, "DISPLAY_GRAIN": 0.0}.items():  # fmt: skip
+        monkeypatch.setattr(phantom, name, value)
+
+
+@pytest.mark.usefixtures("acoustics_only")
 def test_blood_speckle_is_nakagami_from_frame_persistence():
     """Without clutter, blood is the mean intensity of PERSISTENCE_FRAMES independent speckle
     patterns: its envelope (over the local mean) is Nakagami with m = that number, SNR
@@ -142,6 +154,7 @@ def test_speckle_field_is_rayleigh():
     assert envelope.mean() / envelope.std() == pytest.approx(1.913, abs=0.05)
 
 
+@pytest.mark.usefixtures("acoustics_only")
 def test_image_speckle_inside_tissue_is_roughly_rayleigh():
     """Tissue intensities divided by their local mean follow a unit-mean Rayleigh law (SNR 1.91),
     clearly better than a Gaussian of the same mean and spread."""

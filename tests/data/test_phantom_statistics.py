@@ -115,9 +115,10 @@ def test_phantom_statistics_on_a_few_patients():
 
 
 def test_pixel_statistics_do_not_depend_on_the_image_size():
-    """Speckle, blur and clutter are defined per pixel of the polar grid or in millimetres: the
-    same patients at 64² and 128² give the same region statistics within 8 % (d within 10 %)."""
-    small, large = (calibration_statistics(n_patients=8, size=s, seed=0) for s in (64, 128))
+    """Anatomy, echogenicity and clutter are defined in millimetres, the resize blur and grain in
+    output pixels (as resizing does to real B-mode): the same 25 patients at 64² and 128² give
+    the same region statistics within 8 % (d within 10 %)."""
+    small, large = (calibration_statistics(n_patients=25, size=s, seed=0) for s in (64, 128))
     for key in CAMUS_TARGETS:
         if key != "view_accuracy":
             tolerance = 0.1 if key == "cohen_d" else 0.08
@@ -126,7 +127,11 @@ def test_pixel_statistics_do_not_depend_on_the_image_size():
 
 @pytest.mark.slow
 def test_pixel_statistics_at_256_match_those_at_64():
+    """Means and spreads within 8 %; the myocardium-cavity contrast d grows with the size (a
+    resize blur of about one output pixel mixes less of the cavity into the wall at 256²; v3:
+    +15 %), so within 25 %."""
     small, large = (calibration_statistics(n_patients=25, size=s, seed=0) for s in (64, 256))
     for key in CAMUS_TARGETS:
         if key != "view_accuracy":
-            assert large[key] == pytest.approx(small[key], rel=0.08), key
+            tolerance = 0.25 if key == "cohen_d" else 0.08
+            assert large[key] == pytest.approx(small[key], rel=tolerance), key
