@@ -302,6 +302,19 @@ def _bytes(tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
+def _engine_state(model) -> list[torch.Tensor]:
+    """What the engine holds between steps: the weights, the EMA copy and AdamW's moments (one
+    step taken so they exist), gradients freed."""
+    ema = EMA(model, 0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    held = [*model.parameters(), *model.buffers(), *ema.model.parameters(), *ema.model.buffers()]
+    return held + [t for state in optimizer.state.values() for t in state.values() if t.ndim]
+
+
 @pytest.mark.parametrize("size", [32, 64])
 def test_training_estimate_matches_the_measured_cpu_peak(size):
     """A steady-state step of the engine (weights, EMA copy, AdamW moments in place; the loss,
@@ -311,14 +324,7 @@ def test_training_estimate_matches_the_measured_cpu_peak(size):
         estimate = diffusion_training_memory(settings, precision="fp32", block=1, workspace=0)
     torch.manual_seed(0)
     model = build_network(settings).train()
-    ema = EMA(model, 0.9)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    held = [*model.parameters(), *model.buffers(), *ema.model.parameters(), *ema.model.buffers()]
-    held += [t for state in optimizer.state.values() for t in state.values() if t.ndim]
+    held = _engine_state(model)
     loss_fn = build_loss("edm", **loss_settings("edm", settings.precond))
 
     def step():
@@ -359,14 +365,7 @@ def test_vae_training_estimate_matches_the_measured_cpu_peak():
     batch = 4
     estimate = vae_training_memory(settings, precision="fp32", block=1, workspace=0)
     model = GammaVAE(settings.model_config()).train()
-    ema = EMA(model, 0.9)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    held = [*model.parameters(), *model.buffers(), *ema.model.parameters(), *ema.model.buffers()]
-    held += [t for state in optimizer.state.values() for t in state.values() if t.ndim]
+    held = _engine_state(model)
     loss_fn = GammaVAELoss(warmup_epochs=0)
 
     def step():
