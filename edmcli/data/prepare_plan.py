@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from edmcli.data.sources import Source
 
 MAX_SIZE = 2048  # image side: CAMUS is 256² in the paper; 2048² is already 4 MiB per image
+MAX_PHANTOM_PATIENTS = 100_000  # 400 000 images; CAMUS has 500 patients
 SOURCES = ("phantom", "camus", "folder")
 _SPLITS = ("train", "val", "test")  # edmcli.data.labels.SPLITS (that module imports torch)
 
@@ -143,6 +144,10 @@ def plan_phantom(
     """A phantom store: ``n_patients`` × (A2C, A4C) × (ED, ES)."""
     if n_patients < 1:
         raise DataError("--n-patients must be at least 1")
+    if n_patients > MAX_PHANTOM_PATIENTS:
+        raise DataError(
+            f"--n-patients {n_patients} is more than {MAX_PHANTOM_PATIENTS} phantom patients"
+        )
     _check_size(size)
     # The seed is part of the id: the same id is the same synthetic patient in any store.
     patients = tuple(f"phantom-s{seed}-{p:05d}" for p in range(n_patients))

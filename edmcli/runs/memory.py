@@ -52,7 +52,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
-import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -218,11 +217,14 @@ def free_memory(device: str | torch.device) -> int | None:
     return int(torch.cuda.mem_get_info(device)[0])
 
 
-def divisors(n: int) -> list[int]:
-    """The positive divisors of ``n``, ascending."""
+MAX_SUGGESTED_BATCH = 1 << 16  # the largest batch a memory check suggests
+
+
+def divisors(n: int, up_to: int = MAX_SUGGESTED_BATCH) -> list[int]:
+    """The positive divisors of ``n`` up to ``up_to``, ascending: O(up_to) whatever ``n`` (a
+    ``--chunk`` of 2⁶² must not stall a command's checks)."""
     n = int(n)
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0] if n > 0 else []
-    return sorted({*small, *(n // d for d in small)})
+    return [d for d in range(1, min(n, up_to) + 1) if n % d == 0] if n > 0 else []
 
 
 def memory_check(

@@ -108,6 +108,7 @@ def test_small_sizes_read_in_mib():
 def test_divisors():
     assert memory.divisors(120) == [d for d in range(1, 121) if 120 % d == 0]
     assert memory.divisors(49) == [1, 7, 49] and memory.divisors(1) == [1]
+    assert memory.divisors(2**62) == [2**k for k in range(17)]  # bounded, not √n steps
 
 
 def test_off_cuda_nothing_is_estimated():
