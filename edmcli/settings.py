@@ -184,10 +184,11 @@ LENGTH_KEYS = ("steps", "epochs", "kimg")
 # Settings a command may set that no preset row fixes (None there: the model or the code decides).
 _OPTIONAL: dict[str, tuple[str, ...]] = {
     "vae": ("steps", "batch_gpu", "kl_direction", "prior_shape", "prior_rate", "w_recon",
-            "w_perceptual", "w_kl", "augment"),
+            "w_perceptual", "w_kl", "augment", "latent_channels"),
     "diffusion": ("steps", "kimg", "batch", "batch_gpu", "dropout", "spade_placement",
                   "model_channels", "augment", "noise_schedule", "learn_sigma", "clip_denoised",
-                  "sigma_data", "class_dropout"),
+                  "sigma_data", "class_dropout", "latent_norm", "latent_outside",
+                  "p_mean", "p_std"),
     "seg": ("batch_gpu",),
     "cls": ("batch_gpu",),
 }  # fmt: skip

@@ -351,7 +351,7 @@ def run_study(
     from edmcli.sampling.sample import sample
     from edmcli.sampling.sample_plan import plan_sample
     from edmcli.training.diffusion import train_diffusion
-    from edmcli.training.diffusion_plan import plan_train_diffusion
+    from edmcli.training.diffusion_plan import latent_model_settings, plan_train_diffusion
     from edmcli.training.vae import train_vae
     from edmcli.training.vae_plan import plan_train_vae
 
@@ -380,10 +380,10 @@ def run_study(
     for model in models:
         spec = get_spec(model)
         vae = runs / f"vae-l{spec.latent}" if spec.is_latent else None
-        kwargs = {"vae": vae, "run": runs / model, "preview": preview_samples,
-                  **diffusion_settings}  # fmt: skip
+        settings = latent_model_settings(diffusion_settings, spec.is_latent)
+        kwargs = {"vae": vae, "run": runs / model, "preview": preview_samples, **settings}
         needs = ("prepare", f"train-vae l{spec.latent}") if spec.is_latent else ("prepare",)
-        stage("train-diffusion", f"train-diffusion {model}", diffusion_settings,
+        stage("train-diffusion", f"train-diffusion {model}", settings,
               partial(train_diffusion, model, store, **kwargs),
               partial(plan_train_diffusion, model, store, **kwargs), needs=needs)  # fmt: skip
     sampling = {"compile": STUDY["compile"], "splits": STUDY["sample_splits"], **config["sample"],

@@ -122,7 +122,14 @@ def _check_training(
     from edmcli.runs.diffusion_run import CLASS_CONDITIONS, check_class_cond
     from edmcli.runs.vae_run import VAESettings
     from edmcli.settings import PRESET_NAMES, resolve, training_steps
-    from edmcli.training.diffusion_plan import PRECOND_SETTINGS, UNET_SETTINGS, class_settings
+    from edmcli.training.diffusion_plan import (
+        PRECOND_SETTINGS,
+        UNET_SETTINGS,
+        check_latent_norm,
+        class_settings,
+        latent_model_settings,
+        noise_level_settings,
+    )
     from edmcli.training.engine import TrainConfig
     from edmcli.training.vae_plan import check_perceptual_weights
 
@@ -157,7 +164,11 @@ def _check_training(
     for spec in specs:
         with _checking(f"{path}: train.diffusion ({spec.name})"):
             row = preset_row(spec.name, preset).training
-            values = resolve("diffusion", preset, overrides, defaults=row)
+            own = latent_model_settings(overrides, spec.is_latent)
+            values = resolve("diffusion", preset, own, defaults=row)
+            check_latent_norm(values.get("latent_norm"), values.get("latent_outside"),
+                              spec.name, spec.is_latent)  # fmt: skip
+            noise_level_settings(values, spec.name)
             class_cond = check_class_cond(values.get("class_cond"))
             if class_cond is None or store.exists():  # reads the store's views for classes
                 class_cond = class_settings(values, store)[0]

@@ -49,10 +49,11 @@ def fake_vae_run(
     kind: str = "vae",
     checkpoint: bytes | None = b"not read by a plan",
     sigma_data: float | None = 0.3,
+    latent_mean: float | None = None,
 ) -> Path:
     """A Γ-VAE run folder as ``train-vae`` leaves it, without weights: ``config.yaml``, a
     checkpoint file holding ``checkpoint`` (a plan hashes it, never loads it) and
-    ``latent_stats.json`` (with ``sigma_data``)."""
+    ``latent_stats.json`` (with ``sigma_data``, and ``mean`` when ``latent_mean`` is given)."""
     import json
 
     from edmcli.runs.vae_run import VAESettings, settings_dict
@@ -65,7 +66,10 @@ def fake_vae_run(
         (run / "checkpoints").mkdir()
         (run / "checkpoints" / "checkpoint-00000004.pt").write_bytes(checkpoint)
     if sigma_data is not None:
-        (run / "latent_stats.json").write_text(json.dumps({"sigma_data": sigma_data}))
+        stats = {"sigma_data": sigma_data}
+        if latent_mean is not None:
+            stats["mean"] = latent_mean
+        (run / "latent_stats.json").write_text(json.dumps(stats))
     return run
 
 

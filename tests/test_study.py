@@ -204,6 +204,7 @@ def test_unknown_keys_inside_a_section_are_refused_before_any_work(
         ("sample", {"k": "5"}, r"sample\.k must be an integer, got '5'"),
         ("sample", {"guidance": 2.0}, r"sample\.guidance needs a model trained with classes"),
         ("train", {"diffusion": {"class_cond": "vue"}}, r"--class-cond 'vue' is unknown"),
+        ("train", {"diffusion": {"latent_norm": "z"}}, r"--latent-norm 'z': choose from none"),
         ("train", {"vae": {"lr": "1e-3"}}, r"train\.vae\.lr must be a number, got '1e-3'"),
         ("train", {"diffusion": {"batch": 16, "batch_gpu": 5}}, r"batch_gpu 5 must divide"),
         ("train", {"precision": "fp64"}, r"train\.precision: precision 'fp64' is unknown"),
@@ -331,3 +332,15 @@ def test_refusals_advise_what_a_study_can_do_not_the_commands_options(tmp_path, 
     assert "--run" not in result.output
     assert "study: train-diffusion edm: run" in result.output
     assert "resume with the same settings or set out to a new folder" in result.output
+
+
+def test_latent_settings_reach_only_the_latent_models(tmp_path, fake_stages):
+    """``train.diffusion.latent_norm`` normalises the latent models' latents; a pixel model of
+    the same study trains without it instead of being refused."""
+    calls, _ = fake_stages
+    config = _small_study(tmp_path)
+    config["train"] = {"preset": "tiny", "diffusion": {"latent_norm": "centred"}}
+    run_study(_write(tmp_path, **config), dry_run=True)  # the pixel model is not refused
+    record = run_study(_write(tmp_path, **config), only=["prepare", "train-diffusion"])
+    settings = record["stages"]["train-diffusion edm"]["settings"]
+    assert "latent_norm" not in settings

@@ -55,6 +55,13 @@ def sample(
         str | None,
         typer.Option(help="σ schedule: edm (ρ = 7), ve, vp or ddpm (default: the model's)."),
     ] = None,
+    transforms: Annotated[
+        bool,
+        typer.Option(
+            help="Transform each label map randomly before sampling it (the paper's affine + "
+            "elastic, a different draw per copy; default) or sample the maps as they are."
+        ),
+    ] = True,
     pin_outside: Annotated[
         bool,
         typer.Option(help="Reset the denoised estimate outside the sector to −1 at every step."),

@@ -51,6 +51,10 @@ def train_vae(
     prior_shape: Annotated[float | None, typer.Option(help="Gamma prior shape α.")] = None,
     prior_rate: Annotated[float | None, typer.Option(help="Gamma prior rate β.")] = None,
     base_channels: Annotated[int | None, typer.Option(help="Channels of level 1.")] = None,
+    latent_channels: Annotated[
+        int | None,
+        typer.Option(help="Latent channels C (default 1, the paper's), a Gamma posterior each."),
+    ] = None,
     w_recon: Annotated[float | None, typer.Option(help="λ1, image L2.")] = None,
     w_perceptual: Annotated[float | None, typer.Option(help="λ2, LPIPS.")] = None,
     w_kl: Annotated[float | None, typer.Option(help="λ3, KL.")] = None,
@@ -110,6 +114,29 @@ def train_diffusion(
             help="EDM σ_data (default 0.5; latent models: the std of the Γ-VAE's training "
             "latents, measured by train-vae)."
         ),
+    ] = None,
+    latent_norm: Annotated[
+        str | None,
+        typer.Option(
+            help="Latent models: none (the paper: the Γ-VAE latents as they are, default) or "
+            "centred (normalised to mean 0, std σ_data by the Γ-VAE's training latents, as "
+            "EDM2)."
+        ),
+    ] = None,
+    latent_outside: Annotated[
+        str | None,
+        typer.Option(
+            help="Centred latents outside the sector: mean (0, default) or background (the "
+            "normalised background latent)."
+        ),
+    ] = None,
+    p_mean: Annotated[
+        float | None,
+        typer.Option(help="EDM models: mean of ln σ in training (default −1.2, EDM's)."),
+    ] = None,
+    p_std: Annotated[
+        float | None,
+        typer.Option(help="EDM models: std of ln σ in training (default 1.2, EDM's)."),
     ] = None,
     augment: Annotated[bool | None, typer.Option(help="Geometric augmentation.")] = None,
     class_cond: Annotated[

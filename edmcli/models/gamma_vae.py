@@ -1,7 +1,7 @@
 """The Gamma-distribution variational autoencoder (Gamma-VAE) of the EDM-Lx latent models.
 
 The encoder maps a one-channel echo image (N, 1, H, W) in [0, 1] to a posterior
-Gamma(alpha, beta) (shape, rate) per latent pixel of a one-channel latent (N, 1, h, w), with
+Gamma(alpha, beta) (shape, rate) per element of a latent (N, C, h, w) (the paper: C = 1), with
 h = H/2 (2 levels, one downsample: EDM-L128 from 256^2) or h = H/4 (3 levels, two downsamples:
 EDM-L64). Encoder and decoder are symmetric cascades of GroupNorm + SiLU residual blocks (MONAI's
 ``autoencoderkl`` Encoder/Decoder) with 64 * level channels by default.
@@ -81,6 +81,8 @@ class GammaVAEConfig:
         attention: self-attention at the bottleneck (off by default, see the module docstring).
         prior_shape: shape alpha of the Gamma prior (paper: 3.75, grid search on CAMUS).
         prior_rate: rate beta of the Gamma prior (paper: 10.8).
+        latent_channels: channels C of the latent (paper: 1), each element with its own Gamma
+            posterior; channel 0 is the one the latent term ties to the downsampled image.
     """
 
     image_size: int = 256
@@ -91,6 +93,7 @@ class GammaVAEConfig:
     attention: bool = False
     prior_shape: float = 3.75
     prior_rate: float = 10.8
+    latent_channels: int = 1
 
     @property
     def downsample_factor(self) -> int:
@@ -115,7 +118,8 @@ class GammaVAEConfig:
                 quarter of the image size, channels not divisible by the GroupNorm groups, or a
                 non-positive prior parameter.
         """
-        for name in ("image_size", "latent_size", "base_channels", "num_res_blocks"):
+        for name in ("image_size", "latent_size", "base_channels", "num_res_blocks",
+                     "latent_channels"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(
@@ -150,9 +154,9 @@ class VAEOutput(NamedTuple):
 
     Attributes:
         recon: reconstruction (N, 1, H, W) in [0, 1], zero outside the sector.
-        z: latent (N, 1, h, w): a posterior sample or the posterior mean, zero outside the sector.
-        alpha: posterior shapes (N, 1, h, w), float32 (meaningless outside the latent sector).
-        beta: posterior rates (N, 1, h, w), float32 (meaningless outside the latent sector).
+        z: latent (N, C, h, w): a posterior sample or the posterior mean, zero outside the sector.
+        alpha: posterior shapes (N, C, h, w), float32 (meaningless outside the latent sector).
+        beta: posterior rates (N, C, h, w), float32 (meaningless outside the latent sector).
         latent_sector: latent-size sector mask (N, 1, h, w), {0, 1} float.
     """
 
@@ -163,9 +167,9 @@ class VAEOutput(NamedTuple):
     latent_sector: torch.Tensor
 
 
-def _check_nchw(name: str, x: torch.Tensor, size: int | None = None) -> None:
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"{name} must be shaped (N, 1, H, W), got {tuple(x.shape)}.")
+def _check_nchw(name: str, x: torch.Tensor, size: int | None = None, channels: int = 1) -> None:
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name} must be shaped (N, {channels}, H, W), got {tuple(x.shape)}.")
     if size is not None and tuple(x.shape[-2:]) != (size, size):
         raise ValueError(f"{name} must be {size}x{size}, got {x.shape[-2]}x{x.shape[-1]}.")
 
@@ -259,9 +263,10 @@ class GammaVAE(nn.Module):
         # stage plans read GammaVAEConfig; importing MONAI costs seconds)
         from monai.networks.nets.autoencoderkl import Decoder, Encoder
 
-        # Two output channels: the heads of alpha and beta.
-        self.encoder = Encoder(in_channels=1, out_channels=2, **common)
-        self.decoder = Decoder(in_channels=1, out_channels=1, **common)
+        # 2C output channels: the heads of alpha and beta of each latent channel.
+        c = config.latent_channels
+        self.encoder = Encoder(in_channels=1, out_channels=2 * c, **common)
+        self.decoder = Decoder(in_channels=c, out_channels=1, **common)
 
     @property
     def image_size(self) -> int:
@@ -281,10 +286,11 @@ class GammaVAE(nn.Module):
         sector: torch.Tensor,
         name: str = "image",
         size: int | None = None,
+        channels: int = 1,
     ) -> None:
-        """``image`` (called ``name``) at ``size`` (default: the image size) and a pixel-size
-        ``sector`` of the same batch size."""
-        _check_nchw(name, image, self.config.image_size if size is None else size)
+        """``image`` (called ``name``) at ``size`` (default: the image size) with ``channels``
+        and a pixel-size ``sector`` of the same batch size."""
+        _check_nchw(name, image, self.config.image_size if size is None else size, channels)
         _check_nchw("sector", sector, self.config.image_size)
         if sector.shape[0] != image.shape[0]:
             raise ValueError(
@@ -301,7 +307,7 @@ class GammaVAE(nn.Module):
         computed but meaningless (the latent is zeroed there and the KL is masked).
 
         Returns:
-            ``(alpha, beta)``, each (N, 1, h, w) float32 and >= 1e-4.
+            ``(alpha, beta)``, each (N, C, h, w) float32 and >= 1e-4.
         """
         self._check_pair(image, sector)
         heads = self.encoder(image * sector.to(image.dtype)).float()
@@ -348,7 +354,7 @@ class GammaVAE(nn.Module):
             sector: (N, 1, S, S) bool or {0, 1} float.
 
         Returns:
-            (N, 1, h, w) float32: -1 outside the latent sector, ``2 alpha / beta - 1`` (> -1)
+            (N, C, h, w) float32: -1 outside the latent sector, ``2 alpha / beta - 1`` (> -1)
             inside; nominally within [-1, 1] (the top is not clamped, see the module docstring).
             Computed in fp32 whatever autocast region it is called in.
         """
@@ -366,13 +372,14 @@ class GammaVAE(nn.Module):
         reconstruction.
 
         Args:
-            latent: (N, 1, h, w) float with ``h = config.latent_size``.
+            latent: (N, C, h, w) float with ``h = config.latent_size``.
             sector: pixel-size (N, 1, S, S) bool or {0, 1} float.
 
         Returns:
             (N, 1, S, S) float32 image.
         """
-        self._check_pair(latent, sector, "latent", self.config.latent_size)
+        self._check_pair(latent, sector, "latent", self.config.latent_size,
+                         self.config.latent_channels)  # fmt: skip
         with _full_precision(latent):
             latent = latent.float()
             latent_sector = self.latent_sector(sector).to(latent.dtype)

@@ -429,6 +429,11 @@ def build_model(
     return build_precond(name, config, **params)
 
 
+def loss_parameters(name: str) -> set[str]:
+    """The constructor parameters of the training loss of model ``name``."""
+    return _init_params(get_spec(name).loss)
+
+
 def loss_settings(name: str, precond: Mapping[str, Any]) -> dict[str, Any]:
     """The preconditioning settings that the loss of ``name`` shares (e.g. EDM's ``sigma_data``,
     which sets the loss weight), so loss and network agree."""

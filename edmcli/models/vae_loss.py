@@ -6,9 +6,11 @@
   in-sector pixels (:func:`~edmcli.models.masked.masked_mean`).
 - ``perceptual``: the LPIPS distance map of :class:`~edmcli.models.perceptual.MaskedLPIPS`,
   averaged over the in-sector pixels.
-- ``kl``: the closed-form Gamma KL per latent pixel (:func:`~edmcli.models.gamma_kl.gamma_vae_kl`,
-  KL(q || p) by default), averaged over the in-sector latent pixels.
-- ``latent``: squared error between the latent z and the image downsampled to latent size x
+- ``kl``: the closed-form Gamma KL per latent element (:func:`~edmcli.models.gamma_kl.gamma_vae_kl`,
+  KL(q || p) by default), summed over the latent's C channels at each position and averaged over
+  the in-sector latent positions (C = 1, the paper: the KL per latent pixel).
+- ``latent``: squared error between the latent z (its channel 0 when C > 1; the other channels
+  are free) and the image downsampled to latent size x
   (:func:`~edmcli.models.gamma_vae.area_downsample`), averaged over the in-sector latent pixels.
 
 Default weights are the authors' (docs/reference.md, EDMLX code): 10, 1e-3, 1e-3, 1e-2, with the
@@ -133,23 +135,26 @@ class GammaVAELoss(nn.Module):
                 f"image {tuple(image.shape)}, sector {tuple(sector.shape)} and reconstruction "
                 f"{tuple(output.recon.shape)} must have the same shape."
             )
-        latent_shapes = {tuple(t.shape) for t in output[1:]}
-        if len(latent_shapes) != 1:
+        latent_shapes = {tuple(t.shape) for t in output[1:4]}
+        n, _c, h, w = output.z.shape
+        if len(latent_shapes) != 1 or tuple(output.latent_sector.shape) != (n, 1, h, w):
             raise ValueError(
-                f"z, alpha, beta and latent_sector must have the same shape, got {latent_shapes}."
+                f"z, alpha and beta must have the same shape (N, C, h, w) and latent_sector "
+                f"(N, 1, h, w), got {latent_shapes} and {tuple(output.latent_sector.shape)}."
             )
         warm = self.warmed_up(epoch)
         mask = sector.to(output.recon.dtype)
         target = image.to(output.recon.dtype) * mask
         recon = masked_mean((target - output.recon).square(), mask)
-        kl = masked_mean(
+        kl = masked_mean(  # per latent position: summed over the C channels' elements
             gamma_vae_kl(
                 output.alpha, output.beta, self.prior_shape, self.prior_rate, self.kl_direction
-            ),
+            ).sum(1, keepdim=True),
             output.latent_sector,
         )
         small = area_downsample(target, output.z.shape[-1])
-        latent = masked_mean((output.z - small.to(output.z.dtype)).square(), output.latent_sector)
+        z0 = output.z[:, :1]  # the channel tied to the image (the only one when C = 1)
+        latent = masked_mean((z0 - small.to(z0.dtype)).square(), output.latent_sector)
         if warm and self.perceptual is not None:
             perceptual = masked_mean(self.perceptual(image, output.recon, sector), mask)
         else:

@@ -11,6 +11,7 @@ existed) is the paper's map-only model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 
 from edmcli.data.labels import VIEWS
 from edmcli.errors import EchoSynthError
+from edmcli.models.latent_norm import LatentNorm
 from edmcli.models.registry import build_precond, get_spec, model_names
 from edmcli.models.unet import SpadeUNetConfig
 from edmcli.runs.checkpoint import file_sha256, latest_checkpoint, load_checkpoint
@@ -83,14 +85,42 @@ class DiffusionSettings:
     # dropping the class to the null class in training (None when map only).
     class_cond: str | None = None
     class_dropout: float | None = None
+    # Latent models: the map latent → model space (edmcli.models.latent_norm.LatentNorm record);
+    # None for pixel models, the paper's un-normalised latents and runs recorded before it.
+    latent_norm: dict[str, Any] | None = None
+    # EDM losses' training noise-level distribution ln σ ~ N(P_mean, P_std²) when not EDM's
+    # (−1.2, 1.2): {} for the defaults and runs recorded before it.
+    loss: dict[str, Any] = field(default_factory=dict)
 
     def unet_config(self) -> SpadeUNetConfig:
         return SpadeUNetConfig(**self.unet)
 
     @property
+    def channels(self) -> int:
+        """Channels of the model space: the Γ-VAE's latent channels, or 1 (pixels)."""
+        return int(self.unet.get("in_channels", 1))
+
+    @property
+    def norm(self) -> LatentNorm:
+        """The run's latent normalisation (the identity for pixels and un-normalised latents)."""
+        return LatentNorm.from_record(self.latent_norm)
+
+    @property
     def num_classes(self) -> int:
         """Classes of the run's class conditioning (0: map only)."""
         return CLASS_CONDITIONS[self.class_cond] if self.class_cond else 0
+
+
+def latent_decoder(
+    vae: LoadedVAE | None, norm: LatentNorm
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``decode(x, sector)`` from a latent run's model space to images (the Γ-VAE decoder after
+    undoing ``norm``); None for a pixel run (no Γ-VAE)."""
+    if vae is None:
+        return None
+    if norm.is_identity:
+        return vae.model.decode
+    return lambda x, sector: vae.model.decode(norm.denormalise(x), sector)
 
 
 def check_model_name(model: str) -> None:

@@ -594,7 +594,9 @@ def _sample_batch(
         cache = net.spade_cache(labels) if use_cache else None
         if cache is not None and branches == 2:
             cache = cache.tile(2)
-        x = torch.empty(batch, 1, settings.net_size, settings.net_size, device="cuda")
+        x = torch.empty(
+            batch, settings.channels, settings.net_size, settings.net_size, device="cuda"
+        )
         state = [torch.empty_like(x) for _ in range(3)]  # Heun: d, x_next, d_next
         sigma = torch.ones(batch, device="cuda")
         if cache is not None:
@@ -612,7 +614,9 @@ def _diffusion_step(settings: DiffusionSettings, vae: GammaVAEConfig | None) -> 
     from edmcli.models.registry import build_loss, loss_settings
 
     size = settings.image_size
-    loss_fn = build_loss(settings.model, **loss_settings(settings.model, settings.precond))
+    loss_fn = build_loss(
+        settings.model, **loss_settings(settings.model, settings.precond), **settings.loss
+    )
 
     def build() -> nn.Module:
         with torch.device("meta"):

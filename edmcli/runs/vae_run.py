@@ -21,6 +21,7 @@ from edmcli.runs.checkpoint import file_sha256, find_checkpoint, latest_checkpoi
 from edmcli.runs.folder import load_run_config
 
 LATENT_CHOICES = (64, 128)
+MAX_LATENT_CHANNELS = 16  # SD's and EDM2's autoencoders use 4; more codes nearly pixels at L128
 # ``lpips`` names the perceptual loss by its package: LPIPS on AlexNet (its default) or VGG16.
 PERCEPTUAL_ALIASES = {"lpips": "alex", "lpips-alex": "alex", "lpips-vgg": "vgg"}
 
@@ -44,6 +45,7 @@ class VAESettings:
     w_kl: float = 1e-3
     w_latent: float = 1e-2
     warmup_epochs: int = 5
+    latent_channels: int = 1  # C, the paper's 1 (train-vae --latent-channels)
     augment: bool = True
     in_memory: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +63,7 @@ class VAESettings:
             norm_num_groups=self.norm_groups,
             prior_shape=self.prior_shape,
             prior_rate=self.prior_rate,
+            latent_channels=self.latent_channels,
         )
 
     def validate(self) -> None:
@@ -84,6 +87,10 @@ class VAESettings:
         if self.kl_direction not in KL_DIRECTIONS:
             raise EchoSynthError(
                 f"--kl-direction {self.kl_direction!r}: choose from {', '.join(KL_DIRECTIONS)}"
+            )
+        if not 1 <= self.latent_channels <= MAX_LATENT_CHANNELS:
+            raise EchoSynthError(
+                f"--latent-channels {self.latent_channels} must be in 1..{MAX_LATENT_CHANNELS}"
             )
         try:
             self.model_config().validate()

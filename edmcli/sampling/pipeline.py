@@ -104,11 +104,16 @@ def to_image(x: torch.Tensor, labels: torch.Tensor, decode: Callable | None = No
 
 
 OUTSIDE_VALUE = -1.0  # model space outside the sector: black pixels, or a zero Γ-VAE latent
+# (a run with normalised latents has its own: DiffusionSettings.norm.outside_value)
 
 
-def pin(denoised: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """``denoised`` with every pixel outside the (N, 1, h, w) ``inside`` mask set to −1."""
-    return torch.where(inside, denoised, torch.full_like(denoised, OUTSIDE_VALUE))
+def pin(
+    denoised: torch.Tensor, inside: torch.Tensor, value: float | tuple[float, ...] = OUTSIDE_VALUE
+) -> torch.Tensor:
+    """``denoised`` with every pixel outside the (N, 1, h, w) ``inside`` mask set to ``value``
+    (one number, or one per channel)."""
+    fill = torch.as_tensor(value, dtype=denoised.dtype, device=denoised.device)
+    return torch.where(inside, denoised, fill.reshape(1, -1, 1, 1).expand_as(denoised))
 
 
 def generate(
@@ -125,6 +130,8 @@ def generate(
     use_cache: bool = True,
     schedule: str | None = None,
     pin_outside: bool = False,
+    outside_value: float | tuple[float, ...] = OUTSIDE_VALUE,
+    channels: int = 1,
     class_labels: torch.Tensor | None = None,
     guidance: float | None = None,
 ) -> torch.Tensor:
@@ -139,7 +146,9 @@ def generate(
     :func:`edmcli.data.labels.sector_mask`) is replaced by the known outside value −1 at every
     evaluation, so the solver carries the outside to exactly −1 and the network sees there what
     it saw in training (−1 plus the current noise) instead of its own unconstrained guess (the
-    loss is masked outside, so nothing trains it there).
+    loss is masked outside, so nothing trains it there). ``outside_value``: that value in the
+    run's model space (−1, or the run's normalised latents' own outside value). ``channels``:
+    of the model space (a C-channel Γ-VAE's latent: C; pixels: 1).
 
     ``schedule`` names a σ schedule of :data:`edmcli.sampling.schedules.SCHEDULES` (default: the
     model's). ``net`` may be a ``torch.compile``d module (attributes such as ``spade_cache``,
@@ -148,7 +157,7 @@ def generate(
     sigmas = model_sigmas(model_name, net, steps, schedule)
     options = solver_options_for(net, solver, solver_options)
     extra = {"return_variance": True} if options.get("variance") == "learned" else {}
-    noise = SampleNoise(seeds, (1, net_size, net_size), device)
+    noise = SampleNoise(seeds, (channels, net_size, net_size), device)
     x = noise.draw() * start_scale(model_name, float(sigmas[0]))
     if class_labels is not None:
         extra["class_labels"] = torch.as_tensor(class_labels, device=device)
@@ -169,8 +178,8 @@ def generate(
             if inside is None:
                 return out
             if isinstance(out, tuple):
-                return (pin(out[0], inside), *out[1:])
-            return pin(out, inside)
+                return (pin(out[0], inside, outside_value), *out[1:])
+            return pin(out, inside, outside_value)
 
         x0 = SOLVERS[solver](denoise, x, sigmas, noise=noise, **options)
         return to_image(x0, labels, decode)

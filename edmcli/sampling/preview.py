@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from edmcli.models.registry import get_spec
+from edmcli.runs.diffusion_run import latent_decoder
 from edmcli.runs.memory import PREVIEW_CHUNK
 from edmcli.sampling.pipeline import generate
 
@@ -39,7 +40,9 @@ def preview_samples(
                 net_size=settings.net_size,
                 solver=get_spec(settings.model).preview_solver,
                 steps=PREVIEW_STEPS,
-                decode=vae.model.decode if vae is not None else None,
+                decode=latent_decoder(vae, settings.norm),
+                outside_value=settings.norm.outside_value,
+                channels=settings.channels,
                 class_labels=None if class_labels is None else class_labels[lo:hi],
             ))  # fmt: skip
         return torch.cat(chunks)

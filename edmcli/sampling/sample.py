@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from edmcli.errors import EchoSynthError
 from edmcli.faults import maybe_kill
 from edmcli.models.guidance import guidance_branches
 from edmcli.models.registry import get_spec
-from edmcli.runs.diffusion_run import LoadedDiffusion, class_ids
+from edmcli.runs.diffusion_run import LoadedDiffusion, class_ids, latent_decoder
 from edmcli.runs.distributed import DistEnv
 from edmcli.runs.folder import load_training_patients
 from edmcli.runs.grids import save_image_grid
@@ -132,7 +133,7 @@ class _Job:
     device: torch.device
     autocast: bool
     steps: int
-    transform: LabelMapTransform
+    transform: Callable[[np.ndarray, int], np.ndarray]  # LabelMapTransform, or none
     columns: dict[str, np.ndarray]
     held_out: np.ndarray  # source patients whose rows are written as split "val"
 
@@ -160,6 +161,7 @@ def run_sampling(plan: SamplingPlan, loaded: LoadedDiffusion, env: DistEnv) -> S
         "churn": request.churn,
         "schedule": request.schedule or get_spec(request.model).schedule,
         "pin_outside": request.pin_outside,
+        "label_transforms": "reference" if request.transforms else "none",
         "class_cond": settings.class_cond or "none",
         "guidance": request.guidance,
         "network_evaluations_per_denoiser_call": guidance_branches(request.guidance),
@@ -189,7 +191,8 @@ def run_sampling(plan: SamplingPlan, loaded: LoadedDiffusion, env: DistEnv) -> S
         device=env.device,
         autocast=request.precision == "bf16"
         or (request.precision == "auto" and env.device.type == "cuda"),
-        steps=step_plan.steps, transform=LabelMapTransform(size),
+        steps=step_plan.steps,
+        transform=LabelMapTransform(size) if request.transforms else _untransformed,
         columns={name: store.column(name) for name in (*STRING_FIELDS, "ef", "spacing")},
         held_out=np.array(plan.held_out, dtype=str),
     )  # fmt: skip
@@ -222,6 +225,11 @@ def generator_patients(loaded: LoadedDiffusion) -> list[str]:
     return sorted(patients)
 
 
+def _untransformed(labels: np.ndarray, _seed: int) -> np.ndarray:
+    """``sample --no-transforms``: the label map as it is."""
+    return labels
+
+
 def _sample_shard(job: _Job, shard: int, advance) -> None:
     """Sample one shard in batches, write it, then mark it done."""
     request, settings = job.request, job.loaded.settings
@@ -234,7 +242,7 @@ def _sample_shard(job: _Job, shard: int, advance) -> None:
         for s, t in zip(src, k, strict=True)
     ])  # fmt: skip
     seeds = [sample_seed(request.seed, int(i)) for i in index]
-    decode = job.loaded.vae.model.decode if job.loaded.vae else None
+    decode = latent_decoder(job.loaded.vae, settings.norm)
     classes = source_classes(settings.class_cond, job.columns, src)
     images = np.empty((hi - lo, 1, settings.image_size, settings.image_size), dtype=np.uint8)
     for b in range(0, hi - lo, request.batch):
@@ -247,6 +255,7 @@ def _sample_shard(job: _Job, shard: int, advance) -> None:
                 solver=request.solver, steps=job.steps, decode=decode,
                 solver_options=_solver_options(request), use_cache=request.spade_cache,
                 schedule=request.schedule, pin_outside=request.pin_outside,
+                outside_value=settings.norm.outside_value, channels=settings.channels,
                 class_labels=batch_classes, guidance=request.guidance,
             )  # fmt: skip
         pixels = (batch.float() * 255).round().clamp(0, 255).to(torch.uint8)
@@ -332,6 +341,7 @@ def sample(
     schedule: str | None = None,
     pin_outside: bool = PIN_OUTSIDE_DEFAULT,
     guidance: float | None = None,
+    transforms: bool = True,
     out: Path | None = None,
     overwrite: bool = False,
     precision: str = "auto",
@@ -350,7 +360,8 @@ def sample(
         model, run=run, runs_root=runs_root, labels=labels, splits=splits, k=k, n=n, nfe=nfe,
         solver=solver, churn=churn, seed=seed, batch=batch, chunk=chunk, compile=compile,
         spade_cache=spade_cache, holdout=holdout, schedule=schedule, pin_outside=pin_outside,
-        guidance=guidance, out=out, overwrite=overwrite, precision=precision, device=device,
+        guidance=guidance, transforms=transforms, out=out, overwrite=overwrite,
+        precision=precision, device=device,
     ))  # fmt: skip
 
 

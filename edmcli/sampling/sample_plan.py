@@ -90,6 +90,7 @@ class SampleRequest:
     schedule: str | None = None  # σ schedule (None: the model's)
     pin_outside: bool = PIN_OUTSIDE_DEFAULT
     guidance: float | None = None  # classifier-free guidance scale (None: a map-only model)
+    transforms: bool = True  # each map randomly transformed (paper); False: the maps as they are
 
     def content(self, run: Path) -> dict[str, Any]:
         """What the output store's content depends on, but the checkpoint's hash."""
@@ -98,6 +99,8 @@ class SampleRequest:
             out.pop(key)  # change floating-point noise at most, not what is sampled
         if out["guidance"] is None:
             out.pop("guidance")  # map only: the identity of stores written before guidance
+        if out["transforms"]:
+            out.pop("transforms")  # the identity of stores written before the option
         out.update(run=str(run))
         return out
 
@@ -138,7 +141,8 @@ class SamplingPlan:
             + ")",
             f"{self.step_plan.note}; schedule {self.schedule_used}"
             + (f", churn {r.churn:g}" if r.churn else "")
-            + (", outside pinned" if r.pin_outside else ""),
+            + (", outside pinned" if r.pin_outside else "")
+            + ("" if r.transforms else ", label maps untransformed"),
         ]
         if self.class_cond:
             lines.append(f"guidance {r.guidance:g}")
@@ -261,6 +265,7 @@ def plan_sample(
     schedule: str | None = None,
     pin_outside: bool = PIN_OUTSIDE_DEFAULT,
     guidance: float | None = None,
+    transforms: bool = True,
     out: Path | None = None,
     overwrite: bool = False,
     precision: str = "auto",
@@ -303,7 +308,7 @@ def plan_sample(
         splits=[s for s in split_list if s], k=k, n=n, nfe=nfe, solver=solver, churn=churn,
         seed=seed, batch=batch, chunk=chunk, compile=compile, spade_cache=spade_cache,
         precision=precision, holdout=holdout, schedule=schedule, pin_outside=pin_outside,
-        guidance=guidance,
+        guidance=guidance, transforms=transforms,
     )  # fmt: skip
     out = Path(out) if out is not None else Path("synthetic") / f"{model}-nfe{nfe}.zarr"
     check_name_length(out)

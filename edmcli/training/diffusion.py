@@ -91,7 +91,9 @@ class DiffusionTask(TrainingTask):
         self.vae = vae
         self.preview = preview
         self.seed = seed
-        self.loss_fn = build_loss(settings.model, **loss_settings(settings.model, settings.precond))
+        self.loss_fn = build_loss(
+            settings.model, **loss_settings(settings.model, settings.precond), **settings.loss
+        )
         self._val: dict[str, torch.Tensor] | None = None
 
     def build_model(self) -> nn.Module:
@@ -108,13 +110,15 @@ class DiffusionTask(TrainingTask):
         return self.augment
 
     def to_model_space(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] → the diffusion space: pixels in [−1, 1] or Γ-VAE latents."""
+        """Images in [0, 1] → the diffusion space: pixels in [−1, 1] or Γ-VAE latents (mapped by
+        the run's latent normalisation, :mod:`edmcli.models.latent_norm`)."""
         sector = sector_mask(labels)
         if self.vae is None:
             return image * 2 - 1
         vae = self.vae.model.to(image.device)
         with torch.no_grad():
-            return vae.encode(image, sector)
+            latent = vae.encode(image, sector)
+            return self.settings.norm.normalise(latent, vae.latent_sector(sector))
 
     def class_labels(self, batch: dict[str, Any], step: int | None = None) -> torch.Tensor | None:
         """The classes of a batch for a class-conditional run (None when map only); with

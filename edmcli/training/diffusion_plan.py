@@ -15,6 +15,7 @@ modules, as does the engine's :class:`~edmcli.training.engine.TrainConfig`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,15 @@ from edmcli.data.dataset import PHASES, codes
 from edmcli.data.labels import VIEWS
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
-from edmcli.models.registry import get_spec, precond_settings, preset_row, unet_config
+from edmcli.models.latent_norm import LATENT_NORMS, LATENT_OUTSIDE, LatentNorm
+from edmcli.models.registry import (
+    get_spec,
+    loss_parameters,
+    model_names,
+    precond_settings,
+    preset_row,
+    unet_config,
+)
 from edmcli.models.unet import SpadeUNetConfig
 from edmcli.runs.diffusion_run import (
     CLASS_CONDITIONS,
@@ -39,7 +48,13 @@ from edmcli.runs.diffusion_run import (
 )
 from edmcli.runs.folder import frozen_dependency
 from edmcli.runs.memory import MemoryCheck, diffusion_training_memory, training_check
-from edmcli.runs.vae_run import LoadedVAE, VAERunRef, find_vae_run, load_latent_stats
+from edmcli.runs.vae_run import (
+    LATENT_STATS_FILE,
+    LoadedVAE,
+    VAERunRef,
+    find_vae_run,
+    load_latent_stats,
+)
 from edmcli.settings import resolve, training_steps
 from edmcli.training.engine import TrainConfig
 from edmcli.training.plan_common import Placement, length_line, place
@@ -47,6 +62,8 @@ from edmcli.training.run import train_config_dict
 
 UNET_SETTINGS = ("dropout", "spade_placement", "model_channels")
 PRECOND_SETTINGS = ("noise_schedule", "learn_sigma", "clip_denoised", "sigma_data")
+LATENT_SETTINGS = ("latent_norm", "latent_outside")  # a latent model's own (a study's pixel
+# models leave them out of the settings every model shares)
 # preview(net, label maps, settings, Γ-VAE, classes): quick samples; classes (N,) are the maps'
 # own classes for a class-conditional run (never the null class), None for a map-only one
 PreviewFn = Callable[
@@ -101,6 +118,11 @@ class DiffusionTrainingPlan:
                 f"{str(s.vae_sha256)[:12]}…); σ_data {s.precond.get('sigma_data')} "
                 f"({s.sigma_data_source})"
             )
+        if s.loss:
+            lines.append(
+                f"training noise levels: ln σ ~ N({s.loss.get('P_mean', -1.2)}, "
+                f"{s.loss.get('P_std', 1.2)}²)"
+            )
         if self.preview is not None and self.train_config.grid_every:
             lines.append(f"sample grids every {self.train_config.grid_every} steps")
         if self.memory is not None:
@@ -116,11 +138,16 @@ def diffusion_run_settings(
     unet_overrides: dict[str, Any],
     precond_overrides: dict[str, Any] | None = None,
     run: Path | None = None,
+    latent_norm: str | None = None,
+    latent_outside: str | None = None,
 ) -> tuple[DiffusionSettings, VAERunRef | None]:
     """Validate the model, the store and (for latent models) the Γ-VAE run, from their files;
-    build the settings. Returns the Γ-VAE checkpoint to load (None for a pixel model)."""
+    build the settings. Returns the Γ-VAE checkpoint to load (None for a pixel model).
+    ``latent_norm``/``latent_outside``: :data:`~edmcli.models.latent_norm.LATENT_NORMS` and
+    :data:`~edmcli.models.latent_norm.LATENT_OUTSIDE` (None: ``none``, the paper's latents)."""
     check_model_name(model)
     spec = get_spec(model)
+    norm = check_latent_norm(latent_norm, latent_outside, model, spec.is_latent)
     store = DatasetStore(data)
     height, width = store.image_size
     if height != width:
@@ -164,12 +191,39 @@ def diffusion_run_settings(
                 f"{data} holds {height}² images"
             )
         net_size = ref.settings.latent_size
+        if ref.settings.latent_channels != 1:  # the UNet takes and predicts C channels
+            unet_overrides = {**unet_overrides, "in_channels": ref.settings.latent_channels}
     precond_overrides = dict(precond_overrides or {})
+    latent_norm_record = None
     sigma_data = precond_overrides.get("sigma_data")
     if sigma_data is not None and not float(sigma_data) > 0:  # σ_data divides c_in, c_out, c_skip
         raise EchoSynthError(f"--sigma-data {sigma_data} must be positive (the data's std)")
     sigma_data_source = None
-    if ref is not None and "sigma_data" in precond_settings(model):
+    if ref is not None and norm != "none":
+        stats = load_latent_stats(ref.run)
+        if stats is None or not {"mean", "sigma_data"} <= set(stats):
+            raise EchoSynthError(
+                f"--latent-norm {norm} needs the mean and std of the Γ-VAE run {vae}'s training "
+                f"latents, which it does not record ({LATENT_STATS_FILE}); retrain it with this "
+                "version's train-vae"
+            )
+        target = float(precond_overrides.get("sigma_data", precond_settings(model)["sigma_data"]))
+        per_channel = ref.settings.latent_channels > 1 and "channel_mean" in stats
+        mean = stats["channel_mean"] if per_channel else float(stats["mean"])
+        std = stats["channel_std"] if per_channel else float(stats["sigma_data"])
+        try:
+            latent_norm_record = LatentNorm.centred(
+                mean, std, target, latent_outside or "mean"
+            ).record()
+        except ValueError as exc:
+            raise EchoSynthError(f"--latent-norm {norm}: {exc}") from None
+        precond_overrides["sigma_data"] = target
+        sigma_data_source = (
+            f"centred latents: the Γ-VAE run's training latents (mean {stats['mean']:.4g}, std "
+            f"{stats['sigma_data']:.4g}{', per channel' if per_channel else ''}) normalised to "
+            "mean 0, std σ_data"
+        )
+    elif ref is not None and "sigma_data" in precond_settings(model):
         stats = load_latent_stats(ref.run)
         if "sigma_data" in precond_overrides:
             sigma_data_source = "set"
@@ -199,8 +253,65 @@ def diffusion_run_settings(
         vae_checkpoint=str(vae_checkpoint) if ref else None,
         vae_sha256=ref.sha256 if ref else None,
         sigma_data_source=sigma_data_source,
+        latent_norm=latent_norm_record,
     )
     return settings, ref
+
+
+def check_latent_norm(
+    latent_norm: str | None, latent_outside: str | None, model: str, is_latent: bool
+) -> str:
+    """``latent_norm`` as the plan uses it (``none`` for None), refused in one sentence when
+    unknown, asked of a pixel model, or ``latent_outside`` given without centred latents."""
+    norm = "none" if latent_norm is None else str(latent_norm)
+    if norm not in LATENT_NORMS:
+        raise EchoSynthError(f"--latent-norm {norm!r}: choose from {', '.join(LATENT_NORMS)}")
+    if latent_outside is not None and latent_outside not in LATENT_OUTSIDE:
+        raise EchoSynthError(
+            f"--latent-outside {latent_outside!r}: choose from {', '.join(LATENT_OUTSIDE)}"
+        )
+    if norm != "none" and not is_latent:
+        raise EchoSynthError(
+            f"--latent-norm {norm} normalises Γ-VAE latents; {model} is a pixel model"
+        )
+    if latent_outside is not None and norm == "none":
+        raise EchoSynthError(
+            "--latent-outside applies to normalised latents (--latent-norm centred)"
+        )
+    return norm
+
+
+NOISE_LEVEL_SETTINGS = {"p_mean": "P_mean", "p_std": "P_std"}  # option → EDM loss parameter
+
+
+def noise_level_settings(values: dict[str, Any], model: str) -> dict[str, float]:
+    """The EDM loss's training noise-level distribution ln σ ~ N(P_mean, P_std²) asked for in
+    ``values`` (``p_mean``, ``p_std``; {}: EDM's −1.2, 1.2), refused in one sentence for a model
+    whose loss has no such distribution or for a non-finite mean or a std that is not positive."""
+    asked = {NOISE_LEVEL_SETTINGS[k]: values[k] for k in NOISE_LEVEL_SETTINGS
+             if values.get(k) is not None}  # fmt: skip
+    if not asked:
+        return {}
+    if "P_mean" not in loss_parameters(model):
+        edm = ", ".join(n for n in model_names() if "P_mean" in loss_parameters(n))
+        raise EchoSynthError(
+            f"--p-mean/--p-std set EDM's training noise levels; {model} draws its own ({edm} "
+            "take them)"
+        )
+    for key, value in asked.items():
+        option = "--p-mean" if key == "P_mean" else "--p-std"
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise EchoSynthError(f"{option} {value!r} must be a finite number")
+    if asked.get("P_std", 1.0) <= 0:
+        raise EchoSynthError(f"--p-std {asked['P_std']} must be positive (the std of ln σ)")
+    return {k: float(v) for k, v in asked.items()}
+
+
+def latent_model_settings(values: dict[str, Any], is_latent: bool) -> dict[str, Any]:
+    """``values`` for a latent model; without :data:`LATENT_SETTINGS` for a pixel model."""
+    return (
+        dict(values) if is_latent else {k: v for k, v in values.items() if k not in LATENT_SETTINGS}
+    )
 
 
 def class_settings(values: dict[str, Any], data: Path) -> tuple[str | None, float | None]:
@@ -272,8 +383,12 @@ def plan_train_diffusion(
     class_cond, class_dropout = class_settings(values, data)
     if class_cond is not None:
         unet["num_classes"] = CLASS_CONDITIONS[class_cond]
-    settings, vae_ref = diffusion_run_settings(model, data, preset, vae, unet, precond, run=run)
+    settings, vae_ref = diffusion_run_settings(
+        model, data, preset, vae, unet, precond, run=run,
+        latent_norm=values.get("latent_norm"), latent_outside=values.get("latent_outside"),
+    )  # fmt: skip
     settings.class_cond, settings.class_dropout = class_cond, class_dropout
+    settings.loss = noise_level_settings(values, model)
     if values.get("augment") is not None:
         settings.augment = bool(values["augment"])
     n_train = len(DatasetStore(data).indices("train"))

@@ -50,8 +50,8 @@ def mean_image(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def reconstruction_quality(model, loader, device: torch.device) -> dict[str, float]:
     """Mean masked PSNR/SSIM of ``model`` (posterior-mean reconstructions) and of the
     identity-to-mean baseline over a loader of dataset items, and the Pearson correlation of the
-    latent E[z] with the image downsampled to latent size inside the latent sector (close to 1
-    when the latent term ties the latent to the anatomy)."""
+    latent E[z] (its channel 0) with the image downsampled to latent size inside the latent
+    sector (close to 1 when the latent term ties the latent to the anatomy)."""
     sums = {"psnr": 0.0, "ssim": 0.0, "baseline_psnr": 0.0, "baseline_ssim": 0.0}
     count = 0
     latents, smalls = [], []
@@ -62,7 +62,7 @@ def reconstruction_quality(model, loader, device: torch.device) -> dict[str, flo
         out = model(image, sector, sample=False)
         recon = out.recon
         inside = out.latent_sector.bool()
-        latents.append(out.z[inside])
+        latents.append(out.z[:, :1][inside])  # the channel the latent term ties to the image
         smalls.append(area_downsample(image * sector, out.z.shape[-1])[inside])
         baseline = mean_image(image, sector)
         sums["psnr"] += float(masked_psnr(recon, image, sector).sum())

@@ -146,30 +146,38 @@ def train_vae(
 
 
 @torch.no_grad()
-def latent_statistics(model: GammaVAE, loader, device: torch.device) -> dict[str, float]:
+def latent_statistics(model: GammaVAE, loader, device: torch.device) -> dict[str, Any]:
     """Mean and std of the diffusion latents ``2·E[z] − 1`` that ``model`` encodes from a
     loader's items: inside the latent sector (where the diffusion loss looks: the σ_data of the
-    latent models) and over the whole latent (−1 outside the sector)."""
-    total = {"n": 0.0, "s": 0.0, "ss": 0.0}
-    inside = {"n": 0.0, "s": 0.0, "ss": 0.0}
+    latent models), over all C channels and per channel (``channel_mean``, ``channel_std``), and
+    over the whole latent (−1 outside the sector)."""
+    channels = model.config.latent_channels
+    total = torch.zeros(3, dtype=torch.float64)  # n, sum, sum of squares
+    inside = torch.zeros(channels, 3, dtype=torch.float64)
     model.eval()
     for batch in loader:
         image, labels = batch["image"].to(device), batch["labels"].to(device)
-        latent = model.encode(image, sector_mask(labels)).double()
-        mask = sector_mask(labels, model.latent_size).bool()
-        for acc, values in ((total, latent), (inside, latent[mask])):
-            acc["n"] += values.numel()
-            acc["s"] += float(values.sum())
-            acc["ss"] += float((values * values).sum())
+        latent = model.encode(image, sector_mask(labels)).double().cpu()
+        mask = sector_mask(labels, model.latent_size).bool().cpu()
+        total += torch.stack([torch.tensor(latent.numel(), dtype=torch.float64), latent.sum(),
+                              latent.square().sum()])  # fmt: skip
+        for c in range(channels):
+            values = latent[:, c : c + 1][mask]
+            inside[c] += torch.stack([torch.tensor(values.numel(), dtype=torch.float64),
+                                      values.sum(), values.square().sum()])  # fmt: skip
 
-    def moments(acc):
-        mean = acc["s"] / max(acc["n"], 1)
-        return mean, max(acc["ss"] / max(acc["n"], 1) - mean * mean, 0.0) ** 0.5
+    def moments(acc: torch.Tensor) -> tuple[float, float]:
+        n, s, ss = (float(v) for v in acc)
+        mean = s / max(n, 1)
+        return mean, max(ss / max(n, 1) - mean * mean, 0.0) ** 0.5
 
-    mean_in, std_in = moments(inside)
+    mean_in, std_in = moments(inside.sum(0))
     mean_all, std_all = moments(total)
+    per_channel = [moments(inside[c]) for c in range(channels)]
     return {"sigma_data": std_in, "mean": mean_in, "std_all": std_all, "mean_all": mean_all,
-            "latent_pixels": int(inside["n"])}  # fmt: skip
+            "latent_pixels": int(inside[0, 0]),
+            "channel_mean": [m for m, _ in per_channel],
+            "channel_std": [sd for _, sd in per_channel]}  # fmt: skip
 
 
 def vae_quality(run: Path, settings: VAESettings, device: torch.device) -> dict[str, Any]:
@@ -189,7 +197,7 @@ def vae_quality(run: Path, settings: VAESettings, device: torch.device) -> dict[
     sector = sector_mask(torch.stack([it["labels"] for it in items]).to(device))
     with torch.no_grad():
         out = model(image, sector, sample=False)
-    latent = torch.nn.functional.interpolate(out.z, size=image.shape[-2:], mode="nearest")
+    latent = torch.nn.functional.interpolate(out.z[:, :1], size=image.shape[-2:], mode="nearest")
     save_image_grid([image, out.recon, latent.clamp(0, 1)], run / "comparison.png")
     return {
         f"{split} masked PSNR (dB)": quality["psnr"],

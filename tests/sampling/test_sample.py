@@ -329,3 +329,39 @@ def test_generator_patients_include_the_vae_runs(runs, tmp_path):
         assert "vae-only-patient" in DatasetStore(out).info["provenance"]["generator_patients"]
     finally:
         record.write_text(saved)
+
+
+def test_a_run_recorded_before_latent_normalisation_samples_the_same(runs, tmp_path):
+    """A latent run whose config.yaml predates ``latent_norm`` (no key) samples exactly as the
+    same run recording ``latent_norm: null`` (the paper's un-normalised latents)."""
+    import yaml
+
+    old = tmp_path / "old-run"
+    shutil.copytree(runs / "edm-l64", old)
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    assert "latent_norm" in config and config["latent_norm"] is None
+    del config["latent_norm"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    _ok(_sample_args(runs, a, "--n", "4"))
+    args = _sample_args(runs, b, "--n", "4")
+    args[args.index("--run") + 1] = str(old)
+    _ok(args)
+    _assert_same(a, b)
+
+
+def test_no_transforms_samples_the_label_maps_as_they_are(runs, phantom_store, tmp_path):
+    out = tmp_path / "plain.zarr"
+    _ok(_sample_args(runs, out, "--n", "6", "--k", "2", "--no-transforms"))
+    store = DatasetStore(out)
+    assert store.info["provenance"]["label_transforms"] == "none"
+    real = DatasetStore(phantom_store)
+    sources = store.column("source_index")
+    np.testing.assert_array_equal(store.labels[:], real.labels[:][sources])
+    transformed = tmp_path / "moved.zarr"
+    _ok(_sample_args(runs, transformed, "--n", "6", "--k", "2"))
+    moved = DatasetStore(transformed)
+    assert moved.info["provenance"]["label_transforms"] == "reference"
+    assert not np.array_equal(moved.labels[:], real.labels[:][sources])
+    # the same start noise per row: only the maps differ
+    np.testing.assert_array_equal(moved.column("seed"), store.column("seed"))

@@ -181,3 +181,74 @@ def test_the_stage_trains_what_was_planned(stores, tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text()) == plan.resolved
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == plan.steps
+
+
+def test_centred_latents_are_planned_from_the_gamma_vae_statistics(stores, tmp_path):
+    vae = fake_vae_run(tmp_path / "vae", sigma_data=0.2, latent_mean=-0.3)
+    plan = plan_train_diffusion("edm-l64", stores[32], vae=vae, run=tmp_path / "run",
+                                latent_norm="centred", **TINY)  # fmt: skip
+    s = plan.settings
+    assert s.latent_norm == {"shift": -0.3, "scale": pytest.approx(2.5), "outside": "mean"}
+    assert s.precond["sigma_data"] == 0.5 and s.sigma_data_source.startswith("centred latents")
+    assert s.norm.outside_value == 0.0
+    assert plan.resolved["latent_norm"] == s.latent_norm  # recorded: resumes must match it
+    other = plan_train_diffusion(
+        "edm-l64",
+        stores[32],
+        vae=vae,
+        latent_norm="centred",
+        latent_outside="background",
+        sigma_data=0.25,
+        **TINY,
+    ).settings
+    assert other.latent_norm["scale"] == pytest.approx(1.25) and other.precond["sigma_data"] == 0.25
+    assert other.norm.outside_value == pytest.approx(-0.7 * 1.25)
+    paper = plan_train_diffusion("edm-l64", stores[32], vae=vae, latent_norm="none", **TINY)
+    assert paper.settings.latent_norm is None and paper.settings.precond["sigma_data"] == 0.2
+
+
+def test_latent_norm_refusals(stores, tmp_path):
+    vae = fake_vae_run(tmp_path / "vae", latent_mean=-0.3)
+    message = _refusal(tmp_path, "edm-l64", stores[32], vae=vae, latent_norm="zscore")
+    assert "--latent-norm 'zscore': choose from none, centred" in message
+    message = _refusal(tmp_path, "edm", stores[16], latent_norm="centred")
+    assert "--latent-norm centred normalises Γ-VAE latents; edm is a pixel model" in message
+    message = _refusal(tmp_path, "edm-l64", stores[32], vae=vae, latent_outside="background")
+    assert "--latent-outside applies to normalised latents" in message
+    message = _refusal(tmp_path, "edm-l64", stores[32], vae=vae, latent_norm="centred",
+                       latent_outside="edge")  # fmt: skip
+    assert "--latent-outside 'edge': choose from mean, background" in message
+    old = fake_vae_run(tmp_path / "old", sigma_data=0.2)  # statistics without the mean
+    message = _refusal(tmp_path, "edm-l64", stores[32], vae=old, latent_norm="centred")
+    assert "needs the mean and std of the Γ-VAE run" in message and "latent_stats.json" in message
+
+
+def test_noise_level_distribution_is_planned_recorded_and_trained(stores, tmp_path):
+    plan = plan_train_diffusion("edm", stores[16], run=tmp_path / "run", p_mean=-0.4, p_std=1.0,
+                                **TINY)  # fmt: skip
+    assert plan.settings.loss == {"P_mean": -0.4, "P_std": 1.0}
+    assert plan.resolved["loss"] == {"P_mean": -0.4, "P_std": 1.0}
+    assert "training noise levels: ln σ ~ N(-0.4, 1.0²)" in plan.describe()
+    from edmcli.training.diffusion import DiffusionTask
+
+    loss = DiffusionTask(plan.settings, None).loss_fn
+    assert (loss.P_mean, loss.P_std, loss.sigma_data) == (-0.4, 1.0, 0.5)
+    default = plan_train_diffusion("edm", stores[16], run=tmp_path / "run", **TINY).settings
+    assert default.loss == {}
+    assert (
+        DiffusionTask(default, None).loss_fn.P_mean,
+        DiffusionTask(default, None).loss_fn.P_std,
+    ) == (-1.2, 1.2)
+
+
+@pytest.mark.parametrize(
+    "model, overrides, message",
+    [
+        ("sdm", {"p_mean": -0.4}, "--p-mean/--p-std set EDM's training noise levels; sdm draws"),
+        ("vp", {"p_std": 1.0}, "vp draws its own (edm, edm-l128, edm-l64 take them)"),
+        ("edm", {"p_std": 0.0}, "--p-std 0.0 must be positive"),
+        ("edm", {"p_mean": float("inf")}, "--p-mean inf must be a finite number"),
+    ],
+)
+def test_noise_level_refusals(stores, tmp_path, model, overrides, message):
+    assert message in _refusal(tmp_path, model, stores[16], **overrides)
