@@ -19,9 +19,28 @@ from typing import Any
 from edmcli.console import console, styled
 from edmcli.errors import EchoSynthError
 from edmcli.runs.output_folder import check_output_folder, mark_output_folder
-from edmcli.settings import PIPELINES
+from edmcli.settings import PIPELINES, generator_recipe
 
 DEMO = PIPELINES["demo"]  # what the demo runs: one named row of the settings table
+
+
+def recipe_text(generator: str) -> str:
+    """The settings of a generator recipe in a few words (``paper``: the paper's settings)."""
+    parts = [f"{stage} {k}={v}" for stage, section in generator_recipe(generator).items()
+             for k, v in section.items()]  # fmt: skip
+    return ", ".join(parts) if parts else "the paper's settings"
+
+
+def run_names(generator: str) -> tuple[str, str, str]:
+    """(Γ-VAE run, diffusion run, synthetic store stem) of the demo's ``generator`` recipe: the
+    paper's names where the recipe changes nothing of that stage or an earlier one, the recipe's
+    name added where it does (a demo folder may hold both; unchanged runs are shared)."""
+    recipe = generator_recipe(generator)
+    vae = f"vae-l{DEMO['latent']}" + (f"-{generator}" if recipe["vae"] else "")
+    changed = recipe["vae"] or recipe["diffusion"]
+    model = DEMO["model"] + (f"-{generator}" if changed else "")
+    store = DEMO["model"] + ("" if generator == "paper" else f"-{generator}")
+    return vae, model, f"{store}-nfe{DEMO['nfe']}"
 
 
 def run_demo(
@@ -30,10 +49,13 @@ def run_demo(
     seed: int = 0,
     device: str = "auto",
     class_cond: str = DEMO["class_cond"],
+    generator: str = DEMO["generator"],
 ) -> dict[str, Any] | None:
     """Run the demo under ``out``; returns the evaluation report (None on non-main ranks).
     ``class_cond``: the generator's conditioning besides the label map (``view``, ``view-phase``
-    or ``none``, the paper's map-only model)."""
+    or ``none``, the paper's map-only model); ``generator``: its recipe
+    (:data:`edmcli.settings.GENERATORS`: ``faithful``, the measured best, or ``paper``), whose
+    runs and stores carry its name unless it is the paper's."""
     from edmcli.bench.bench import bench
     from edmcli.data.prepare import prepare
     from edmcli.evaluation.evaluate import evaluate
@@ -44,6 +66,7 @@ def run_demo(
     from edmcli.training.vae import train_vae
 
     check_class_cond(class_cond)  # a typo fails now, not after the Γ-VAE's minutes
+    recipe = generator_recipe(generator)
     out = Path(out)
     check_output_folder(out, "demo")
     if n_patients < 10:
@@ -64,9 +87,10 @@ def run_demo(
             )
     mark_output_folder(out, "demo")
     model, nfe, latent, preset = DEMO["model"], DEMO["nfe"], DEMO["latent"], DEMO["preset"]
-    vae_run, diffusion_run = out / "runs" / f"vae-l{latent}", out / "runs" / model
-    synthetic = out / "synthetic" / f"{model}-nfe{nfe}.zarr"
-    probe = out / "synthetic" / f"{model}-nfe{nfe}-probe.zarr"
+    vae_name, name, stem = run_names(generator)
+    vae_run, diffusion_run = out / "runs" / vae_name, out / "runs" / name
+    synthetic = out / "synthetic" / f"{stem}.zarr"
+    probe = out / "synthetic" / f"{stem}-probe.zarr"
 
     def prepare_step():
         if store.exists():
@@ -90,19 +114,20 @@ def run_demo(
         ("prepare", prepare_step),
         ("train-vae", lambda: train_vae(
             store, latent, run=vae_run, preset=preset, device=device, seed=seed,
+            **recipe["vae"],
         )),
         ("train-diffusion", lambda: train_diffusion(
             model, store, vae=vae_run, run=diffusion_run, preset=preset, device=device,
-            seed=seed, preview=preview_samples, class_cond=class_cond,
+            seed=seed, preview=preview_samples, **{**recipe["diffusion"], "class_cond": class_cond},
         )),
         # the training store from the train maps only: the val patients stay unseen by every
         # run, so choosing checkpoints on them leaks nothing; the probe store from the test
         # maps, for judging label fidelity only (evaluate refuses it as training data)
         ("sample", lambda: (
             sample(run=diffusion_run, nfe=nfe, compile=False, out=synthetic, device=device,
-                   seed=seed, splits="train"),
+                   seed=seed, splits="train", **recipe["sample"]),
             sample(run=diffusion_run, nfe=nfe, compile=False, out=probe, device=device,
-                   seed=seed, splits="test", k=1),
+                   seed=seed, splits="test", k=1, **recipe["sample"]),
         )),
         ("evaluate", lambda: evaluate(
             [str(store), str(synthetic)], store, out / "evaluation", preset=preset,
@@ -124,7 +149,7 @@ def run_demo(
     bench_result = json.loads((bench_dir / "bench.json").read_text())
     page = out / "report.md"
     tmp = page.with_name(f".{page.name}.tmp")
-    tmp.write_text(front_page(report, bench_result, out, class_cond, stage_seconds))
+    tmp.write_text(front_page(report, bench_result, out, class_cond, stage_seconds, generator))
     os.replace(tmp, page)
     console.rule(styled("demo: done"))
     console.print(f"everything is under {out}; the summary is {page}", highlight=False)
@@ -242,10 +267,12 @@ def front_page(
     out: Path,
     class_cond: str | None = DEMO["class_cond"],
     stage_seconds: dict[str, float] | None = None,
+    generator: str = DEMO["generator"],
 ) -> str:
     """``report.md`` of the demo: the two answers first, then pictures and links.
     ``class_cond``: the generator's class conditioning (None or ``"none"``: map only);
-    ``stage_seconds``: wall time of each stage in the call that wrote the page."""
+    ``stage_seconds``: wall time of each stage in the call that wrote the page; ``generator``:
+    the recipe (:data:`edmcli.settings.GENERATORS`)."""
     out = Path(out)
     conditioning = (
         " (map only, as in the paper)"
@@ -261,8 +288,8 @@ def front_page(
         "# echo-synth demo",
         "",
         f"Phantom echoes at {size}² → Γ-VAE L{latent} → {model.upper()}{conditioning} "
-        f"({DEMO['preset']} presets) → a synthetic store sampled at NFE {nfe} → networks trained "
-        f"on real or on "
+        f"({DEMO['preset']} presets; generator recipe `{generator}`: {recipe_text(generator)}) → "
+        f"a synthetic store sampled at NFE {nfe} → networks trained on real or on "
         f"synthetic images, tested on the same {n_test} held-out real patients ({images}).",
         "",
         "## 1. Does synthetic data train as well as real data?",
@@ -282,7 +309,7 @@ def front_page(
     if quality:
         lines += ["## Quality of the synthetic data (seconds, no training)", "", *quality, ""]
     pictures = [("synthetic samples (label map, image)",
-                 out / "synthetic" / f"{model}-nfe{nfe}-grid.png")]  # fmt: skip
+                 out / "synthetic" / f"{run_names(generator)[2]}-grid.png")]  # fmt: skip
     pictures += [(Path(p).stem.replace("_", " "), out / "evaluation" / p)
                  for p in report.get("plots", [])]  # fmt: skip
     pictures.append(("throughput vs NFE", out / "bench" / "throughput.png"))

@@ -40,18 +40,19 @@ from edmcli.config import load_yaml_mapping
 from edmcli.console import console, styled
 from edmcli.errors import EchoSynthError
 from edmcli.runs.output_folder import check_output_folder, mark_output_folder
-from edmcli.settings import PIPELINES, known_settings
+from edmcli.settings import PIPELINES, generator_recipe, known_settings
 from edmcli.study_checks import check_stages, check_types
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("store", "source", "size", "n_patients", "split_ratio", "camus_dir", "folder",
              "image_glob", "label_template", "meta_pattern", "keep_aspect"),
     "train": ("preset", "precision", "vae", "diffusion"),
-    "sample": ("nfe", "solver", "k", "splits", "batch", "compile", "guidance", "precision"),
+    "sample": ("nfe", "solver", "k", "splits", "batch", "compile", "guidance", "precision",
+               "transforms"),
     "evaluate": ("preset", "tasks", "fidelity", "overrides", "precision", "checkpoint", "jobs"),
     "bench": ("preset", "models", "nfe", "batch", "repeats", "compile", "peer", "dtype"),
 }  # fmt: skip
-TOP = ("out", "seed", "device", "models", *SECTIONS)
+TOP = ("out", "seed", "device", "models", "generator", *SECTIONS)
 # the settings mappings inside a section, and the kind of run whose settings they hold (None:
 # the downstream tasks')
 NESTED = (("train", "vae", "vae"), ("train", "diffusion", "diffusion"),
@@ -105,10 +106,26 @@ def load_config(path: Path) -> dict[str, Any]:
         or not all(isinstance(n, int) and n >= 1 for n in nfes)
     ):
         raise EchoSynthError(f"{path}: sample.nfe must be a list of integers ≥ 1, got {nfes!r}")
-    for key in ("out", "seed", "device"):
+    for key in ("out", "seed", "device", "generator"):
         config.setdefault(key, STUDY[key])
+    with _checking_generator(path):
+        recipe = generator_recipe(str(config["generator"]))
+    # the recipe's settings under the file's own (train.vae, train.diffusion, sample)
+    train = config["train"]
+    for kind in ("vae", "diffusion"):
+        if recipe[kind]:
+            train[kind] = {**recipe[kind], **(train.get(kind) or {})}
+    config["sample"] = {**recipe["sample"], **config["sample"]}
     check_types(config, {"out": Path, "seed": int, "device": str}, f"{path}: ")
     return config
+
+
+@contextmanager
+def _checking_generator(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except EchoSynthError as exc:
+        raise EchoSynthError(f"{path}: {exc}") from None
 
 
 def _known(values: dict[str, Any], keys: tuple[str, ...], where: str) -> None:

@@ -344,3 +344,20 @@ def test_latent_settings_reach_only_the_latent_models(tmp_path, fake_stages):
     record = run_study(_write(tmp_path, **config), only=["prepare", "train-diffusion"])
     settings = record["stages"]["train-diffusion edm"]["settings"]
     assert "latent_norm" not in settings
+
+
+def test_a_generator_recipe_fills_the_settings_the_file_leaves_out(tmp_path, fake_stages):
+    """``generator: faithful`` sets the recipe's train-vae, train-diffusion and sample settings
+    (edmcli.settings.GENERATORS) under the file's own; an unknown recipe is refused up front."""
+    config = {**_small_study(tmp_path), "models": ["edm-l64"], "generator": "faithful"}
+    config["train"] = {"preset": "tiny", "vae": {"latent_channels": 2}}
+    record = run_study(
+        _write(tmp_path, **config), only=["prepare", "train-vae", "train-diffusion", "sample"]
+    )
+    stages = record["stages"]
+    assert stages["train-vae l64"]["settings"]["latent_channels"] == 2  # the file's own wins
+    assert "latent_norm" not in stages["train-diffusion edm-l64"]["settings"]
+    sample = next(v for k, v in stages.items() if k.startswith("sample"))
+    assert sample["settings"]["transforms"] is False
+    with pytest.raises(EchoSynthError, match="generator 'best' is unknown; choose from paper"):
+        run_study(_write(tmp_path, **{**config, "generator": "best"}), dry_run=True)

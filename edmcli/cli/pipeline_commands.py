@@ -29,6 +29,14 @@ def demo(
             "synthetic-trained view accuracy), view-phase, or none (the paper's map-only model)."
         ),
     ] = "view",
+    generator: Annotated[
+        str,
+        typer.Option(
+            help="The generator's recipe: faithful (default: the label maps sampled as they "
+            "are, measured best on the phantom) or paper (the paper's settings: each map "
+            "randomly transformed)."
+        ),
+    ] = "faithful",
 ) -> None:
     """The main path on built-in phantom data with tiny settings (CPU minutes): prepare 64²
     phantom echoes, train a Γ-VAE L64 and a view-conditioned EDM-L64, sample a synthetic store,

@@ -59,6 +59,13 @@ def train_vae(
     w_perceptual: Annotated[float | None, typer.Option(help="λ2, LPIPS.")] = None,
     w_kl: Annotated[float | None, typer.Option(help="λ3, KL.")] = None,
     w_latent: Annotated[float | None, typer.Option(help="λ4, latent L2.")] = None,
+    w_spectrum: Annotated[
+        float | None,
+        typer.Option(
+            help="Weight of the radial power-spectrum distance (0, the paper: off; a sharpness "
+            "term without backbone weights)."
+        ),
+    ] = None,
     augment: Annotated[bool | None, typer.Option(help="Geometric + intensity augmentation.")] = (
         None
     ),

@@ -13,6 +13,10 @@
   are free) and the image downsampled to latent size x
   (:func:`~edmcli.models.gamma_vae.area_downsample`), averaged over the in-sector latent pixels.
 
+Beyond the paper, ``spectrum`` (weight 0 by default, ``train-vae --w-spectrum``): the distance of
+the reconstruction's radially averaged power spectrum to the image's
+(:mod:`edmcli.models.spectrum`), counted after the warm-up like the perceptual term.
+
 Default weights are the authors' (docs/reference.md, EDMLX code): 10, 1e-3, 1e-3, 1e-2, with the
 perceptual and latent terms switched on after 5 epochs (``warmup_epochs``). The engine passes the
 0-based epoch; the two terms count from epoch ``warmup_epochs`` on.
@@ -29,6 +33,7 @@ from torch import nn
 from edmcli.models.gamma_kl import KLDirection, gamma_vae_kl
 from edmcli.models.gamma_vae import VAEOutput, area_downsample
 from edmcli.models.masked import masked_mean
+from edmcli.models.spectrum import spectrum_distance
 
 __all__ = ["GammaVAELoss", "GammaVAELossWeights", "LOSS_TERMS"]
 
@@ -51,6 +56,7 @@ class GammaVAELossWeights:
     perceptual: float = 1e-3
     kl: float = 1e-3
     latent: float = 1e-2
+    spectrum: float = 0.0  # beyond the paper: the weight-free sharpness term (models.spectrum)
 
     def validate(self) -> GammaVAELossWeights:
         """Check that every weight is a finite non-negative number; return self.
@@ -58,7 +64,7 @@ class GammaVAELossWeights:
         Raises:
             ValueError: naming the first bad weight.
         """
-        for name in LOSS_TERMS:
+        for name in (*LOSS_TERMS, "spectrum"):
             value = getattr(self, name)
             is_number = isinstance(value, int | float) and not isinstance(value, bool)
             if not (is_number and math.isfinite(value) and value >= 0):
@@ -164,4 +170,8 @@ class GammaVAELoss(nn.Module):
         if warm:
             total = total + w.perceptual * perceptual + w.latent * latent
         terms = {"recon": recon, "perceptual": perceptual, "kl": kl, "latent": latent}
+        if w.spectrum > 0:  # only then: the logged terms of the paper's loss stay as they were
+            terms["spectrum"] = spectrum_distance(output.recon, target, mask)
+            if warm:
+                total = total + w.spectrum * terms["spectrum"]
         return {**terms, "total": total}

@@ -762,7 +762,7 @@ def vae_training_memory(
 
 @lru_cache(maxsize=16)
 def _vae_training(key, precision, world_size, resuming, block, workspace, _backend):
-    from edmcli.models.vae_loss import GammaVAELoss, GammaVAELossWeights
+    from edmcli.models.vae_loss import GammaVAELoss
 
     settings = VAESettings(**json.loads(key))
     config = settings.model_config()
@@ -779,8 +779,7 @@ def _vae_training(key, precision, world_size, resuming, block, workspace, _backe
     def loss(model: nn.Module, nets: list[nn.Module], batch: int) -> torch.Tensor:
         loss_fn = GammaVAELoss(
             prior_shape=settings.prior_shape, prior_rate=settings.prior_rate,
-            weights=GammaVAELossWeights(settings.w_recon, settings.w_perceptual, settings.w_kl,
-                                        settings.w_latent),
+            weights=settings.loss_weights(),
             kl_direction=settings.kl_direction, perceptual=nets[0] if nets else None,
             warmup_epochs=0,
         )  # fmt: skip

@@ -17,6 +17,7 @@ from edmcli.errors import EchoSynthError
 from edmcli.models.gamma_kl import KL_DIRECTIONS
 from edmcli.models.gamma_vae import GammaVAE, GammaVAEConfig
 from edmcli.models.perceptual import PERCEPTUAL_BACKBONES
+from edmcli.models.vae_loss import GammaVAELossWeights
 from edmcli.runs.checkpoint import file_sha256, find_checkpoint, latest_checkpoint, load_checkpoint
 from edmcli.runs.folder import load_run_config
 
@@ -44,6 +45,7 @@ class VAESettings:
     w_perceptual: float = 1e-3
     w_kl: float = 1e-3
     w_latent: float = 1e-2
+    w_spectrum: float = 0.0  # beyond the paper: train-vae --w-spectrum (models.spectrum)
     warmup_epochs: int = 5
     latent_channels: int = 1  # C, the paper's 1 (train-vae --latent-channels)
     augment: bool = True
@@ -65,6 +67,11 @@ class VAESettings:
             prior_rate=self.prior_rate,
             latent_channels=self.latent_channels,
         )
+
+    def loss_weights(self) -> GammaVAELossWeights:
+        """The loss weights λ1..λ4 (and the spectrum term's) of the run."""
+        return GammaVAELossWeights(self.w_recon, self.w_perceptual, self.w_kl, self.w_latent,
+                                   self.w_spectrum)  # fmt: skip
 
     def validate(self) -> None:
         if self.latent not in LATENT_CHOICES:
@@ -94,6 +101,7 @@ class VAESettings:
             )
         try:
             self.model_config().validate()
+            self.loss_weights().validate()
         except ValueError as exc:
             raise EchoSynthError(f"Γ-VAE settings: {exc}") from None
 

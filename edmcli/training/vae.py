@@ -17,7 +17,7 @@ from edmcli.data.labels import sector_mask
 from edmcli.data.store import DatasetStore
 from edmcli.models.gamma_vae import GammaVAE
 from edmcli.models.perceptual import MissingWeightsError, build_perceptual
-from edmcli.models.vae_loss import GammaVAELoss, GammaVAELossWeights
+from edmcli.models.vae_loss import GammaVAELoss
 from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
 from edmcli.runs.distributed import process_layout
 from edmcli.runs.grids import save_image_grid
@@ -50,9 +50,7 @@ class GammaVAETask(TrainingTask):
         self.loss_fn = GammaVAELoss(
             prior_shape=settings.prior_shape,
             prior_rate=settings.prior_rate,
-            weights=GammaVAELossWeights(
-                settings.w_recon, settings.w_perceptual, settings.w_kl, settings.w_latent
-            ),
+            weights=settings.loss_weights(),
             kl_direction=settings.kl_direction,
             perceptual=perceptual,
             warmup_epochs=settings.warmup_epochs,

@@ -93,6 +93,8 @@ CASES = [
     ("demo into a file", lambda t, s: ["demo", "--out", t / "f.txt"], "is a file"),
     ("demo with an unknown conditioning", lambda t, s: ["demo", "--out", t / "d", "--class-cond",
                                                         "views"], "--class-cond 'views'"),
+    ("demo with an unknown generator", lambda t, s: ["demo", "--out", t / "d", "--generator",
+                                                     "best"], "generator 'best' is unknown"),
     ("evaluate patience 0", lambda t, s: ["evaluate", "--train", s, "--test", s, "--out", t / "e",
                                           "--preset", "tiny", "--patience", "0", "--device",
                                           "cpu"], "patience"),
