@@ -355,7 +355,8 @@ def test_a_generator_recipe_fills_the_settings_the_file_leaves_out(tmp_path, fak
         _write(tmp_path, **config), only=["prepare", "train-vae", "train-diffusion", "sample"]
     )
     stages = record["stages"]
-    assert stages["train-vae l64"]["settings"]["latent_channels"] == 2  # the file's own wins
+    vae = stages["train-vae l64"]["settings"]
+    assert vae["latent_channels"] == 2 and vae["w_spectrum"] == 0.1  # the file's own, the recipe's
     assert "latent_norm" not in stages["train-diffusion edm-l64"]["settings"]
     sample = next(v for k, v in stages.items() if k.startswith("sample"))
     assert sample["settings"]["transforms"] is False

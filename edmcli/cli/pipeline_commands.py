@@ -33,8 +33,8 @@ def demo(
         str,
         typer.Option(
             help="The generator's recipe: faithful (default: the label maps sampled as they "
-            "are, measured best on the phantom) or paper (the paper's settings: each map "
-            "randomly transformed)."
+            "are, a Γ-VAE with the power-spectrum term; measured best on the phantom) or paper "
+            "(the paper's settings)."
         ),
     ] = "faithful",
 ) -> None:
