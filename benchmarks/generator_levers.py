@@ -92,7 +92,7 @@ def reconstruction_texture(vae_run: Path, store: Path, n: int = 80) -> tuple[flo
     labels = torch.stack([it["labels"] for it in items])
     with torch.no_grad():
         sector = sector_mask(labels)
-        recon = vae.decode(vae.encode(images, sector), sector)
+        recon = vae.decode(vae.encode(images, sector), sector, labels)
     return mean_texture(recon.numpy(), labels.numpy()).as_tuple()
 
 
@@ -128,7 +128,7 @@ def latent_match(run: Path, store: Path, n: int = 64, nfe: int = DEMO["nfe"]) ->
                             torch.tensor([it["phase"] for it in items]))  # fmt: skip
     captured = []
 
-    def keep(x, sector):
+    def keep(x, sector, labels):
         captured.append(norm.denormalise(x.float()))
         return torch.zeros(x.shape[0], 1, *sector.shape[-2:])
 
@@ -244,8 +244,10 @@ def main() -> None:
         started = time.perf_counter()
         summary = train_vae(store, DEMO["latent"], run=vae, preset=DEMO["preset"], device="cpu",
                             seed=args.seed, **_pairs(args.vae_set))  # fmt: skip
+        summary = summary or {}
         vae_row = {"vae_s": time.perf_counter() - started,
-                   "vae_psnr": (summary or {}).get("val masked PSNR (dB)")}  # fmt: skip
+                   "vae_psnr": summary.get("val masked PSNR (dB)"),
+                   "map_following": summary.get("map following (0 latent, 1 map)")}  # fmt: skip
     vae_row["recon_texture"] = reconstruction_texture(vae, store)
     if args.reuse is None:
         settings = {"class_cond": DEMO["class_cond"], **_pairs(args.train_set)}

@@ -19,7 +19,7 @@ from typing import Any
 from edmcli.console import console, styled
 from edmcli.errors import EchoSynthError
 from edmcli.runs.output_folder import check_output_folder, mark_output_folder
-from edmcli.settings import PIPELINES, generator_recipe
+from edmcli.settings import PIPELINES, changes_architecture, generator_recipe
 
 DEMO = PIPELINES["demo"]  # what the demo runs: one named row of the settings table
 
@@ -41,6 +41,12 @@ def run_names(generator: str) -> tuple[str, str, str]:
     model = DEMO["model"] + (f"-{generator}" if changed else "")
     store = DEMO["model"] + ("" if generator == "paper" else f"-{generator}")
     return vae, model, f"{store}-nfe{DEMO['nfe']}"
+
+
+def bench_folder(generator: str) -> str:
+    """The demo's bench folder: ``bench``, or ``bench-NAME`` for a recipe that changes the
+    Γ-VAE's networks (benched next to the paper's: ``bench --generator``)."""
+    return f"bench-{generator}" if changes_architecture(generator) else "bench"
 
 
 def run_demo(
@@ -100,7 +106,8 @@ def run_demo(
                          seed=seed, split_ratio=DEMO["split_ratio"])  # fmt: skip
         console.print(f"wrote {result.path}: {result.samples} images", highlight=False)
 
-    bench_dir = out / "bench"
+    variant = generator if changes_architecture(generator) else None
+    bench_dir = out / bench_folder(generator)
 
     def bench_step():
         done = bench_dir / "bench.json"
@@ -108,7 +115,7 @@ def run_demo(
             console.print(f"using {done}", highlight=False)
             return
         bench([model, DEMO["pixel_model"]], preset=preset, nfe=[1, nfe], compile=False,
-              peer=False, device=device, out=bench_dir)  # fmt: skip
+              peer=False, device=device, out=bench_dir, generator=variant)  # fmt: skip
 
     steps = [
         ("prepare", prepare_step),
@@ -191,17 +198,29 @@ def throughput_line(bench_result: dict[str, Any], nfe: int = DEMO["nfe"]) -> str
     from edmcli.bench.ratios import images_per_second, per_image_flops
 
     scale = bench_result["scales"][0]
-    entries = {e["model"]: e for e in scale["entries"]}
+    entries = {e["label"]: e for e in scale["entries"]}
     latent, pixel = entries.get(DEMO["model"]), entries.get(DEMO["pixel_model"])
     if latent is None or pixel is None:
         return "The quick bench measured only one of the two models; see bench/bench.json."
-    a, b = images_per_second(latent, nfe), images_per_second(pixel, nfe)
-    ceiling = per_image_flops(pixel, nfe) / per_image_flops(latent, nfe)
+    variant = bench_result["settings"].get("generator")
+    recipe = entries.get(f"{DEMO['model']} [{variant}]") if variant else None
+    b = images_per_second(pixel, nfe)
     device = bench_result["environment"].get("device_name") or bench_result["settings"]["device"]
+
+    def speed(entry: dict[str, Any]) -> str:
+        a = images_per_second(entry, nfe)
+        ceiling = per_image_flops(pixel, nfe) / per_image_flops(entry, nfe)
+        return f"{a:.2f} images/s, **{a / b:.1f}× faster** (FLOP ratio {ceiling:.1f}×)"
+
+    mine = (
+        f"With the `{variant}` recipe's Γ-VAE (the demo's: {recipe_text(variant)}), "
+        f"{recipe['label']} generates {speed(recipe)}; with the paper's, {speed(latent)}. "
+        if recipe is not None
+        else f"{latent['label']} generates {speed(latent)}. "
+    )
     return (
-        f"At NFE {nfe}, {latent['label']} generates {a:.2f} images/s and {pixel['label']} "
-        f"{b:.2f} images/s: **{a / b:.1f}× faster** (FLOP ratio {ceiling:.1f}×), on {device}, "
-        f"batch {latent['batch']}, eager, random weights (speed does not depend on them), tiny "
+        f"At NFE {nfe}, {pixel['label']} generates {b:.2f} images/s. {mine}On {device}, batch "
+        f"{latent['batch']}, eager, random weights (speed does not depend on them), tiny "
         f"configurations (the demo's own EDM-L64 is the tiny one), from the measured per-NFE and "
         f"fixed costs. The paper-scale ratios (EDM-L64 / EDM ≈ 14× in FLOPs): `echo-synth bench`."
     )
@@ -312,13 +331,13 @@ def front_page(
                  out / "synthetic" / f"{run_names(generator)[2]}-grid.png")]  # fmt: skip
     pictures += [(Path(p).stem.replace("_", " "), out / "evaluation" / p)
                  for p in report.get("plots", [])]  # fmt: skip
-    pictures.append(("throughput vs NFE", out / "bench" / "throughput.png"))
+    pictures.append(("throughput vs NFE", out / bench_folder(generator) / "throughput.png"))
     lines += ["## Pictures", ""]
     lines += [f"![{title}]({path.relative_to(out)})" for title, path in pictures if path.is_file()]
     lines += [
         "",
         "Everything else: `evaluation/report.md` (every run, the paper's subset protocol, "
-        "settings, stop reasons, the quality section), `bench/bench.json`.",
+        f"settings, stop reasons, the quality section), `{bench_folder(generator)}/bench.json`.",
         "",
     ]
     if stage_seconds:

@@ -71,7 +71,7 @@ from edmcli.bench.scales import CPU_BATCH, Scale
 from edmcli.bench.targets import Target, preset_target, run_target, target_flops
 from edmcli.bench.throughput import measure_target, size_batch
 from edmcli.data.store_format import jsonable
-from edmcli.models.registry import paper_reference
+from edmcli.models.registry import get_spec, paper_reference
 from edmcli.runs.output_folder import mark_output_folder
 
 __all__ = [
@@ -104,6 +104,7 @@ def bench(
     reports: Sequence[Path] | None = None,
     log: Callable[[str], None] | None = None,
     matched_batch: int | None = None,
+    generator: str | None = None,
 ) -> dict[str, Any]:
     """Measure generation cost and throughput; write ``bench.json`` and the plots under ``out``.
 
@@ -124,6 +125,9 @@ def bench(
         log: progress lines (default: none).
         matched_batch: the one batch at which every model is also measured for the ratios
             between models (default: the smallest batch that fits among the models).
+        generator: a generator recipe (:data:`edmcli.settings.GENERATORS`): each latent preset
+            is measured a second time with the recipe's Γ-VAE architecture (its latent channels,
+            a decoder with labels), labelled ``model [generator]``, next to the paper's.
 
     Returns:
         The result (also ``out/bench.json``): ``environment``, ``settings``, ``notes``,
@@ -136,7 +140,7 @@ def bench(
     start = time.perf_counter()
     return run_bench(plan_bench(
         models, preset, run, nfe, batch, repeats, compile, peer, dtype, device, out, reports,
-        log, matched_batch,
+        log, matched_batch, generator,
     ), started=start)  # fmt: skip
 
 
@@ -165,6 +169,7 @@ def run_bench(plan: BenchPlan, *, started: float | None = None) -> dict[str, Any
             "nfe": nfes,
             "batch": plan.batch,
             "matched_batch": plan.matched_batch,
+            "generator": plan.generator,
             "repeats": plan.repeats,
             "compile": plan.compile,
             "peer": plan.peer,
@@ -180,7 +185,8 @@ def run_bench(plan: BenchPlan, *, started: float | None = None) -> dict[str, Any
     for scale in scales:
         record = _measure_scale(scale, names, runs, nfes, dev, autocast, peaks, log,
                                 lambda partial: _write_json(path_json, {**result, "scales": [
-                                    *result["scales"], partial]}), plan.matched_batch)  # fmt: skip
+                                    *result["scales"], partial]}), plan.matched_batch,
+                                plan.generator)  # fmt: skip
         result["scales"].append(record)
         _write_json(path_json, result)
     files = {"json": str(path_json)}
@@ -199,7 +205,8 @@ def run_bench(plan: BenchPlan, *, started: float | None = None) -> dict[str, Any
 
 
 def _measure_scale(scale, names, runs, nfes, dev, autocast, peaks, log, checkpoint,
-                   matched_batch: int | None = None) -> dict:  # fmt: skip
+                   matched_batch: int | None = None, generator: str | None = None,
+                   ) -> dict:  # fmt: skip
     """Measure every target of one scale (cheapest first, so the FLOP rate that plans the
     repeats comes from small networks) at the batch that fits it and at the matched batch, the
     peer, and the ratios."""
@@ -208,6 +215,9 @@ def _measure_scale(scale, names, runs, nfes, dev, autocast, peaks, log, checkpoi
     else:
         per = None if dev.type == "cuda" else CPU_BATCH[scale.name]
         targets = [preset_target(m, scale.name, nfes, scale.batch or per) for m in names]
+        if generator is not None:  # the recipe's Γ-VAE next to the paper's
+            targets += [preset_target(m, scale.name, nfes, scale.batch or per, generator)
+                        for m in names if get_spec(m).is_latent]  # fmt: skip
     counted: list[tuple[Target, NetworkFlops]] = []
     for target in targets:
         log(f"[{scale.name}] counting FLOPs of {target.label}")

@@ -27,6 +27,7 @@ from edmcli.models.registry import model_names, paper_reference
 from edmcli.runs.diffusion_run import check_model_name, resolve_run
 from edmcli.runs.distributed import resolve_device
 from edmcli.runs.output_folder import check_output_folder
+from edmcli.settings import generator_recipe
 
 __all__ = [
     "DEFAULT_NFES",
@@ -64,6 +65,7 @@ class BenchPlan:
     reports: tuple[dict[str, Any], ...]  # evaluation reports of the frontier plot
     log: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
     matched_batch: int | None = None  # as asked (None: the smallest batch that fits, per scale)
+    generator: str | None = None  # a recipe whose Γ-VAE the latent presets are measured with too
 
     def describe(self) -> list[str]:
         """Short lines for people (``study --dry-run``)."""
@@ -140,6 +142,7 @@ def plan_bench(
     reports: Sequence[Path] | None = None,
     log: Callable[[str], None] | None = None,
     matched_batch: int | None = None,
+    generator: str | None = None,
 ) -> BenchPlan:
     """The checked plan of :func:`edmcli.bench.bench.bench` with these arguments (see there);
     raises its refusals (:class:`~edmcli.errors.EchoSynthError`, naming the option), writes
@@ -155,6 +158,10 @@ def plan_bench(
     if repeats is not None and repeats < 1:
         raise EchoSynthError(f"--repeats {repeats} must be at least 1")
     runs = list(run or [])
+    if generator is not None:
+        generator_recipe(generator)  # one sentence for an unknown recipe
+        if runs:
+            raise EchoSynthError("--generator and --run: a run has its own Γ-VAE; give one")
     if runs and models:
         raise EchoSynthError("--models and --run: give one or the other (a run names its model)")
     names = [] if runs else parse_models(models)
@@ -181,5 +188,5 @@ def plan_bench(
         models=tuple(names), preset=preset, runs=tuple(runs), nfes=tuple(nfes), batch=batch,
         repeats=repeats, compile=compile, peer=peer, dtype=dtype, device=dev,
         autocast=autocast, out=out, scales=tuple(scales), notes=tuple(notes),
-        reports=tuple(report_data), log=log, matched_batch=matched_batch,
+        reports=tuple(report_data), log=log, matched_batch=matched_batch, generator=generator,
     )  # fmt: skip

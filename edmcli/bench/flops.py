@@ -106,12 +106,16 @@ def network_flops(build: Callable[[], nn.Module], net_size: int, label_size: int
     return NetworkFlops(params, uncached, cached, build_cost)
 
 
-def decoder_flops(build_decoder: Callable[[], nn.Module], latent_size: int) -> int:
-    """FLOPs of one latent → image decode at batch 1 (the Γ-VAE decoder network, on meta)."""
+def decoder_flops(build_vae: Callable[[], nn.Module], latent_size: int, image_size: int) -> int:
+    """FLOPs of one latent → image decode at batch 1 (:meth:`GammaVAE.decode` of the Γ-VAE that
+    ``build_vae`` builds, on meta; a decoder with labels included)."""
     with META:
-        decoder = build_decoder().eval()
-    z = torch.zeros(1, 1, latent_size, latent_size, device=META)
-    return count_flops(lambda: decoder(z)).total
+        vae = build_vae().eval()
+    channels = vae.config.latent_channels
+    z = torch.zeros(1, channels, latent_size, latent_size, device=META)
+    labels = torch.ones(1, image_size, image_size, dtype=torch.long, device=META)
+    sector = torch.ones(1, 1, image_size, image_size, device=META)
+    return count_flops(lambda: vae.decode(z, sector, labels)).total
 
 
 # Dense peaks (no structured sparsity) in TFLOP/s from the vendors' data sheets and architecture

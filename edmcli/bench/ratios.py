@@ -123,14 +123,17 @@ def ratio_rows(
 
 def _between_models(entries: Sequence[dict[str, Any]], row, batch: str, suffix: str) -> None:
     """The model-against-model rows of ``entries`` (each with its ``batch`` and ``cost_model``)
-    through ``row``; ``suffix`` ends every name."""
+    through ``row``; ``suffix`` ends every name. Every entry of the faster model counts (a
+    recipe's variant, ``bench --generator``, next to the paper's), named by its label."""
     by_model: dict[str, dict[str, Any]] = {}
     for entry in entries:
         by_model.setdefault(entry["model"], entry)
-    for fast, slow in (("edm-l64", "edm"), ("edm-l64", "edm-l128")):
-        a, b = by_model.get(fast), by_model.get(slow)
-        if a is None or b is None:
+    pairs = (("edm-l64", "edm"), ("edm-l64", "edm-l128"))
+    for a, slow in ((e, s) for f, s in pairs for e in entries if e["model"] == f):
+        b = by_model.get(slow)
+        if b is None:
             continue
+        fast = a["label"]
         batches = {a["label"]: a["batch"], b["label"]: b["batch"]}
         path = "compiled" if a["cost_model"]["per_nfe_path"].endswith("compiled") else "eager"
         row(f"{fast} / {slow} per NFE (γ/β cached, {path}){suffix}", "1 NFE",

@@ -25,7 +25,7 @@ from edmcli.runs.diffusion_run import (
 )
 from edmcli.runs.folder import load_run_config
 from edmcli.runs.vae_run import VAESettings
-from edmcli.settings import PRESETS
+from edmcli.settings import PRESETS, VAE_ARCHITECTURE, generator_recipe
 
 __all__ = ["Target", "preset_target", "run_target", "target_flops"]
 
@@ -44,6 +44,7 @@ class Target:
         load_net: the network on a device, eval mode (random or trained weights).
         meta_vae: builds the Γ-VAE (meta device) for latent models, else None.
         load_vae: the Γ-VAE on a device, for latent models, else None.
+        channels: channels of the network's input (a C-channel Γ-VAE's latent: C).
         weights: ``"random"`` or where trained weights came from.
         nfes: NFEs of the throughput curve.
         batch: images per batch; None: auto-sized (CUDA).
@@ -60,6 +61,7 @@ class Target:
     load_net: Callable[[torch.device], nn.Module]
     meta_vae: Callable[[], nn.Module] | None = None
     load_vae: Callable[[torch.device], nn.Module] | None = None
+    channels: int = 1
     weights: str = "random"
     nfes: list[int] = field(default_factory=list)
     batch: int | None = None
@@ -71,11 +73,12 @@ def target_flops(target: Target) -> NetworkFlops:
     return network_flops(target.meta_net, target.net_size, target.image_size)
 
 
-def _vae_config(preset: str, image_size: int, latent: int):
+def _vae_config(preset: str, image_size: int, latent: int, vae: dict | None = None):
     row = PRESETS["vae"][preset]
     settings = VAESettings(
         data="", latent=latent, image_size=image_size, base_channels=row["base_channels"],
         num_res_blocks=row["num_res_blocks"], norm_groups=row["norm_groups"],
+        **{k: v for k, v in (vae or {}).items() if k in VAE_ARCHITECTURE},
     )  # fmt: skip
     return settings.model_config()
 
@@ -85,17 +88,28 @@ def _on(device: torch.device, build: Callable[[], torch.nn.Module]) -> torch.nn.
         return build()
 
 
-def preset_target(model: str, preset: str, nfes: Sequence[int], batch: int | None) -> Target:
-    """A randomly initialised ``model`` at ``preset``'s configuration."""
+def preset_target(
+    model: str,
+    preset: str,
+    nfes: Sequence[int],
+    batch: int | None,
+    generator: str | None = None,
+) -> Target:
+    """A randomly initialised ``model`` at ``preset``'s configuration; for a latent model with
+    ``generator``, the Γ-VAE architecture of that recipe (:data:`edmcli.settings.GENERATORS`:
+    its latent channels, a decoder with labels), labelled ``model [generator]``."""
     spec, row = get_spec(model), preset_row(model, preset)
     image_size, net_size = row.image_size, row.net_size
+    vae_settings = generator_recipe(generator)["vae"] if generator else {}
+    channels = int(vae_settings.get("latent_channels", 1)) if spec.is_latent else 1
 
     def net() -> torch.nn.Module:
-        return build_model(model, preset, net_size)
+        overrides = {"in_channels": channels} if channels != 1 else {}
+        return build_model(model, preset, net_size, **overrides)
 
     meta_vae = load_vae = None
     if spec.is_latent:
-        config = _vae_config(preset, image_size, spec.latent)
+        config = _vae_config(preset, image_size, spec.latent, vae_settings)
 
         def meta_vae() -> torch.nn.Module:
             return GammaVAE(config)
@@ -104,9 +118,10 @@ def preset_target(model: str, preset: str, nfes: Sequence[int], batch: int | Non
             return _on(device, meta_vae)
 
     return Target(
-        label=model, model=model, preset=preset, image_size=image_size, net_size=net_size,
-        meta_net=net, load_net=lambda device: _on(device, net), meta_vae=meta_vae,
-        load_vae=load_vae, weights="random (speed does not depend on the weights)",
+        label=f"{model} [{generator}]" if generator else model, model=model, preset=preset,
+        image_size=image_size, net_size=net_size, meta_net=net,
+        load_net=lambda device: _on(device, net), meta_vae=meta_vae, load_vae=load_vae,
+        channels=channels, weights="random (speed does not depend on the weights)",
         nfes=_model_nfes(model, nfes), batch=batch,
     )  # fmt: skip
 
@@ -134,6 +149,7 @@ def run_target(run: Path, nfes: Sequence[int], batch: int | None, device: torch.
         load_net=lambda _device: loaded().net,
         meta_vae=(lambda: GammaVAE(vae_config)) if latent else None,
         load_vae=(lambda _device: loaded().vae.model) if latent else None,
+        channels=settings.channels,
         weights=f"trained run {path}", nfes=_model_nfes(model, nfes), batch=batch,
     )  # fmt: skip
 

@@ -140,12 +140,12 @@ def _auto_batch(net, target: Target, settings: Settings, vae) -> tuple[int, dict
         release_memory(device)
         torch.cuda.reset_peak_memory_stats(device)
         labels = label_batch(batch, target.image_size, device)
-        x = torch.randn(batch, 1, target.net_size, target.net_size, device=device)
+        x = torch.randn(batch, target.channels, target.net_size, target.net_size, device=device)
         with torch.no_grad(), settings.autocast_ctx():
             cache = net.spade_cache(labels)
             out = net(x, torch.tensor(SIGMA, device=device), spade_cache=cache)
             if vae is not None:
-                vae.decode(out.float().clamp(-1, 1), sector_mask(labels))
+                vae.decode(out.float().clamp(-1, 1), sector_mask(labels), labels)
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device))
 
@@ -241,7 +241,7 @@ def measure_target(
     flops = flops or target_flops(target)
     decode_flops = 0
     if target.meta_vae is not None:
-        decode_flops = decoder_flops(lambda: target.meta_vae().decoder, target.net_size)
+        decode_flops = decoder_flops(target.meta_vae, target.net_size, target.image_size)
     m = Measurer(settings)
     log(f"{target.label} ({target.preset}, {target.net_size}²): building the network")
     net = target.load_net(device).eval().requires_grad_(False)
@@ -252,7 +252,7 @@ def measure_target(
         batch, sizing = _auto_batch(net, target, s, vae)
     noisy = check_solver(target.model) in NOISY_SOLVERS
     labels = label_batch(batch, target.image_size, device)
-    x = torch.randn(batch, 1, target.net_size, target.net_size, device=device)
+    x = torch.randn(batch, target.channels, target.net_size, target.net_size, device=device)
     sigma = torch.tensor(SIGMA, device=device)
     peak = peaks.get(s.precision())
     timings: dict[str, Timing] = {}
@@ -490,7 +490,7 @@ def _decoded(vae, x: torch.Tensor, labels: torch.Tensor, flops: float, m,
     latent, sector = x.clamp(-1, 1), sector_mask(labels)
     if vae is None:
         return (latent + 1) / 2
-    timings["decode"], images = m.time_keep(lambda: vae.decode(latent, sector), flops)
+    timings["decode"], images = m.time_keep(lambda: vae.decode(latent, sector, labels), flops)
     return images
 
 
@@ -514,7 +514,7 @@ def _at_matched_batch(target, net, runner, vae, batch, own_batch, best, noisy, f
 
     def measure() -> dict[str, Timing]:
         labels = label_batch(batch, target.image_size, device)
-        x = torch.randn(batch, 1, target.net_size, target.net_size, device=device)
+        x = torch.randn(batch, target.channels, target.net_size, target.net_size, device=device)
         sigma = torch.tensor(SIGMA, device=device)
         timings: dict[str, Timing] = {}
         with torch.no_grad(), s.autocast_ctx():

@@ -66,6 +66,13 @@ def bench(
             "(default: the smallest of the models' batches).",
         ),
     ] = None,
+    generator: Annotated[
+        str | None,
+        typer.Option(
+            help="A generator recipe (faithful): also measure each latent model with its Γ-VAE "
+            "(e.g. a decoder with labels), next to the paper's."
+        ),
+    ] = None,
     repeats: Annotated[
         int | None, typer.Option(help="Timed repeats per measurement (cut to a time budget).")
     ] = None,

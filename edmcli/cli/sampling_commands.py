@@ -43,7 +43,9 @@ def sample(
     ] = None,
     solver: Annotated[
         str | None,
-        typer.Option(help="heun, euler, dpmpp_2m, ddim or ddpm_ancestral (default per model)."),
+        typer.Option(
+            help="heun, euler, dpmpp_2m, dpmpp_3m, ddim or ddpm_ancestral (default per model)."
+        ),
     ] = None,
     churn: Annotated[float, typer.Option(help="Heun S_churn (0: deterministic).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Global seed; sample i uses (seed, i).")] = 0,

@@ -55,6 +55,13 @@ def train_vae(
         int | None,
         typer.Option(help="Latent channels C (default 1, the paper's), a Gamma posterior each."),
     ] = None,
+    decoder_labels: Annotated[
+        bool | None,
+        typer.Option(
+            "--decoder-labels/--no-decoder-labels",
+            help="A decoder that also takes the label map (SPADE norms; the paper's: off).",
+        ),
+    ] = None,
     w_recon: Annotated[float | None, typer.Option(help="λ1, image L2.")] = None,
     w_perceptual: Annotated[float | None, typer.Option(help="λ2, LPIPS.")] = None,
     w_kl: Annotated[float | None, typer.Option(help="λ3, KL.")] = None,

@@ -493,8 +493,9 @@ def reconstruct(vae: nn.Module, images: torch.Tensor, labels: torch.Tensor, batc
     with torch.no_grad():
         for start in range(0, len(images), batch):
             x = images[start : start + batch].to(device)
-            sector = sector_mask(labels[start : start + batch].long()).to(device)
-            out.append(vae.decode(vae.encode(x, sector), sector).clamp(0, 1).cpu())
+            maps = labels[start : start + batch].long().to(device)
+            sector = sector_mask(maps)
+            out.append(vae.decode(vae.encode(x, sector), sector, maps).clamp(0, 1).cpu())
     return torch.cat(out)
 
 

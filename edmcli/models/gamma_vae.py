@@ -37,10 +37,17 @@ single-head self-attention, residual block) to encoder and decoder. It is off by
 128^2 latent it attends over 16384 tokens and costs 417 of the reference L128 decoder's 501 GFLOP
 (docs/reference.md), for a one-channel latent whose content is local (the latent term ties it
 pixel-wise to the image).
+
+Decoder labels. ``GammaVAEConfig.decoder_labels`` (beyond the paper: ``train-vae
+--decoder-labels``) replaces the decoder by :class:`edmcli.models.label_decoder.LabelDecoder`,
+whose norms are SPADE layers fed the label map: :meth:`GammaVAE.decode` and
+:meth:`GammaVAE.forward` then need the label map ``labels`` (N, S, S) as well as the sector (which
+is ``labels > 0``). The encoder is unchanged; the latent codes what the map does not say.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -83,6 +90,8 @@ class GammaVAEConfig:
         prior_rate: rate beta of the Gamma prior (paper: 10.8).
         latent_channels: channels C of the latent (paper: 1), each element with its own Gamma
             posterior; channel 0 is the one the latent term ties to the downsampled image.
+        decoder_labels: a decoder that also takes the label map through SPADE norms (paper:
+            False; see the module docstring). Not combined with ``attention``.
     """
 
     image_size: int = 256
@@ -94,6 +103,7 @@ class GammaVAEConfig:
     prior_shape: float = 3.75
     prior_rate: float = 10.8
     latent_channels: int = 1
+    decoder_labels: bool = False
 
     @property
     def downsample_factor(self) -> int:
@@ -141,6 +151,8 @@ class GammaVAEConfig:
                 f"channels per level {self.channels} must all be multiples of norm_num_groups "
                 f"{self.norm_num_groups}."
             )
+        if self.decoder_labels and self.attention:
+            raise ValueError("a decoder with labels has no bottleneck attention; use one of them.")
         for name in ("prior_shape", "prior_rate"):
             value = getattr(self, name)
             is_number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -185,7 +197,10 @@ def _pool_factors(x: torch.Tensor, latent_size: int, name: str) -> tuple[int, in
 
 def _full_precision(x: torch.Tensor):
     """Autocast off for ``x``'s device: the frozen Γ-VAE encodes and decodes in fp32 even inside
-    a bf16/fp16 autocast region (bf16 latents differ by up to 0.05, far above σ_min = 0.002)."""
+    a bf16/fp16 autocast region (bf16 latents differ by up to 0.05, far above σ_min = 0.002).
+    Nothing on the meta device (FLOP counting), which has no autocast."""
+    if x.device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
@@ -266,7 +281,13 @@ class GammaVAE(nn.Module):
         # 2C output channels: the heads of alpha and beta of each latent channel.
         c = config.latent_channels
         self.encoder = Encoder(in_channels=1, out_channels=2 * c, **common)
-        self.decoder = Decoder(in_channels=c, out_channels=1, **common)
+        if config.decoder_labels:
+            from edmcli.models.label_decoder import LabelDecoder
+
+            self.decoder = LabelDecoder(c, config.channels, config.num_res_blocks,
+                                        config.norm_num_groups, eps=1e-6)  # fmt: skip
+        else:
+            self.decoder = Decoder(in_channels=c, out_channels=1, **common)
 
     @property
     def image_size(self) -> int:
@@ -316,12 +337,33 @@ class GammaVAE(nn.Module):
         beta = self.config.prior_rate * F.softplus(b + _SOFTPLUS_INV_ONE)
         return alpha.clamp_min(PARAM_MIN), beta.clamp_min(PARAM_MIN)
 
-    def _decode_z(self, z: torch.Tensor, sector: torch.Tensor) -> torch.Tensor:
-        out = self.decoder(z)
+    def _decoder_labels(self, labels: torch.Tensor | None, sector: torch.Tensor) -> torch.Tensor:
+        """The label map a decoder with labels needs, checked against the sector."""
+        if labels is None:
+            raise ValueError("this Γ-VAE's decoder takes the label map: pass labels=.")
+        size = self.config.image_size
+        if labels.ndim != 3 or tuple(labels.shape) != (sector.shape[0], size, size):
+            raise ValueError(
+                f"labels must be shaped ({sector.shape[0]}, {size}, {size}), got "
+                f"{tuple(labels.shape)}."
+            )
+        return labels
+
+    def _decode_z(
+        self, z: torch.Tensor, sector: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.config.decoder_labels:
+            out = self.decoder(z, self._decoder_labels(labels, sector))
+        else:
+            out = self.decoder(z)
         return torch.sigmoid(out.float()) * sector.to(torch.float32)
 
     def forward(
-        self, image: torch.Tensor, sector: torch.Tensor, sample: bool | None = None
+        self,
+        image: torch.Tensor,
+        sector: torch.Tensor,
+        sample: bool | None = None,
+        labels: torch.Tensor | None = None,
     ) -> VAEOutput:
         """Encode, take a latent, decode.
 
@@ -331,6 +373,8 @@ class GammaVAE(nn.Module):
             sample: draw z with ``Gamma.rsample`` (differentiable in alpha and beta) when True;
                 use the posterior mean alpha / beta when False; ``None`` samples in training
                 mode and uses the mean in eval mode.
+            labels: (N, S, S) integer label map, needed by a decoder with labels (ignored
+                otherwise).
 
         Returns:
             :class:`VAEOutput` (recon, z, alpha, beta, latent_sector).
@@ -344,7 +388,7 @@ class GammaVAE(nn.Module):
         else:
             z = alpha / beta
         z = z.clamp_min(Z_MIN) * latent_sector
-        return VAEOutput(self._decode_z(z, sector), z, alpha, beta, latent_sector)
+        return VAEOutput(self._decode_z(z, sector, labels), z, alpha, beta, latent_sector)
 
     def encode(self, image: torch.Tensor, sector: torch.Tensor) -> torch.Tensor:
         """Image -> diffusion latent ``2 z - 1`` with z the posterior mean (deterministic).
@@ -364,7 +408,9 @@ class GammaVAE(nn.Module):
             z = (alpha / beta).clamp_min(Z_MIN) * latent_sector
             return 2.0 * z - 1.0
 
-    def decode(self, latent: torch.Tensor, sector: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, latent: torch.Tensor, sector: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Diffusion latent -> image in [0, 1], zero outside the sector.
 
         ``z = max((latent + 1) / 2, 1e-7)`` inside the latent sector and 0 outside, as in
@@ -374,6 +420,8 @@ class GammaVAE(nn.Module):
         Args:
             latent: (N, C, h, w) float with ``h = config.latent_size``.
             sector: pixel-size (N, 1, S, S) bool or {0, 1} float.
+            labels: (N, S, S) integer label map, needed by a decoder with labels (ignored
+                otherwise).
 
         Returns:
             (N, 1, S, S) float32 image.
@@ -384,4 +432,4 @@ class GammaVAE(nn.Module):
             latent = latent.float()
             latent_sector = self.latent_sector(sector).to(latent.dtype)
             z = ((latent + 1.0) / 2.0).clamp_min(Z_MIN) * latent_sector
-            return self._decode_z(z, sector)
+            return self._decode_z(z, sector, labels)

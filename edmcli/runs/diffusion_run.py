@@ -113,14 +113,15 @@ class DiffusionSettings:
 
 def latent_decoder(
     vae: LoadedVAE | None, norm: LatentNorm
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """``decode(x, sector)`` from a latent run's model space to images (the Γ-VAE decoder after
-    undoing ``norm``); None for a pixel run (no Γ-VAE)."""
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``decode(x, sector, labels)`` from a latent run's model space to images (the Γ-VAE
+    decoder after undoing ``norm``; ``labels`` the (N, H, W) maps, used by a decoder with labels);
+    None for a pixel run (no Γ-VAE)."""
     if vae is None:
         return None
     if norm.is_identity:
         return vae.model.decode
-    return lambda x, sector: vae.model.decode(norm.denormalise(x), sector)
+    return lambda x, sector, labels=None: vae.model.decode(norm.denormalise(x), sector, labels)
 
 
 def check_model_name(model: str) -> None:

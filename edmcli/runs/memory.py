@@ -605,7 +605,7 @@ def _sample_batch(
             out = net(x, sigma, labels, **extra)
         del out, state
         if frozen:
-            frozen[0].decode(x, sector_mask(labels))
+            frozen[0].decode(x, sector_mask(labels), labels)
 
 
 def _diffusion_step(settings: DiffusionSettings, vae: GammaVAEConfig | None) -> _Step:
@@ -783,14 +783,14 @@ def _vae_training(key, precision, world_size, resuming, block, workspace, _backe
             kl_direction=settings.kl_direction, perceptual=nets[0] if nets else None,
             warmup_epochs=0,
         )  # fmt: skip
-        image = _image(batch, size)
+        image, labels = _image(batch, size), _labels(batch, size)
         sector = torch.ones_like(image)
-        output = model(image, sector, sample=True)
+        output = model(image, sector, sample=True, labels=labels)
         return loss_fn(image, sector, output, epoch=0)["total"]
 
     def grid(model: nn.Module, nets: list[nn.Module]) -> None:  # GammaVAETask.report
-        image = _image(PREVIEW_BATCH, size)
-        model(image, torch.ones_like(image), sample=False)
+        image, labels = _image(PREVIEW_BATCH, size), _labels(PREVIEW_BATCH, size)
+        model(image, torch.ones_like(image), sample=False, labels=labels)
 
     passes = [(f"the reconstruction grid of {PREVIEW_BATCH} images", grid)]
     step = _Step(build, frozen, loss, passes)

@@ -48,6 +48,7 @@ class VAESettings:
     w_spectrum: float = 0.0  # beyond the paper: train-vae --w-spectrum (models.spectrum)
     warmup_epochs: int = 5
     latent_channels: int = 1  # C, the paper's 1 (train-vae --latent-channels)
+    decoder_labels: bool = False  # beyond the paper: train-vae --decoder-labels
     augment: bool = True
     in_memory: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +67,7 @@ class VAESettings:
             prior_shape=self.prior_shape,
             prior_rate=self.prior_rate,
             latent_channels=self.latent_channels,
+            decoder_labels=self.decoder_labels,
         )
 
     def loss_weights(self) -> GammaVAELossWeights:

@@ -94,12 +94,12 @@ def start_scale(model_name: str, sigma0: float) -> float:
 
 def to_image(x: torch.Tensor, labels: torch.Tensor, decode: Callable | None = None) -> torch.Tensor:
     """Model space → images in [0, 1], zero outside the sector: pixels from [−1, 1], latents
-    through the Γ-VAE decoder (``decode(latent, sector)``)."""
+    through the Γ-VAE decoder (``decode(latent, sector, labels)``)."""
     sector = sector_mask(labels)
     if decode is None:
         image = (x.float() + 1) / 2
     else:
-        image = decode(x.float(), sector)
+        image = decode(x.float(), sector, labels)
     return image.clamp(0, 1) * sector
 
 

@@ -58,8 +58,9 @@ def reconstruction_quality(model, loader, device: torch.device) -> dict[str, flo
     model.eval()
     for batch in loader:
         image = batch["image"].to(device)
-        sector = sector_mask(batch["labels"].to(device))
-        out = model(image, sector, sample=False)
+        labels = batch["labels"].to(device)
+        sector = sector_mask(labels)
+        out = model(image, sector, sample=False, labels=labels)
         recon = out.recon
         inside = out.latent_sector.bool()
         latents.append(out.z[:, :1][inside])  # the channel the latent term ties to the image
@@ -75,3 +76,36 @@ def reconstruction_quality(model, loader, device: torch.device) -> dict[str, flo
     result["latent_correlation"] = float(torch.corrcoef(pair)[0, 1])
     result["images"] = count
     return result
+
+
+def shift_structures(labels: torch.Tensor, shift: int) -> torch.Tensor:
+    """Label maps (N, H, W) with the heart's structures moved ``shift`` pixels to the right and
+    the sector left where it is: inside the sector each pixel takes the label of the pixel
+    ``shift`` to its left, structures never leave the sector, and outside stays outside."""
+    from edmcli.data.labels import OUTSIDE, SECTOR
+
+    moved = torch.roll(labels, shift, dims=-1)
+    inside = labels != OUTSIDE
+    moved = torch.where(moved == OUTSIDE, torch.full_like(moved, SECTOR), moved)
+    return torch.where(inside, moved, labels)
+
+
+@torch.no_grad()
+def map_following(model, images: torch.Tensor, labels: torch.Tensor, shift: int = 4) -> float:
+    """How much a decoder with labels paints the map instead of decoding the latent: each image
+    is encoded with its own map and decoded with (a) its map, giving R, and (b) the map with the
+    structures shifted by ``shift`` pixels (:func:`shift_structures`), giving D. Returns
+    ``mse(D, R) / (mse(D, R) + mse(D, roll(R, shift)))`` over the sector pixels that the shifted
+    structures cover in either map: 0 when the image follows the latent (D = R: every decoder
+    without labels), 1 when the decoder paints the map (D = R moved with it), 0.5 halfway."""
+    sector = sector_mask(labels)
+    latent = model.encode(images, sector)
+    shifted = shift_structures(labels, shift)
+    own = model.decode(latent, sector, labels)
+    moved = model.decode(latent, sector, shifted)
+    where = ((labels != shifted) | (torch.roll(labels, shift, dims=-1) != labels)).unsqueeze(1)
+    where = where & sector.bool() & torch.roll(sector.bool(), shift, dims=-1)
+    n = where.sum().clamp_min(1)
+    to_own = ((moved - own) ** 2)[where].sum() / n
+    to_moved = ((moved - torch.roll(own, shift, dims=-1)) ** 2)[where].sum() / n
+    return float(to_own / (to_own + to_moved).clamp_min(1e-12))

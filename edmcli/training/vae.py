@@ -23,7 +23,7 @@ from edmcli.runs.distributed import process_layout
 from edmcli.runs.grids import save_image_grid
 from edmcli.runs.vae_run import VAESettings, save_latent_stats
 from edmcli.training.engine import TrainingTask
-from edmcli.training.reconstruction import reconstruction_quality
+from edmcli.training.reconstruction import map_following, reconstruction_quality
 from edmcli.training.run import train_run
 from edmcli.training.vae_plan import (
     VAETrainingPlan,
@@ -71,7 +71,7 @@ class GammaVAETask(TrainingTask):
 
     def loss(self, model, batch, step, epoch):
         image, sector = batch["image"], sector_mask(batch["labels"])
-        output = model(image, sector, sample=True)
+        output = model(image, sector, sample=True, labels=batch["labels"])
         terms = self.loss_fn.to(image.device)(image, sector, output, epoch=epoch)
         total = terms.pop("total")
         return total, terms
@@ -86,10 +86,9 @@ class GammaVAETask(TrainingTask):
                 "labels": torch.stack([it["labels"] for it in items]),
             }
         device = next(ema_model.parameters()).device
-        image = self._preview["image"].to(device)
-        sector = sector_mask(self._preview["labels"].to(device))
+        image, labels = self._preview["image"].to(device), self._preview["labels"].to(device)
         with torch.no_grad():
-            recon = ema_model(image, sector, sample=False).recon
+            recon = ema_model(image, sector_mask(labels), sample=False, labels=labels).recon
         save_image_grid([image, recon], run_dir / "grids" / f"recon-{step:08d}.png")
         return {}
 
@@ -192,11 +191,14 @@ def vae_quality(run: Path, settings: VAESettings, device: torch.device) -> dict[
     quality = reconstruction_quality(model, DataLoader(dataset, batch_size=32), device)
     items = [dataset[i] for i in range(min(8, len(dataset)))]
     image = torch.stack([it["image"] for it in items]).to(device)
-    sector = sector_mask(torch.stack([it["labels"] for it in items]).to(device))
+    labels = torch.stack([it["labels"] for it in items]).to(device)
     with torch.no_grad():
-        out = model(image, sector, sample=False)
+        out = model(image, sector_mask(labels), sample=False, labels=labels)
     latent = torch.nn.functional.interpolate(out.z[:, :1], size=image.shape[-2:], mode="nearest")
     save_image_grid([image, out.recon, latent.clamp(0, 1)], run / "comparison.png")
+    following = {}
+    if settings.decoder_labels:  # does the decoder paint the map instead of the latent?
+        following = {"map following (0 latent, 1 map)": map_following(model, image, labels)}
     return {
         f"{split} masked PSNR (dB)": quality["psnr"],
         f"{split} masked SSIM": quality["ssim"],
@@ -206,4 +208,5 @@ def vae_quality(run: Path, settings: VAESettings, device: torch.device) -> dict[
         f"{split} images": quality["images"],
         "train latent std in the sector (σ_data)": stats["sigma_data"],
         "train latent mean in the sector": stats["mean"],
+        **following,
     }

@@ -106,5 +106,5 @@ class RollVAE(nn.Module):
     def encode(self, image: torch.Tensor, sector: torch.Tensor) -> torch.Tensor:
         return image
 
-    def decode(self, latent: torch.Tensor, sector: torch.Tensor) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, sector: torch.Tensor, labels=None) -> torch.Tensor:
         return torch.roll(latent, self.shift, dims=3)

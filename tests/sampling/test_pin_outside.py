@@ -34,7 +34,7 @@ def _final_latent(pin_outside: bool) -> tuple[torch.Tensor, torch.Tensor]:
     inside = sector_mask(labels, 8) > 0
     captured = {}
 
-    def decode(latent, sector):
+    def decode(latent, sector, labels):
         captured["x0"] = latent
         return torch.zeros(latent.shape[0], 1, 16, 16)
 

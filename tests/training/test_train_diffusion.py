@@ -166,9 +166,11 @@ def test_centred_latent_run_sees_mean_zero_std_sigma_data_then_samples(
     assert images.shape[0] == 4 and images.max() > 0
 
 
-def test_c_channel_gamma_vae_trains_a_latent_model_that_samples(phantom_store, tmp_path):
-    """train-vae --latent-channels 2 → per-channel latent statistics → an EDM-L64 whose UNet
-    takes and predicts 2 channels, centred per channel, that resumes and samples."""
+@pytest.mark.parametrize("decoder", [[], ["--decoder-labels"]], ids=["paper", "labels"])
+def test_c_channel_gamma_vae_trains_a_latent_model_that_samples(phantom_store, tmp_path, decoder):
+    """train-vae --latent-channels 2 (with or without a decoder that takes the label map) →
+    per-channel latent statistics → an EDM-L64 whose UNet takes and predicts 2 channels, centred
+    per channel, that resumes and samples."""
     from edmcli.data.dataset import EchoDataset
     from edmcli.data.labels import sector_mask
     from edmcli.runs.diffusion_run import load_diffusion_run
@@ -178,9 +180,10 @@ def test_c_channel_gamma_vae_trains_a_latent_model_that_samples(phantom_store, t
     result = runner.invoke(app, [
         "train-vae", "--data", str(phantom_store), "--latent", "64", "--run", str(vae),
         "--preset", "tiny", "--steps", "4", "--batch", "4", "--base-channels", "8",
-        "--latent-channels", "2", "--device", "cpu",
+        "--latent-channels", "2", "--device", "cpu", *decoder,
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert ("map following" in result.output) == bool(decoder)
     stats = json.loads((vae / "latent_stats.json").read_text())
     assert len(stats["channel_mean"]) == len(stats["channel_std"]) == 2
     run = tmp_path / "edm-l64-c2"
