@@ -67,6 +67,7 @@ def row_of(report: dict[str, Any], store: Path) -> dict[str, Any]:
     summary = judged.get("summary") or {}
     row["label_fidelity"] = summary.get("label_dice")
     row["synthetic_accuracy"] = summary.get("synthetic_accuracy")
+    row["diversity"] = summary.get("diversity")
     real = (quality.get("real") or {}).get("summary") or {}
     row["real_label_fidelity"] = real.get("label_dice")
     ceiling = ((judged.get("decoder_ceiling") or {}).get("label_fidelity") or {}).get("all")

@@ -225,7 +225,7 @@ LENGTH_KEYS = ("steps", "epochs", "kimg")
 _OPTIONAL: dict[str, tuple[str, ...]] = {
     "vae": ("steps", "batch_gpu", "kl_direction", "prior_shape", "prior_rate", "w_recon",
             "w_perceptual", "w_kl", "augment", "latent_channels", "w_spectrum",
-            "decoder_labels"),
+            "decoder_labels", "decoder_hidden"),
     "diffusion": ("steps", "kimg", "batch", "batch_gpu", "dropout", "spade_placement",
                   "model_channels", "augment", "noise_schedule", "learn_sigma", "clip_denoised",
                   "sigma_data", "class_dropout", "latent_norm", "latent_outside",

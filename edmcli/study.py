@@ -48,7 +48,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
              "image_glob", "label_template", "meta_pattern", "keep_aspect"),
     "train": ("preset", "precision", "vae", "diffusion"),
     "sample": ("nfe", "solver", "k", "splits", "batch", "compile", "guidance", "precision",
-               "transforms"),
+               "transforms", "frontier"),
+    "distill": ("method", "steps", "batch", "lr", "ema_decay", "nfe"),
     "evaluate": ("preset", "tasks", "fidelity", "overrides", "precision", "checkpoint", "jobs"),
     "bench": ("preset", "models", "nfe", "batch", "repeats", "compile", "peer", "dtype"),
 }  # fmt: skip
@@ -57,7 +58,8 @@ TOP = ("out", "seed", "device", "models", "generator", *SECTIONS)
 # the downstream tasks')
 NESTED = (("train", "vae", "vae"), ("train", "diffusion", "diffusion"),
           ("evaluate", "overrides", None))  # fmt: skip
-STAGES = ("prepare", "train-vae", "train-diffusion", "sample", "evaluate", "bench")
+STAGES = ("prepare", "train-vae", "train-diffusion", "distill", "sample", "evaluate", "bench")
+OPTIONAL_SECTIONS = ("bench", "distill")  # `null` or absent: no such stage
 WAIT_POLL_S = 5.0
 STUDY = PIPELINES["study"]  # what a config leaves out: one named row of the settings table
 
@@ -75,8 +77,8 @@ def load_config(path: Path) -> dict[str, Any]:
     _known(config, TOP, str(path))
     for section, keys in SECTIONS.items():
         value = config.get(section)
-        if value is None and section == "bench":
-            config["bench"] = None
+        if value is None and section in OPTIONAL_SECTIONS:
+            config[section] = None
             continue  # `bench: null` (or absent): no bench stage
         if value is not None and not isinstance(value, dict):
             raise EchoSynthError(f"{path}: {section} must be a mapping, got {value!r}")
@@ -106,6 +108,7 @@ def load_config(path: Path) -> dict[str, Any]:
         or not all(isinstance(n, int) and n >= 1 for n in nfes)
     ):
         raise EchoSynthError(f"{path}: sample.nfe must be a list of integers ≥ 1, got {nfes!r}")
+    _check_nfe_lists(config, path)
     for key in ("out", "seed", "device", "generator"):
         config.setdefault(key, STUDY[key])
     with _checking_generator(path):
@@ -118,6 +121,45 @@ def load_config(path: Path) -> dict[str, Any]:
     config["sample"] = {**recipe["sample"], **config["sample"]}
     check_types(config, {"out": Path, "seed": int, "device": str}, f"{path}: ")
     return config
+
+
+def _nfe_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value)
+    )
+
+
+def _check_nfe_lists(config: dict[str, Any], path: Path) -> None:
+    """``sample.frontier`` (solver → NFEs: more stores per model, for the Dice-vs-cost frontier)
+    and ``distill.nfe`` (the students' NFEs, default all they are made for) are lists of NFEs."""
+    from edmcli.training.distill_plan import STUDENT_NFES
+
+    frontier = config["sample"].get("frontier")
+    if frontier is not None:
+        if not isinstance(frontier, dict) or not all(map(_nfe_list, frontier.values())):
+            raise EchoSynthError(
+                f"{path}: sample.frontier maps a solver to a list of NFEs (dpmpp_3m: [4, 8]), "
+                f"got {frontier!r}"
+            )
+    if config.get("distill") is not None:
+        nfes = config["distill"].setdefault("nfe", list(STUDENT_NFES))
+        if not _nfe_list(nfes) or not set(nfes) <= set(STUDENT_NFES):
+            raise EchoSynthError(
+                f"{path}: distill.nfe must list NFEs a student is made for "
+                f"({', '.join(map(str, STUDENT_NFES))}), got {nfes!r}"
+            )
+
+
+def study_nfes(config: dict[str, Any]) -> list[int]:
+    """Every NFE a study samples at (the bench's curve): 1, sample.nfe, the frontier's, the
+    students'."""
+    nfes = {1, *config["sample"]["nfe"]}
+    for more in (config["sample"].get("frontier") or {}).values():
+        nfes |= set(more)
+    nfes |= set((config.get("distill") or {}).get("nfe") or [])
+    return sorted(nfes)
 
 
 @contextmanager
@@ -369,6 +411,8 @@ def run_study(
     from edmcli.sampling.sample_plan import plan_sample
     from edmcli.training.diffusion import train_diffusion
     from edmcli.training.diffusion_plan import latent_model_settings, plan_train_diffusion
+    from edmcli.training.distill import distill
+    from edmcli.training.distill_plan import is_edm, plan_distill
     from edmcli.training.vae import train_vae
     from edmcli.training.vae_plan import plan_train_vae
 
@@ -406,6 +450,7 @@ def run_study(
     sampling = {"compile": STUDY["compile"], "splits": STUDY["sample_splits"], **config["sample"],
                 "seed": seed, "device": device}  # fmt: skip
     nfes = sampling.pop("nfe")
+    frontier = sampling.pop("frontier", None) or {}
     evaluation = {"preset": STUDY["evaluate_preset"], "fidelity": STUDY["fidelity"],
                   **config["evaluate"], "seed": seed, "device": device}  # fmt: skip
     # the probe of each store: the same generator and settings on the test maps, one sample per
@@ -413,20 +458,43 @@ def run_study(
     probing = {**sampling, "splits": "test", "k": 1}
     synthetic, probes, sample_keys = [], [], []
 
-    def sample_stage(key: str, model: str, nfe: int, path: Path, options: dict) -> None:
+    def sample_stage(key: str, run: str, nfe: int, path: Path, options: dict, needs: str) -> None:
         sample_keys.append(key)
-        kwargs = {"run": runs / model, "nfe": nfe, "out": path, **options}
+        kwargs = {"run": runs / run, "nfe": nfe, "out": path, **options}
         stage("sample", key, options, partial(sample, **kwargs),
-              partial(plan_sample, **kwargs), needs=(f"train-diffusion {model}",),
+              partial(plan_sample, **kwargs), needs=(needs,),
               section="sample", output=path)  # fmt: skip
 
+    def stores(run: str, name: str, nfe: int, needs: str, solver: str | None = None) -> None:
+        """The training store and its probe of ``run`` at ``nfe`` (``solver``: not the
+        default's), named ``name-nfeN``."""
+        extra = {} if solver is None else {"solver": solver}
+        synthetic.append(out / "synthetic" / f"{name}-nfe{nfe}.zarr")
+        sample_stage(f"sample {name} nfe {nfe}", run, nfe, synthetic[-1], {**sampling, **extra},
+                     needs)  # fmt: skip
+        if evaluation["fidelity"]:
+            probes.append(out / "synthetic" / f"{name}-nfe{nfe}-probe.zarr")
+            sample_stage(f"probe {name} nfe {nfe}", run, nfe, probes[-1], {**probing, **extra},
+                         needs)  # fmt: skip
+
+    students = [m for m in models if config.get("distill") is not None and is_edm(m)]
+    distill_settings = {k: v for k, v in (config.get("distill") or {}).items() if k != "nfe"}
+    for model in students:
+        kwargs = {"run": runs / f"{model}-student", "preview": preview_samples, "seed": seed,
+                  "device": device, **distill_settings}  # fmt: skip
+        stage("distill", f"distill {model}", distill_settings,
+              partial(distill, runs / model, **kwargs),
+              partial(plan_distill, runs / model, **kwargs),
+              needs=(f"train-diffusion {model}",))  # fmt: skip
     for model in models:
         for nfe in nfes:
-            synthetic.append(out / "synthetic" / f"{model}-nfe{nfe}.zarr")
-            sample_stage(f"sample {model} nfe {nfe}", model, nfe, synthetic[-1], sampling)
-            if evaluation["fidelity"]:
-                probes.append(out / "synthetic" / f"{model}-nfe{nfe}-probe.zarr")
-                sample_stage(f"probe {model} nfe {nfe}", model, nfe, probes[-1], probing)
+            stores(model, model, nfe, f"train-diffusion {model}")
+        for solver, more in frontier.items():
+            for nfe in more:
+                stores(model, f"{model}-{solver}", nfe, f"train-diffusion {model}", solver)
+        if model in students:
+            for nfe in config["distill"]["nfe"]:
+                stores(f"{model}-student", f"{model}-student", nfe, f"distill {model}")
     train_specs = [str(store), *map(str, synthetic)]
     if probes:
         evaluation["probes"] = probes
@@ -436,7 +504,7 @@ def run_study(
           partial(evaluate, *args, **evaluation), partial(plan_evaluate, *args, **evaluation),
           needs=("prepare", *sample_keys))  # fmt: skip
     if config.get("bench") is not None:
-        options = {"models": models, "nfe": [1, *nfes], "peer": STUDY["bench_peer"],
+        options = {"models": models, "nfe": study_nfes(config), "peer": STUDY["bench_peer"],
                    **config["bench"], "device": device}  # fmt: skip
         kwargs = {"out": out / "bench", "reports": [out / "evaluation"], **options}
         stage("bench", "bench", options, partial(bench, **kwargs), partial(plan_bench, **kwargs),

@@ -104,7 +104,9 @@ def check_stages(config: dict[str, Any], path: Path, store: Path) -> None:
     _check_evaluation(evaluation, path, seed, device_used, world_size)
     if config.get("bench") is not None:
         check_types(config["bench"], get_type_hints(plan_bench), f"{path}: bench.")
-        options = {"models": config["models"], "nfe": [1, *config["sample"]["nfe"]],
+        from edmcli.study import study_nfes
+
+        options = {"models": config["models"], "nfe": study_nfes(config),
                    "peer": STUDY["bench_peer"], **config["bench"], "device": device}  # fmt: skip
         with _checking(f"{path}: bench"):
             plan_bench(out=Path(config["out"]) / "bench", **options)
@@ -195,7 +197,7 @@ def _check_sampling(config: dict[str, Any], path: Path, classes: dict[str, str |
     from edmcli.sampling.solvers import SOLVERS
     from edmcli.training.engine import PRECISIONS
 
-    options = {k: v for k, v in config["sample"].items() if k != "nfe"}
+    options = {k: v for k, v in config["sample"].items() if k not in ("nfe", "frontier")}
     where = f"{path}: sample"
     check_types(options, get_type_hints(plan_sample), f"{where}.")
     for key in ("k", "batch"):
@@ -227,6 +229,38 @@ def _check_sampling(config: dict[str, Any], path: Path, classes: dict[str, str |
         for nfe in config["sample"]["nfe"]:
             with _checking(f"{where}.nfe ({model})"):
                 guided_plan(solver, nfe, scale)
+        for other, nfes in (config["sample"].get("frontier") or {}).items():
+            with _checking(f"{where}.frontier"):
+                _check_choice(other, tuple(s for s in SOLVERS if s != "consistency"), "solver")
+            for nfe in nfes:
+                with _checking(f"{where}.frontier.{other} ({model})"):
+                    guided_plan(other, nfe, scale)
+    _check_distill(config, path)
+
+
+def _check_distill(config: dict[str, Any], path: Path) -> None:
+    """A ``distill`` section: its settings' types and method, and an EDM-family model to distil;
+    a student samples at the conditional model alone (no guidance)."""
+    from edmcli.training.distill_plan import METHODS, is_edm
+
+    options = config.get("distill")
+    if options is None:
+        return
+    where = f"{path}: distill"
+    hints = {"method": str, "steps": int, "batch": int, "lr": float, "ema_decay": float}
+    check_types({k: v for k, v in options.items() if k != "nfe"}, hints, f"{where}.")
+    with _checking(where):
+        _check_choice(options.get("method", "ect"), METHODS, "method")
+    if not any(is_edm(m) for m in config["models"]):
+        raise EchoSynthError(
+            f"{where}: distill tunes EDM-family models (edm, edm-l64, edm-l128); the study has "
+            f"none ({', '.join(config['models'])})"
+        )
+    if config["sample"].get("guidance") not in (None, 1, 1.0):
+        raise EchoSynthError(
+            f"{where}: a student samples the conditional model alone; sample.guidance "
+            f"{config['sample']['guidance']} applies to its teacher only (drop one)"
+        )
 
 
 def _check_evaluation(

@@ -36,6 +36,12 @@ BASE = {"models": ["edm-l64"], "sample": {"nfe": [3]}}
         ({**BASE, "sample": {"nfe": [0]}}, "sample.nfe must be a list of integers ≥ 1"),
         ({**BASE, "sample": {"nfe": [5], "steps": 3}}, "sample: unknown setting 'steps'"),
         ({**BASE, "train": ["tiny"]}, "train must be a mapping"),
+        ({**BASE, "distill": {"nfe": [3]}}, "distill.nfe must list NFEs a student is made for"),
+        (
+            {**BASE, "sample": {"nfe": [3], "frontier": {"heun": [0]}}},
+            "sample.frontier maps a solver to a list of NFEs",
+        ),
+        ({**BASE, "distill": {"sigmas": [1]}}, "distill: unknown setting 'sigmas'"),
     ],
 )
 def test_bad_configs_are_refused_before_any_work(tmp_path, config, message):
@@ -237,6 +243,7 @@ def fake_stages(monkeypatch):
     import edmcli.evaluation.evaluate
     import edmcli.sampling.sample
     import edmcli.training.diffusion
+    import edmcli.training.distill
     import edmcli.training.vae
 
     calls, refuse = [], {}
@@ -251,6 +258,7 @@ def fake_stages(monkeypatch):
 
     for module, name in [(edmcli.training.vae, "train_vae"),
                          (edmcli.training.diffusion, "train_diffusion"),
+                         (edmcli.training.distill, "distill"),
                          (edmcli.sampling.sample, "sample"),
                          (edmcli.evaluation.evaluate, "evaluate")]:  # fmt: skip
         monkeypatch.setattr(module, name, fake(name))
@@ -362,3 +370,29 @@ def test_a_generator_recipe_fills_the_settings_the_file_leaves_out(tmp_path, fak
     assert sample["settings"]["transforms"] is False
     with pytest.raises(EchoSynthError, match="generator 'best' is unknown; choose from paper"):
         run_study(_write(tmp_path, **{**config, "generator": "best"}), dry_run=True)
+
+
+def test_a_frontier_and_students_from_one_config(tmp_path, fake_stages):
+    """``sample.frontier`` adds stores of other solvers, ``distill`` a student per EDM-family
+    model sampled at its NFEs, and the bench's curve covers every NFE; a study without an
+    EDM-family model or with a guidance scale for the students is refused before any work."""
+    from edmcli.study import study_nfes
+
+    calls, _ = fake_stages
+    config = _small_study(tmp_path)
+    config["sample"] = {"nfe": [3], "k": 1, "frontier": {"dpmpp_3m": [2, 4]}}
+    config["distill"] = {"steps": 2, "nfe": [1, 2]}
+    record = run_study(_write(tmp_path, **config),
+                       only=["prepare", "train-diffusion", "distill", "sample"])  # fmt: skip
+    out = tmp_path / "out"
+    assert ("distill", out / "runs" / "edm-student") in calls
+    written = {c[1].name for c in calls if c[0] == "sample"}
+    assert {"edm-nfe3.zarr", "edm-dpmpp_3m-nfe2.zarr", "edm-dpmpp_3m-nfe4.zarr",
+            "edm-student-nfe1.zarr", "edm-student-nfe2.zarr"} <= written  # fmt: skip
+    assert record["stages"]["sample edm-dpmpp_3m nfe 4"]["settings"]["solver"] == "dpmpp_3m"
+    assert study_nfes(load_config(_write(tmp_path, **config))) == [1, 2, 3, 4]
+    with pytest.raises(EchoSynthError, match="distill tunes EDM-family models"):
+        run_study(_write(tmp_path, **{**config, "models": ["sdm"]}), dry_run=True)
+    with pytest.raises(EchoSynthError, match="frontier: solver .rk4. is unknown"):
+        bad = {**config, "sample": {"nfe": [3], "k": 1, "frontier": {"rk4": [2]}}}
+        run_study(_write(tmp_path, **bad), dry_run=True)

@@ -123,13 +123,15 @@ def _value(run: dict[str, Any], metric: str) -> float | None:
 def frontier_points(
     reports: Sequence[dict[str, Any]], entries: Sequence[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], dict[str, float], list[str]]:
-    """(points, real references, notes): one point per (model, NFE) of the reports' synthetic
-    runs with its mean Dice and accuracy (values on all test images) and the images/s of the
-    bench entry of that model at that NFE (its cost model); the real-trained values per metric."""
+    """(points, real references, notes): one point per (model, sampler, NFE) of the reports'
+    synthetic runs with its mean Dice and accuracy (values on all test images) and the images/s
+    of the bench entry of that model at that NFE (its cost model: a distilled student costs its
+    teacher's network per NFE); the real-trained values per metric. ``series`` names the
+    point's curve: the model, with its solver when not the model's default, or ``student``."""
     by_model = {}
     for entry in entries:
         by_model.setdefault(entry["model"], entry)
-    points: dict[tuple[str, int], dict[str, Any]] = {}
+    points: dict[tuple[str, str, int], dict[str, Any]] = {}
     real: dict[str, float] = {}
     notes: list[str] = []
     for report in reports:
@@ -150,13 +152,26 @@ def frontier_points(
                 continue
             cost = entry["cost_model"]
             ips = images_per_second(entry, int(nfe))
+            series = _series(model, run.get("solver"))
             point = points.setdefault(
-                (model, int(nfe)),
-                {"model": model, "nfe": int(nfe), "images_per_s": ips,
+                (series, model, int(nfe)),
+                {"model": model, "series": series, "nfe": int(nfe), "images_per_s": ips,
                  "bench_config": f"{entry['preset']}, batch {cost['batch']}"},
             )  # fmt: skip
             point[metric] = value
     return sorted(points.values(), key=lambda p: p["images_per_s"]), real, sorted(set(notes))
+
+
+def _series(model: str, solver: str | None) -> str:
+    """The curve of a point: ``model``, ``model solver`` for a solver that is not the model's
+    default, ``model student`` for a distilled student."""
+    from edmcli.models.registry import get_spec
+
+    if solver == "consistency":
+        return f"{model} student"
+    if solver is None or solver == get_spec(model).solver:
+        return model
+    return f"{model} {solver}"
 
 
 def pareto_front(points: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -200,10 +215,11 @@ def plot_frontier(
     pick = cheapest_within(points)
     for ax, metric in zip(axes[0], panels, strict=True):
         have = [p for p in points if p.get(metric) is not None]
-        for model in sorted({p["model"] for p in have}):
-            mine = [p for p in have if p["model"] == model]
-            ax.plot([p["images_per_s"] for p in mine], [100 * p[metric] for p in mine], "o",
-                    label=model)  # fmt: skip
+        for series in sorted({p.get("series", p["model"]) for p in have}):
+            mine = [p for p in have if p.get("series", p["model"]) == series]
+            mark = "s" if series.endswith("student") else "o"
+            ax.plot([p["images_per_s"] for p in mine], [100 * p[metric] for p in mine], mark,
+                    label=series)  # fmt: skip
             for p in mine:
                 ax.annotate(str(p["nfe"]), (p["images_per_s"], 100 * p[metric]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")  # fmt: skip
@@ -213,7 +229,9 @@ def plot_frontier(
         if metric in real:
             ax.axhline(100 * real[metric], color="red", linestyle=":", label="real-trained")
         if pick is not None and pick.get(metric) is not None:
-            label = f"cheapest within 1 Dice pt: {pick['model']} {pick['nfe']} NFE"
+            label = (
+                f"cheapest within 1 Dice pt: {pick.get('series', pick['model'])} {pick['nfe']} NFE"
+            )
             ax.plot(pick["images_per_s"], 100 * pick[metric], "*", color="gold",
                     markeredgecolor="k", markersize=14, label=label)  # fmt: skip
         ax.set_xscale("log")

@@ -198,8 +198,9 @@ def render(result: dict[str, Any], console) -> None:
         pick = frontier["cheapest_within_1_dice_point"]
         if pick:
             show(
-                f"frontier: the cheapest setting within 1 Dice point of the best is {pick['model']}"
-                f" at {pick['nfe']} NFE ({pick['images_per_s']:.3g} images/s, mean Dice "
+                "frontier: the cheapest setting within 1 Dice point of the best is "
+                f"{pick.get('series', pick['model'])} at {pick['nfe']} NFE "
+                f"({pick['images_per_s']:.3g} images/s, mean Dice "
                 f"{100 * pick['dice_mean']:.1f} %)"
             )
         for note in frontier["notes"]:

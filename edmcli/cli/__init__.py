@@ -20,7 +20,7 @@ from .errors import EXIT_CODES, error_line, user_errors
 from .evaluation_commands import evaluate
 from .pipeline_commands import demo, study
 from .sampling_commands import sample
-from .training_commands import train_diffusion, train_vae
+from .training_commands import distill, train_diffusion, train_vae
 
 __all__ = ["EXIT_CODES", "app", "main", "user_errors"]
 
@@ -40,6 +40,7 @@ app.command()(prepare)
 app.command()(info)
 app.command("train-vae")(train_vae)
 app.command("train-diffusion")(train_diffusion)
+app.command()(distill)
 app.command()(sample)
 app.command()(evaluate)
 app.command()(bench)

@@ -62,6 +62,10 @@ def train_vae(
             help="A decoder that also takes the label map (SPADE norms; the paper's: off).",
         ),
     ] = None,
+    decoder_hidden: Annotated[
+        int | None,
+        typer.Option(help="SPADE width of the decoder with labels (default: its deepest level's)."),
+    ] = None,
     w_recon: Annotated[float | None, typer.Option(help="λ1, image L2.")] = None,
     w_perceptual: Annotated[float | None, typer.Option(help="λ2, LPIPS.")] = None,
     w_kl: Annotated[float | None, typer.Option(help="λ3, KL.")] = None,
@@ -178,5 +182,44 @@ def train_diffusion(
     options = stage_options(locals())
     from edmcli.sampling.preview import preview_samples
     from edmcli.training.diffusion import train_diffusion as stage
+
+    stage(**options, preview=preview_samples)
+
+
+@user_errors
+def distill(
+    teacher: Annotated[
+        Path, typer.Option(help="A trained EDM-family run (edm, edm-l64, edm-l128) to distil.")
+    ],
+    run: Annotated[
+        Path | None, typer.Option(help="The student's run folder (default: TEACHER-student).")
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="ect: Easy Consistency Tuning from the teacher's weights.")
+    ] = "ect",
+    steps: Annotated[
+        int | None, typer.Option(help="Optimiser steps (default: the teacher's).")
+    ] = None,
+    batch: BatchOpt = None,
+    batch_gpu: BatchGpuOpt = None,
+    lr: LrOpt = None,
+    ema_decay: EmaOpt = None,
+    checkpoint_every: CheckpointEveryOpt = None,
+    log_every: LogEveryOpt = None,
+    grid_every: GridEveryOpt = None,
+    validate_every: Annotated[
+        int | None, typer.Option(help="Steps between denoising checks.")
+    ] = None,
+    num_workers: WorkersOpt = None,
+    precision: TrainPrecisionOpt = Precision.auto,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Tune a trained diffusion run into a student that samples in 1, 2 or 4 network
+    evaluations (`sample --run STUDENT --nfe 1|2|4`); rerun the same command to resume."""
+    options = stage_options(locals())
+    from edmcli.sampling.preview import preview_samples
+    from edmcli.training.distill import distill as stage
 
     stage(**options, preview=preview_samples)

@@ -92,6 +92,8 @@ class GammaVAEConfig:
             posterior; channel 0 is the one the latent term ties to the downsampled image.
         decoder_labels: a decoder that also takes the label map through SPADE norms (paper:
             False; see the module docstring). Not combined with ``attention``.
+        decoder_hidden: hidden channels of that decoder's SPADE modulation (None: the deepest
+            level's channels, at most 128; :class:`~edmcli.models.label_decoder.LabelDecoder`).
     """
 
     image_size: int = 256
@@ -104,6 +106,7 @@ class GammaVAEConfig:
     prior_rate: float = 10.8
     latent_channels: int = 1
     decoder_labels: bool = False
+    decoder_hidden: int | None = None
 
     @property
     def downsample_factor(self) -> int:
@@ -151,6 +154,11 @@ class GammaVAEConfig:
                 f"channels per level {self.channels} must all be multiples of norm_num_groups "
                 f"{self.norm_num_groups}."
             )
+        hidden = self.decoder_hidden
+        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int)
+                                   or hidden < 1):  # fmt: skip
+            raise ValueError(f"GammaVAEConfig.decoder_hidden must be a positive integer, got "
+                             f"{hidden!r}.")  # fmt: skip
         if self.decoder_labels and self.attention:
             raise ValueError("a decoder with labels has no bottleneck attention; use one of them.")
         for name in ("prior_shape", "prior_rate"):
@@ -285,7 +293,8 @@ class GammaVAE(nn.Module):
             from edmcli.models.label_decoder import LabelDecoder
 
             self.decoder = LabelDecoder(c, config.channels, config.num_res_blocks,
-                                        config.norm_num_groups, eps=1e-6)  # fmt: skip
+                                        config.norm_num_groups, eps=1e-6,
+                                        hidden=config.decoder_hidden)  # fmt: skip
         else:
             self.decoder = Decoder(in_channels=c, out_channels=1, **common)
 

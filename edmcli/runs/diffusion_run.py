@@ -91,6 +91,10 @@ class DiffusionSettings:
     # EDM losses' training noise-level distribution ln σ ~ N(P_mean, P_std²) when not EDM's
     # (−1.2, 1.2): {} for the defaults and runs recorded before it.
     loss: dict[str, Any] = field(default_factory=dict)
+    # A consistency student (``echo-synth distill``, edmcli.training.distill_plan): method,
+    # teacher run/checkpoint/hash, tuning schedule and the levels of each NFE it samples at;
+    # None for every diffusion model.
+    consistency: dict[str, Any] | None = None
 
     def unet_config(self) -> SpadeUNetConfig:
         return SpadeUNetConfig(**self.unet)
@@ -104,6 +108,18 @@ class DiffusionSettings:
     def norm(self) -> LatentNorm:
         """The run's latent normalisation (the identity for pixels and un-normalised latents)."""
         return LatentNorm.from_record(self.latent_norm)
+
+    def student_levels(self, nfe: int) -> list[float]:
+        """The noise levels at which a consistency student samples with ``nfe`` evaluations;
+        one sentence naming the NFEs it was made for otherwise."""
+        levels = (self.consistency or {}).get("sigmas", {})
+        if str(nfe) not in levels:
+            made = ", ".join(levels) or "none"
+            raise EchoSynthError(
+                f"this student was made for NFE {made}, not {nfe}; sample it with --nfe "
+                f"{'|'.join(levels) or '1'}"
+            )
+        return [float(v) for v in levels[str(nfe)]]
 
     @property
     def num_classes(self) -> int:

@@ -49,6 +49,7 @@ class VAESettings:
     warmup_epochs: int = 5
     latent_channels: int = 1  # C, the paper's 1 (train-vae --latent-channels)
     decoder_labels: bool = False  # beyond the paper: train-vae --decoder-labels
+    decoder_hidden: int | None = None  # its SPADE width (None: the deepest level's channels)
     augment: bool = True
     in_memory: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +69,7 @@ class VAESettings:
             prior_rate=self.prior_rate,
             latent_channels=self.latent_channels,
             decoder_labels=self.decoder_labels,
+            decoder_hidden=self.decoder_hidden,
         )
 
     def loss_weights(self) -> GammaVAELossWeights:
@@ -178,7 +180,14 @@ def find_vae_run(run: Path, checkpoint: Path | None = None, sha256: str | None =
 def open_vae_run(ref: VAERunRef, device: torch.device) -> LoadedVAE:
     """Build the Γ-VAE of ``ref`` and load its checkpoint's EMA weights."""
     model = GammaVAE(ref.settings.model_config())
-    model.load_state_dict(load_checkpoint(ref.checkpoint, "cpu")["ema"])
+    try:
+        model.load_state_dict(load_checkpoint(ref.checkpoint, "cpu")["ema"])
+    except RuntimeError as exc:  # weights of another architecture than the run's settings say
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise EchoSynthError(
+            f"the Γ-VAE checkpoint {ref.checkpoint} does not fit the settings of its run "
+            f"{ref.run} ({first}); it was written by another version or another configuration"
+        ) from None
     model = model.to(device).eval().requires_grad_(False)
     return LoadedVAE(model, ref.settings, ref.run.resolve(), ref.checkpoint.resolve(), ref.sha256)
 

@@ -134,8 +134,12 @@ def generate(
     channels: int = 1,
     class_labels: torch.Tensor | None = None,
     guidance: float | None = None,
+    levels: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Images in [0, 1] (N, 1, H, W) for label maps (N, H, W), one seed per sample.
+
+    ``levels``: the positive noise levels to sample at (a consistency student's recorded ones;
+    the final 0 is added), instead of ``steps`` levels of ``schedule``.
 
     ``class_labels`` (N,): the class of each sample for a class-conditional ``net`` (None: the
     null class); ``guidance``: the classifier-free guidance scale w (None: 1, the conditional
@@ -154,7 +158,10 @@ def generate(
     model's). ``net`` may be a ``torch.compile``d module (attributes such as ``spade_cache``,
     ``round_sigma`` and ``learn_sigma`` pass through to the original)."""
     device = labels.device
-    sigmas = model_sigmas(model_name, net, steps, schedule)
+    if levels is not None:
+        sigmas = torch.tensor([*map(float, levels), 0.0], dtype=torch.float64)
+    else:
+        sigmas = model_sigmas(model_name, net, steps, schedule)
     options = solver_options_for(net, solver, solver_options)
     extra = {"return_variance": True} if options.get("variance") == "learned" else {}
     noise = SampleNoise(seeds, (channels, net_size, net_size), device)

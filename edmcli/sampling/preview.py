@@ -26,6 +26,7 @@ def preview_samples(
     the model's preview solver (Euler; DDIM for DDPM models). ``class_labels`` (N,): the classes
     of a class-conditional model (the maps' own; None for a map-only model), sampled as
     ``sample`` does by default (guidance scale 1: the conditional model)."""
+    student = bool(getattr(settings, "consistency", None))  # a distilled student: 2 steps
     was_training = net.training
     net.eval()
     chunks = []
@@ -38,8 +39,9 @@ def preview_samples(
                 labels[lo:hi],
                 seeds=range(lo, min(hi, labels.shape[0])),
                 net_size=settings.net_size,
-                solver=get_spec(settings.model).preview_solver,
+                solver="consistency" if student else get_spec(settings.model).preview_solver,
                 steps=PREVIEW_STEPS,
+                levels=settings.student_levels(2) if student else None,
                 decode=latent_decoder(vae, settings.norm),
                 outside_value=settings.norm.outside_value,
                 channels=settings.channels,

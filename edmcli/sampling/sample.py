@@ -257,6 +257,7 @@ def _sample_shard(job: _Job, shard: int, advance) -> None:
                 schedule=request.schedule, pin_outside=request.pin_outside,
                 outside_value=settings.norm.outside_value, channels=settings.channels,
                 class_labels=batch_classes, guidance=request.guidance,
+                levels=settings.student_levels(request.nfe) if settings.consistency else None,
             )  # fmt: skip
         pixels = (batch.float() * 255).round().clamp(0, 255).to(torch.uint8)
         check_samples(batch, pixels, labels, seeds[b : b + request.batch], lo + b)

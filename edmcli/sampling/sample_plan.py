@@ -199,6 +199,37 @@ def guided_plan(solver: str, nfe: int, guidance: float | None) -> StepPlan:
     return StepPlan(steps=inner.steps, nfe=int(nfe), note=note)
 
 
+def check_student(
+    record: dict[str, Any],
+    solver: str | None,
+    nfe: int | None,
+    schedule: str | None,
+    guidance: float | None,
+) -> tuple[str, int]:
+    """(solver, NFE) of a consistency student: its own multistep sampler at one of the NFEs it
+    was made for (default: 2, else the first), at its recorded levels; a solver, schedule or
+    guidance scale it cannot use is refused in one sentence."""
+    made = [int(n) for n in record.get("sigmas", {})]
+    if solver not in (None, "consistency"):
+        raise EchoSynthError(
+            f"a distilled student samples with its own levels (solver consistency), not {solver}"
+        )
+    if schedule is not None:
+        raise EchoSynthError("a distilled student samples at its recorded levels; drop --schedule")
+    if guidance not in (None, 1.0):
+        raise EchoSynthError(
+            f"a distilled student is the conditional model alone; --guidance {guidance} needs "
+            "its teacher"
+        )
+    nfe = (2 if 2 in made else made[0]) if nfe is None else nfe
+    if nfe not in made:
+        raise EchoSynthError(
+            f"this student was made for NFE {', '.join(map(str, made))}, not {nfe}; sample it "
+            f"with --nfe {'|'.join(map(str, made))}"
+        )
+    return "consistency", nfe
+
+
 def resolve_guidance(run_dir: Path, guidance: float | None) -> tuple[str | None, float | None]:
     """(class conditioning of the run, guidance scale to sample with): a class-conditional run
     samples with ``guidance`` (default 1, the conditional denoiser); a map-only run refuses one."""
@@ -287,10 +318,18 @@ def plan_sample(
         raise EchoSynthError(f"churn {churn} must be at least 0")
     model, run_dir = resolve_run(model, run, runs_root)
     spec = get_spec(model)
+    class_cond, guidance = resolve_guidance(run_dir, guidance)
+    student = load_run_config(run_dir).get("consistency")
+    if student:  # a distilled student samples with its own levels
+        solver, nfe = check_student(student, solver, nfe, schedule, guidance)
     solver = solver or spec.solver
     if solver not in SOLVERS:
         raise EchoSynthError(f"solver {solver!r} is unknown; choose from {', '.join(SOLVERS)}")
-    class_cond, guidance = resolve_guidance(run_dir, guidance)
+    if solver == "consistency" and not student:
+        raise EchoSynthError(
+            f"--solver consistency samples a distilled student (echo-synth distill); {run_dir} "
+            f"is a diffusion model: use {spec.solver}"
+        )
     nfe = spec.nfe * guidance_branches(guidance) if nfe is None else nfe
     split_list = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else splits
     step_plan = guided_plan(solver, nfe, guidance)

@@ -29,6 +29,7 @@ synchronisation: it only launches kernels. Solvers do not switch autograd off; c
 | ``heun`` | EDM Algorithm 2: Heun, optional churn; last step (to 0) Euler | 2N - 1 |
 | ``dpmpp_2m`` | DPM-Solver++(2M) in log-sigma; first and last step first order | N |
 | ``dpmpp_3m`` | DPM-Solver++(3M) in log-sigma; orders 1, 2, then 3; last step first order | N |
+| ``consistency`` | a consistency student: one jump to x_0 per level, fresh noise between | N |
 | ``ddim`` | DDIM, eta = 0 deterministic (= Euler in sigma form) | N |
 | ``ddpm_ancestral`` | DDPM ancestral step: posterior mean, variance beta~, beta or learned | N |
 
@@ -49,6 +50,7 @@ from edmcli.sampling.schedules import check_sigmas
 
 __all__ = [
     "SOLVERS",
+    "consistency",
     "VARIANCES",
     "Denoise",
     "Noise",
@@ -224,6 +226,23 @@ def dpmpp_3m(
     return x
 
 
+def consistency(
+    denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, noise: Noise | None = None
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) of a consistency student
+    (:mod:`edmcli.models.consistency`), whose ``denoise`` maps a noisy image straight to the
+    trajectory's end; N NFE for the N positive levels of ``sigmas``.
+
+    x_0 = f(x, sigma_0); then for each further level sigma_i > 0: x = x_0 + sigma_i n_i (fresh
+    noise, ``noise(i)``), x_0 = f(x, sigma_i). One level is one-step generation.
+    """
+    s, s_dev, draw = _setup(x, sigmas, noise)
+    x0 = denoise(x, s_dev[0])
+    for i in range(1, len(s) - 1):
+        x0 = denoise(x0 + s[i] * draw(i), s_dev[i])
+    return x0
+
+
 def _ddim_steps(
     denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise | None, eta: float
 ) -> torch.Tensor:
@@ -334,6 +353,7 @@ SOLVERS: dict[str, Solver] = {
     "heun": heun,
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_3m": dpmpp_3m,
+    "consistency": consistency,
     "ddim": ddim,
     "ddpm_ancestral": ddpm_ancestral,
 }

@@ -56,6 +56,7 @@ __all__ = [
     "last_validation",
     "run_train_diffusion",
     "train_diffusion",
+    "vae_dependencies",
 ]
 
 CHECK_SIGMA = 0.5  # the denoising check's noise level (σ_data of EDM: a "moderate" σ)
@@ -213,10 +214,6 @@ def run_train_diffusion(plan: DiffusionTrainingPlan) -> dict[str, Any] | None:
             loaded_vae.model.to(env.device)
         return DiffusionTask(settings, loaded_vae, plan.preview, seed=plan.train_config.seed)
 
-    depends_on = []
-    if loaded_vae is not None:
-        depends_on.append(Dependency("vae", Path(settings.vae_run), Path(settings.vae_checkpoint),
-                                     settings.vae_sha256))  # fmt: skip
     return train_run(
         run=plan.run,
         device=plan.placement.device,
@@ -228,8 +225,16 @@ def run_train_diffusion(plan: DiffusionTrainingPlan) -> dict[str, Any] | None:
         report=lambda run, env: last_validation(run),
         title=plan.model,
         head={"model": plan.model, **_sigma_data_head(settings), **_class_head(settings)},
-        depends_on=depends_on,
+        depends_on=vae_dependencies(settings),
     )
+
+
+def vae_dependencies(settings: DiffusionSettings) -> list[Dependency]:
+    """The Γ-VAE checkpoint a latent run is built on (frozen into the run), none for pixels."""
+    if settings.vae_run is None:
+        return []
+    return [Dependency("vae", Path(settings.vae_run), Path(settings.vae_checkpoint),
+                       settings.vae_sha256)]  # fmt: skip
 
 
 def train_diffusion(

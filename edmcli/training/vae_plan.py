@@ -33,6 +33,7 @@ _SETTING_KEYS = (
     "base_channels", "num_res_blocks", "norm_groups", "prior_shape", "prior_rate",
     "kl_direction", "perceptual", "w_recon", "w_perceptual", "w_kl", "w_latent",
     "warmup_epochs", "augment", "latent_channels", "w_spectrum", "decoder_labels",
+    "decoder_hidden",
 )  # fmt: skip
 
 

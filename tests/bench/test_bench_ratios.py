@@ -130,3 +130,21 @@ def test_frontier_points_pair_report_runs_with_the_bench_cost_model():
     assert points[0]["images_per_s"] == pytest.approx(4 / (0.1 + 5 * 0.02))
     assert real == {"dice_mean": 0.86}
     assert notes and "vp 35 NFE" in notes[0]
+
+
+def test_a_student_and_another_solver_are_their_own_series_at_the_teachers_cost():
+    entry = _entry("edm-l64", 0.02, 0.1, cached=1, uncached=2, spade=1, batch=4)
+
+    def run(solver, nfe, value):
+        return {"task": "seg", "kind": "synthetic", "model": "edm-l64", "nfe": nfe,
+                "solver": solver, "metrics": {"dice_mean": {"value": value}}}  # fmt: skip
+
+    report = {"_path": "r.json", "runs": [run("heun", 2, 0.5), run("consistency", 2, 0.75),
+                                          run("dpmpp_3m", 2, 0.6), run(None, 35, 0.8)]}  # fmt: skip
+    points, _, _ = frontier_points([report], [entry])
+    at2 = {p["series"]: p for p in points if p["nfe"] == 2}
+    assert set(at2) == {"edm-l64", "edm-l64 student", "edm-l64 dpmpp_3m"} and len(points) == 4
+    assert at2["edm-l64 student"]["dice_mean"] == 0.75
+    # the same network at the same NFE costs the same, whichever sampler
+    assert len({p["images_per_s"] for p in at2.values()}) == 1
+    assert cheapest_within(points, tol=0.06)["series"] == "edm-l64 student"

@@ -90,3 +90,13 @@ def test_map_following_is_one_for_a_painter_and_zero_for_a_latent_decoder():
     image = (labels == LV).float()[:, None] + 0.5 * (labels == MYO).float()[:, None]
     assert map_following(_Fake(paint=True), image, labels, shift=2) == pytest.approx(1.0)
     assert map_following(_Fake(paint=False), image, labels, shift=2) == pytest.approx(0.0)
+
+
+def test_the_decoder_width_is_a_recorded_setting():
+    """The SPADE width is part of the run's settings, so a run keeps loading when the default
+    changes; a checkpoint of another width is refused in one line (runs.vae_run)."""
+    assert GammaVAE(_config(decoder_labels=True)).decoder.norm_out.shared.out_channels == 24
+    vae = GammaVAE(_config(decoder_labels=True, decoder_hidden=8))
+    assert vae.decoder.norm_out.shared.out_channels == 8
+    with pytest.raises(ValueError, match="decoder_hidden must be a positive integer"):
+        _config(decoder_hidden=0).validate()
