@@ -84,17 +84,20 @@ class NetworkFlops:
         return {**asdict(self), "spade_share": self.spade_share}
 
 
-def network_flops(build: Callable[[], nn.Module], net_size: int, label_size: int) -> NetworkFlops:
+def network_flops(
+    build: Callable[[], nn.Module], net_size: int, label_size: int, channels: int = 1
+) -> NetworkFlops:
     """Count the network that ``build()`` returns, built on the meta device, at batch 1.
 
     Args:
         build: returns the preconditioned network (called under ``torch.device("meta")``).
         net_size: side of the network input (pixels, or the latent side).
         label_size: side of the label maps (the image size).
+        channels: channels of the network input (a C-channel Γ-VAE's latent: C).
     """
     with META:
         net = build().eval()
-    x = torch.zeros(1, 1, net_size, net_size, device=META)
+    x = torch.zeros(1, channels, net_size, net_size, device=META)
     sigma = torch.ones(1, device=META)
     labels = torch.zeros(1, label_size, label_size, dtype=torch.long, device=META)
     uncached = count_flops(lambda: net(x, sigma, labels)).total

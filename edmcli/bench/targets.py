@@ -70,7 +70,7 @@ class Target:
 
 def target_flops(target: Target) -> NetworkFlops:
     """The target network's FLOPs per sample (:func:`network_flops`, on meta)."""
-    return network_flops(target.meta_net, target.net_size, target.image_size)
+    return network_flops(target.meta_net, target.net_size, target.image_size, target.channels)
 
 
 def _vae_config(preset: str, image_size: int, latent: int, vae: dict | None = None):

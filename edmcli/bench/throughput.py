@@ -420,7 +420,8 @@ def _checks(target, runner, labels, labels_np, vae, writer, model, s, m, warm) -
         steps = plan(solver, nfe).steps
         with s.autocast_ctx():
             images = generate(runner, target.model, labels, range(len(labels)), target.net_size,
-                              solver=solver, steps=steps, decode=decode)  # fmt: skip
+                              solver=solver, steps=steps, decode=decode,
+                              channels=target.channels)  # fmt: skip
         writer.write(images, labels_np)
 
     def timed(nfe: int) -> dict[str, Any]:
