@@ -113,7 +113,7 @@ def test_shortened_phantom_study_runs_and_resumes(tmp_path):
     assert record["stages"]["evaluate"] == stages["evaluate"]  # not rerun (--only sample)
 
 
-@pytest.mark.parametrize("name", ["study-phantom.yaml", "study-paper.yaml"])
+@pytest.mark.parametrize("name", ["study-phantom.yaml", "study-paper.yaml", "study-few-step.yaml"])
 def test_the_example_configs_load(name):
     from pathlib import Path
 

@@ -152,7 +152,9 @@ def frontier_points(
                 continue
             cost = entry["cost_model"]
             ips = images_per_second(entry, int(nfe))
-            series = _series(model, run.get("solver"))
+            stores = run.get("train_stores") or [{}]
+            generator = (stores[0].get("provenance") or {}).get("run")
+            series = _series(model, run.get("solver"), Path(generator).name if generator else None)
             point = points.setdefault(
                 (series, model, int(nfe)),
                 {"model": model, "series": series, "nfe": int(nfe), "images_per_s": ips,
@@ -162,16 +164,18 @@ def frontier_points(
     return sorted(points.values(), key=lambda p: p["images_per_s"]), real, sorted(set(notes))
 
 
-def _series(model: str, solver: str | None) -> str:
-    """The curve of a point: ``model``, ``model solver`` for a solver that is not the model's
-    default, ``model student`` for a distilled student."""
+def _series(model: str, solver: str | None, run: str | None = None) -> str:
+    """The curve of a point: its diffusion run's folder name (``model`` when unknown), with the
+    solver when it is not the model's default; a student without a run name is ``model
+    student``."""
     from edmcli.models.registry import get_spec
 
+    name = run or model
     if solver == "consistency":
-        return f"{model} student"
+        return name if run else f"{model} student"
     if solver is None or solver == get_spec(model).solver:
-        return model
-    return f"{model} {solver}"
+        return name
+    return f"{name} {solver}"
 
 
 def pareto_front(points: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -217,7 +221,7 @@ def plot_frontier(
         have = [p for p in points if p.get(metric) is not None]
         for series in sorted({p.get("series", p["model"]) for p in have}):
             mine = [p for p in have if p.get("series", p["model"]) == series]
-            mark = "s" if series.endswith("student") else "o"
+            mark = "s" if "student" in series else "o"
             ax.plot([p["images_per_s"] for p in mine], [100 * p[metric] for p in mine], mark,
                     label=series)  # fmt: skip
             for p in mine:

@@ -198,7 +198,7 @@ def distill(
         str, typer.Option(help="ect: Easy Consistency Tuning from the teacher's weights.")
     ] = "ect",
     steps: Annotated[
-        int | None, typer.Option(help="Optimiser steps (default: the teacher's).")
+        int | None, typer.Option(help="Optimiser steps (default: 3/4 of the teacher's).")
     ] = None,
     batch: BatchOpt = None,
     batch_gpu: BatchGpuOpt = None,

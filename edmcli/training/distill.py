@@ -113,7 +113,8 @@ def distill(
 ) -> dict[str, Any] | None:
     """Tune the EDM-family run ``teacher`` into a consistency student in ``run`` (default: the
     teacher's folder name + ``-student``); ``overrides`` are training settings (``steps``,
-    ``lr``, ``batch``, ``ema_decay``, ...). Returns the student's summary on the main rank."""
+    default 3/4 of the teacher's; ``lr``, ``batch``, ``ema_decay``, ...). Returns the student's
+    summary on the main rank."""
     plan = plan_distill(teacher, run=run, method=method, precision=precision, device=device,
                         seed=seed, preview=preview, **overrides)  # fmt: skip
     return run_distill(plan)

@@ -148,3 +148,18 @@ def test_a_student_and_another_solver_are_their_own_series_at_the_teachers_cost(
     # the same network at the same NFE costs the same, whichever sampler
     assert len({p["images_per_s"] for p in at2.values()}) == 1
     assert cheapest_within(points, tol=0.06)["series"] == "edm-l64 student"
+
+
+def test_two_runs_of_one_model_are_two_series_named_by_their_folders():
+    entry = _entry("edm-l64", 0.02, 0.1, cached=1, uncached=2, spade=1, batch=4)
+
+    def run(folder, solver, value):
+        store = {"provenance": {"run": f"/x/runs/{folder}"}}
+        return {"task": "seg", "kind": "synthetic", "model": "edm-l64", "nfe": 1,
+                "solver": solver, "train_stores": [store],
+                "metrics": {"dice_mean": {"value": value}}}  # fmt: skip
+
+    report = {"_path": "r.json", "runs": [run("a-student", "consistency", 0.7),
+                                          run("b-student", "consistency", 0.8)]}  # fmt: skip
+    points, _, _ = frontier_points([report], [entry])
+    assert {p["series"]: p["dice_mean"] for p in points} == {"a-student": 0.7, "b-student": 0.8}
