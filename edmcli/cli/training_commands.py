@@ -24,6 +24,7 @@ from .options import (
     RunOption,
     SeedOpt,
     TrainPrecisionOpt,
+    ValidateEveryOpt,
     WorkersOpt,
     stage_options,
 )
@@ -169,9 +170,7 @@ def train_diffusion(
     checkpoint_every: CheckpointEveryOpt = None,
     log_every: LogEveryOpt = None,
     grid_every: GridEveryOpt = None,
-    validate_every: Annotated[
-        int | None, typer.Option(help="Steps between denoising checks.")
-    ] = None,
+    validate_every: ValidateEveryOpt = None,
     num_workers: WorkersOpt = None,
     precision: TrainPrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
@@ -207,9 +206,7 @@ def distill(
     checkpoint_every: CheckpointEveryOpt = None,
     log_every: LogEveryOpt = None,
     grid_every: GridEveryOpt = None,
-    validate_every: Annotated[
-        int | None, typer.Option(help="Steps between denoising checks.")
-    ] = None,
+    validate_every: ValidateEveryOpt = None,
     num_workers: WorkersOpt = None,
     precision: TrainPrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",

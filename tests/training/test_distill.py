@@ -4,14 +4,11 @@ and refuses bad input in one line."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
 import zarr
+from echo_process import assert_resume_is_exact
 from typer.testing import CliRunner
 
 from edmcli.cli import app
@@ -117,21 +114,5 @@ def test_bad_teachers_are_refused_in_one_line(teacher, tmp_path, phantom_store):
 
 @pytest.mark.slow
 def test_distillation_killed_and_resumed_equals_an_uninterrupted_one(teacher, tmp_path):
-    args = [sys.executable, "-m", "edmcli", "distill", "--teacher", str(teacher), "--steps", "8",
-            *FAST]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = subprocess.run([*args, "--run", str(tmp_path / "a")], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert full.returncode == 0, full.stderr
-    kill = {**env, "ECHO_SYNTH_FAULT_KILL": "train-step:5"}
-    killed = subprocess.run([*args, "--run", str(tmp_path / "b")], capture_output=True, env=kill,
-                            timeout=300)  # fmt: skip
-    assert killed.returncode == -9
-    resumed = subprocess.run([*args, "--run", str(tmp_path / "b")], env=env, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    a = load_checkpoint(latest_checkpoint(tmp_path / "a"))
-    b = load_checkpoint(latest_checkpoint(tmp_path / "b"))
-    assert a["step"] == b["step"] == 8
-    for name, tensor in a["ema"].items():
-        assert torch.equal(tensor, b["ema"][name]), name
+    assert_resume_is_exact(["distill", "--teacher", teacher, "--steps", "8", *FAST], tmp_path,
+                           kill_after=5, steps=8)  # fmt: skip

@@ -1,18 +1,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import zarr
+from echo_process import assert_resume_is_exact
 from typer.testing import CliRunner
 
 from edmcli.cli import app
 from edmcli.data.prepare import prepare_phantom
-from edmcli.runs.checkpoint import latest_checkpoint, load_checkpoint
 
 runner = CliRunner()
 FAST = ["--preset", "tiny", "--batch", "8", "--model-channels", "16", "--device", "cpu",
@@ -92,25 +89,9 @@ def test_latent_models_learn_to_denoise(phantom_store, vae_runs, tmp_path, model
 
 @pytest.mark.slow
 def test_latent_model_kill_and_resume_is_exact(phantom_store, vae_runs, tmp_path):
-    args = [sys.executable, "-m", "edmcli", "train-diffusion", "--model", "edm-l64", "--data",
-            str(phantom_store), "--vae", str(vae_runs[64]), "--steps", "12",
-            "--validate-every", "0", *FAST]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = subprocess.run([*args, "--run", str(tmp_path / "a")], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert full.returncode == 0, full.stderr
-    kill = {**env, "ECHO_SYNTH_FAULT_KILL": "train-step:7"}
-    killed = subprocess.run([*args, "--run", str(tmp_path / "b")], capture_output=True, env=kill,
-                            timeout=300)  # fmt: skip
-    assert killed.returncode == -9
-    resumed = subprocess.run([*args, "--run", str(tmp_path / "b")], env=env, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    a = load_checkpoint(latest_checkpoint(tmp_path / "a"))
-    b = load_checkpoint(latest_checkpoint(tmp_path / "b"))
-    assert a["step"] == b["step"] == 12
-    for name, tensor in a["ema"].items():
-        assert torch.equal(tensor, b["ema"][name]), name
+    args = ["train-diffusion", "--model", "edm-l64", "--data", phantom_store, "--vae",
+            vae_runs[64], "--steps", "12", "--validate-every", "0", *FAST]  # fmt: skip
+    assert_resume_is_exact(args, tmp_path, kill_after=7, steps=12)
 
 
 def test_centred_latent_run_sees_mean_zero_std_sigma_data_then_samples(
