@@ -5,7 +5,7 @@ its FLOPs counted on the meta device (:func:`target_flops`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -130,8 +130,7 @@ def run_target(run: Path, nfes: Sequence[int], batch: int | None, device: torch.
     """The network (EMA weights) and Γ-VAE of a trained diffusion run."""
     model, path = resolve_run(None, run, Path("runs"))
     config = load_run_config(path)
-    names = {f.name for f in fields(DiffusionSettings)}
-    settings = DiffusionSettings(**{k: v for k, v in config.items() if k in names})
+    settings = DiffusionSettings.from_config(config)
 
     @lru_cache(maxsize=1)
     def loaded():

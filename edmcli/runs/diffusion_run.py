@@ -109,22 +109,33 @@ class DiffusionSettings:
         """The run's latent normalisation (the identity for pixels and un-normalised latents)."""
         return LatentNorm.from_record(self.latent_norm)
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DiffusionSettings:
+        """The settings a run's ``config.yaml`` records (its engine keys left out)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
     def student_levels(self, nfe: int) -> list[float]:
-        """The noise levels at which a consistency student samples with ``nfe`` evaluations;
-        one sentence naming the NFEs it was made for otherwise."""
-        levels = (self.consistency or {}).get("sigmas", {})
-        if str(nfe) not in levels:
-            made = ", ".join(levels) or "none"
-            raise EchoSynthError(
-                f"this student was made for NFE {made}, not {nfe}; sample it with --nfe "
-                f"{'|'.join(levels) or '1'}"
-            )
-        return [float(v) for v in levels[str(nfe)]]
+        """:func:`student_levels` of this run's consistency record."""
+        return student_levels(self.consistency or {}, nfe)
 
     @property
     def num_classes(self) -> int:
         """Classes of the run's class conditioning (0: map only)."""
         return CLASS_CONDITIONS[self.class_cond] if self.class_cond else 0
+
+
+def student_levels(record: dict[str, Any], nfe: int) -> list[float]:
+    """The noise levels at which a consistency student (its ``consistency`` record) samples with
+    ``nfe`` evaluations; one sentence naming the NFEs it was made for otherwise."""
+    levels = record.get("sigmas", {})
+    if str(nfe) not in levels:
+        made = ", ".join(levels) or "none"
+        raise EchoSynthError(
+            f"this student was made for NFE {made}, not {nfe}; sample it with --nfe "
+            f"{'|'.join(levels) or '1'}"
+        )
+    return [float(v) for v in levels[str(nfe)]]
 
 
 def latent_decoder(
@@ -224,8 +235,7 @@ def load_diffusion_run(model: str, run: Path, device: torch.device) -> LoadedDif
         raise EchoSynthError(f"{run} is not a diffusion run (it is a {config.get('kind')!r} run)")
     if config.get("model") != model:
         raise EchoSynthError(f"{run} is a {config.get('model')} run, not {model}")
-    names = {f.name for f in fields(DiffusionSettings)}
-    settings = DiffusionSettings(**{k: v for k, v in config.items() if k in names})
+    settings = DiffusionSettings.from_config(config)
     checkpoint = latest_checkpoint(run)
     if checkpoint is None:
         raise EchoSynthError(f"{run} has no checkpoint yet; train it first")

@@ -21,7 +21,7 @@ model and solver registries and the device check do).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from edmcli.runs.diffusion_run import (
     check_class_cond,
     diffusion_vae_ref,
     resolve_run,
+    student_levels,
 )
 from edmcli.runs.distributed import process_layout, resolve_device
 from edmcli.runs.folder import load_run_config, load_training_patients
@@ -222,11 +223,7 @@ def check_student(
             "its teacher"
         )
     nfe = (2 if 2 in made else made[0]) if nfe is None else nfe
-    if nfe not in made:
-        raise EchoSynthError(
-            f"this student was made for NFE {', '.join(map(str, made))}, not {nfe}; sample it "
-            f"with --nfe {'|'.join(map(str, made))}"
-        )
+    student_levels(record, nfe)  # refuses an NFE it was not made for
     return "consistency", nfe
 
 
@@ -396,8 +393,7 @@ def _run_settings(model: str, run_dir: Path) -> DiffusionSettings:
         )
     if config.get("model") != model:
         raise EchoSynthError(f"{run_dir} is a {config.get('model')} run, not {model}")
-    names = {f.name for f in fields(DiffusionSettings)}
-    settings = DiffusionSettings(**{k: v for k, v in config.items() if k in names})
+    settings = DiffusionSettings.from_config(config)
     if latest_checkpoint(run_dir) is None:
         raise EchoSynthError(f"{run_dir} has no checkpoint yet; train it first")
     return settings

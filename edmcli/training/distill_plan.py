@@ -13,7 +13,7 @@ checkpoint is frozen into the student's folder like a latent run's Γ-VAE.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +82,6 @@ def is_edm(model: str) -> bool:
     return get_spec(model).precond is EDMPrecond
 
 
-def _teacher_settings(config: dict[str, Any]) -> DiffusionSettings:
-    names = {f.name for f in fields(DiffusionSettings)}
-    return DiffusionSettings(**{k: v for k, v in config.items() if k in names})
-
-
 def plan_distill(
     teacher: Path,
     *,
@@ -115,7 +110,7 @@ def plan_distill(
             "preconditioning gives the student its boundary D(x; 0) = x"
         )
     config = load_run_config(teacher)
-    teacher_settings = _teacher_settings(config)
+    teacher_settings = DiffusionSettings.from_config(config)
     if teacher_settings.consistency:
         raise EchoSynthError(f"{teacher} is already a distilled student; distil its teacher")
     chosen = find_checkpoint(checkpoint, teacher) if checkpoint else latest_checkpoint(teacher)
