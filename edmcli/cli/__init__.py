@@ -17,7 +17,7 @@ from edmcli.errors import EchoSynthError
 from .bench_commands import bench
 from .data_commands import info, prepare
 from .errors import EXIT_CODES, error_line, user_errors
-from .evaluation_commands import evaluate
+from .evaluation_commands import evaluate, memorisation
 from .pipeline_commands import demo, study
 from .sampling_commands import sample
 from .training_commands import distill, train_diffusion, train_vae
@@ -43,6 +43,7 @@ app.command("train-diffusion")(train_diffusion)
 app.command()(distill)
 app.command()(sample)
 app.command()(evaluate)
+app.command()(memorisation)
 app.command()(bench)
 app.command()(demo)
 app.command()(study)

@@ -152,3 +152,43 @@ def evaluate(
         bootstrap_iterations=bootstrap, bootstrap_fraction=bootstrap_fraction,
         checkpoint=checkpoint.value, val=val, fidelity=fidelity, jobs=jobs, probes=probe or (),
     )  # fmt: skip
+
+
+@user_errors
+def memorisation(
+    store: Annotated[Path, typer.Argument(help="Synthetic store written by sample.")],
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="Real store whose --split images (patients the generator never saw) calibrate "
+            "the check (default: the store the generator's diffusion run trained on)."
+        ),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split of --reference that calibrates.")] = "test",
+    max_images: Annotated[
+        int | None, typer.Option(help="At most this many synthetic images (whole source groups).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --max-images selection.")] = 0,
+) -> None:
+    """Does a synthetic store copy its generator's training patients? The fraction of its
+    images closer to a training image than the 1st / 5th percentile of real images of new
+    patients (pixel space; evaluate --fidelity adds the networks' feature spaces). Writes
+    STEM-memorisation.json and a grid of the closest pairs next to the store."""
+    from edmcli.console import print_summary
+    from edmcli.evaluation.memorisation import check_store, flagged_row
+
+    entry = check_store(store, reference, split, max_images, seed)
+    rows = {f"flagged {k}": f"{v:.1%}" if v is not None else "–"
+            for k, v in flagged_row(entry).items()}  # fmt: skip
+    pixel = entry["spaces"]["pixel"]
+    print_summary(f"memorisation of {store}", {
+        "synthetic images": entry["images"],
+        "training images": f"{entry['training']['images']} ({entry['training']['patients']} "
+        "patients)",
+        "reference images": f"{entry['reference']['images']} ({entry['reference']['patients']} "
+        "new patients)",
+        **rows,
+        "nearest is own source patient": f"{pixel['nearest_is_own_source_patient']:.1%}",
+        "closest pairs": entry["grid"],
+        "report": entry["json"],
+    })  # fmt: skip

@@ -84,6 +84,14 @@ def sample(
             "validation set for evaluate --checkpoint synthetic); 0: every sample trains."
         ),
     ] = 0.0,
+    privacy_filter: Annotated[
+        float | None,
+        typer.Option(
+            help="Redraw (new recorded seed, at most 8 times) every sample closer to a training "
+            "image of its generator than this percentile of real test images of new patients "
+            "(pixel space, relative nearest distance); e.g. 1 or 5. The store records it.",
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Output store (default synthetic/<model>-nfe<NFE>.zarr).")
     ] = None,

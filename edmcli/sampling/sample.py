@@ -50,6 +50,7 @@ from edmcli.runs.folder import load_training_patients
 from edmcli.runs.grids import save_image_grid
 from edmcli.sampling.compiled import compile_denoiser
 from edmcli.sampling.pipeline import generate
+from edmcli.sampling.privacy import REDRAW_STREAM, PrivacyFilter
 from edmcli.sampling.sample_plan import (
     PIN_OUTSIDE_DEFAULT,
     SampleRequest,
@@ -69,6 +70,7 @@ __all__ = [
 
 EXTRA_FIELDS = {"source_index": np.dtype("int64"), "transform": np.dtype("int16"),
                 "seed": np.dtype("int64"), "source_split": str}  # fmt: skip
+PRIVACY_FIELDS = {"redraws": np.dtype("int16")}  # with --privacy-filter: redraws per sample
 
 
 @dataclass
@@ -96,6 +98,7 @@ def open_output(
     provenance: dict[str, Any],
     identity: dict[str, Any],
     overwrite: bool,
+    more_fields: dict[str, Any] | None = None,
 ) -> zarr.Group:
     """Create the output store, or reopen it to resume when it was started identically."""
     if out.exists():
@@ -111,7 +114,7 @@ def open_output(
         replace_store(out)
     group = create_store(
         out, n, size, size, {"provenance": provenance, "sample_config": identity},
-        extra_fields=EXTRA_FIELDS, shard=chunk,
+        extra_fields={**EXTRA_FIELDS, **(more_fields or {})}, shard=chunk,
     )  # fmt: skip
     n_shards = -(-n // chunk)
     group.create_array("shard_done", shape=(n_shards,), dtype="bool", chunks=(1,),
@@ -136,6 +139,7 @@ class _Job:
     transform: Callable[[np.ndarray, int], np.ndarray]  # LabelMapTransform, or none
     columns: dict[str, np.ndarray]
     held_out: np.ndarray  # source patients whose rows are written as split "val"
+    privacy: PrivacyFilter | None = None  # --privacy-filter
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         chunk = self.request.chunk
@@ -176,10 +180,17 @@ def run_sampling(plan: SamplingPlan, loaded: LoadedDiffusion, env: DistEnv) -> S
         "generator_patients": generator_patients(loaded),
         "vae_run": str(loaded.vae.run) if loaded.vae else None,
     }
+    privacy = None
+    if request.privacy_filter is not None:
+        runs = [loaded.run, *([loaded.vae.run] if loaded.vae else [])]
+        patients = provenance["generator_patients"]
+        privacy = PrivacyFilter.build(request.privacy_filter, runs, patients)
+        provenance["privacy_filter"] = privacy.record
     size = settings.image_size
     if env.is_main:
         identity = request.identity(loaded)
-        open_output(out, n, size, request.chunk, provenance, identity, plan.overwrite)
+        open_output(out, n, size, request.chunk, provenance, identity, plan.overwrite,
+                    PRIVACY_FIELDS if privacy else None)  # fmt: skip
     if env.distributed:
         torch.distributed.barrier()
     group = zarr.open_group(str(out), mode="r+")
@@ -194,7 +205,7 @@ def run_sampling(plan: SamplingPlan, loaded: LoadedDiffusion, env: DistEnv) -> S
         steps=step_plan.steps,
         transform=LabelMapTransform(size) if request.transforms else _untransformed,
         columns={name: store.column(name) for name in (*STRING_FIELDS, "ef", "spacing")},
-        held_out=np.array(plan.held_out, dtype=str),
+        held_out=np.array(plan.held_out, dtype=str), privacy=privacy,
     )  # fmt: skip
     todo = sum(hi - lo for lo, hi in map(job.shard_range, mine))
     start = time.perf_counter()
@@ -242,25 +253,26 @@ def _sample_shard(job: _Job, shard: int, advance) -> None:
         for s, t in zip(src, k, strict=True)
     ])  # fmt: skip
     seeds = [sample_seed(request.seed, int(i)) for i in index]
-    decode = latent_decoder(job.loaded.vae, settings.norm)
     classes = source_classes(settings.class_cond, job.columns, src)
     images = np.empty((hi - lo, 1, settings.image_size, settings.image_size), dtype=np.uint8)
+    redraws = np.zeros(hi - lo, dtype=np.int16)
     for b in range(0, hi - lo, request.batch):
         labels = torch.from_numpy(label_maps[b : b + request.batch].astype(np.int64))
         labels = labels.to(job.device)
         batch_classes = None if classes is None else classes[b : b + request.batch]
-        with torch.autocast(job.device.type, torch.bfloat16, enabled=job.autocast):
-            batch = generate(
-                job.net, request.model, labels, seeds[b : b + request.batch], settings.net_size,
-                solver=request.solver, steps=job.steps, decode=decode,
-                solver_options=_solver_options(request), use_cache=request.spade_cache,
-                schedule=request.schedule, pin_outside=request.pin_outside,
-                outside_value=settings.norm.outside_value, channels=settings.channels,
-                class_labels=batch_classes, guidance=request.guidance,
-                levels=settings.student_levels(request.nfe) if settings.consistency else None,
+        batch_seeds = seeds[b : b + request.batch]
+        pixels = _draw(job, labels, batch_seeds, batch_classes, lo + b)
+        if job.privacy is not None:
+            pixels, batch_seeds, redraws[b : b + len(labels)] = job.privacy.apply(
+                pixels, labels, batch_seeds,
+                new_seed=lambda row, a, b=b: sample_seed(request.seed, lo + b + row,
+                                                         REDRAW_STREAM + a),
+                redraw=lambda rows, fresh, labels=labels, c=batch_classes, b=b: _draw(
+                    job, labels[torch.from_numpy(rows).to(labels.device)], fresh,
+                    None if c is None else c[torch.from_numpy(rows)], lo + b),
+                first=lo + b,
             )  # fmt: skip
-        pixels = (batch.float() * 255).round().clamp(0, 255).to(torch.uint8)
-        check_samples(batch, pixels, labels, seeds[b : b + request.batch], lo + b)
+            seeds[b : b + len(labels)] = batch_seeds
         images[b : b + len(labels)] = pixels.cpu().numpy()
         advance(len(labels))
     meta = {name: values[src] for name, values in job.columns.items()}
@@ -271,8 +283,31 @@ def _sample_shard(job: _Job, shard: int, advance) -> None:
     meta["split"] = np.where(held, "val", "train").astype(meta["split"].dtype)
     meta.update(source_index=src.astype(np.int64), transform=k.astype(np.int16),
                 seed=np.asarray(seeds, dtype=np.int64))  # fmt: skip
+    if job.privacy is not None:
+        meta["redraws"] = redraws
     write_block(job.group, lo, images, label_maps, meta)
     job.group["shard_done"][shard] = True
+
+
+def _draw(job: _Job, labels: torch.Tensor, seeds: list[int], classes: torch.Tensor | None,
+          first: int) -> torch.Tensor:  # fmt: skip
+    """uint8 images (B, 1, H, W) of the label maps ``labels`` with start noise ``seeds``,
+    checked (:func:`check_samples`; ``first``: the store index of the first)."""
+    request, settings = job.request, job.loaded.settings
+    decode = latent_decoder(job.loaded.vae, settings.norm)
+    with torch.autocast(job.device.type, torch.bfloat16, enabled=job.autocast):
+        batch = generate(
+            job.net, request.model, labels, seeds, settings.net_size,
+            solver=request.solver, steps=job.steps, decode=decode,
+            solver_options=_solver_options(request), use_cache=request.spade_cache,
+            schedule=request.schedule, pin_outside=request.pin_outside,
+            outside_value=settings.norm.outside_value, channels=settings.channels,
+            class_labels=classes, guidance=request.guidance,
+            levels=settings.student_levels(request.nfe) if settings.consistency else None,
+        )  # fmt: skip
+    pixels = (batch.float() * 255).round().clamp(0, 255).to(torch.uint8)
+    check_samples(batch, pixels, labels, seeds, first)
+    return pixels
 
 
 def source_classes(
@@ -343,6 +378,7 @@ def sample(
     pin_outside: bool = PIN_OUTSIDE_DEFAULT,
     guidance: float | None = None,
     transforms: bool = True,
+    privacy_filter: float | None = None,
     out: Path | None = None,
     overwrite: bool = False,
     precision: str = "auto",
@@ -352,7 +388,9 @@ def sample(
     ``echo-synth sample``). The run is ``run`` or ``runs_root/model``; with ``run`` the model is
     read from the run. Solver and NFE default to the model's spec (with two guidance branches:
     the spec's steps, i.e. twice its NFE). ``guidance``: the classifier-free guidance scale of a
-    class-conditional run (default 1); refused for a map-only run. Returns the summary (also
+    class-conditional run (default 1); refused for a map-only run. ``privacy_filter`` P:
+    samples closer to a training image than the P-th percentile of new real patients are
+    redrawn (:mod:`edmcli.sampling.privacy`). Returns the summary (also
     written next to the store) on the main rank.
 
     :func:`~edmcli.sampling.sample_plan.plan_sample` checks and plans, :func:`run_sample`
@@ -361,8 +399,8 @@ def sample(
         model, run=run, runs_root=runs_root, labels=labels, splits=splits, k=k, n=n, nfe=nfe,
         solver=solver, churn=churn, seed=seed, batch=batch, chunk=chunk, compile=compile,
         spade_cache=spade_cache, holdout=holdout, schedule=schedule, pin_outside=pin_outside,
-        guidance=guidance, transforms=transforms, out=out, overwrite=overwrite,
-        precision=precision, device=device,
+        guidance=guidance, transforms=transforms, privacy_filter=privacy_filter, out=out,
+        overwrite=overwrite, precision=precision, device=device,
     ))  # fmt: skip
 
 

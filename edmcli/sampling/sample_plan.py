@@ -51,6 +51,7 @@ from edmcli.runs.distributed import process_layout, resolve_device
 from edmcli.runs.folder import load_run_config, load_training_patients
 from edmcli.runs.memory import sampling_check, sampling_memory
 from edmcli.sampling.nfe import NFEError, StepPlan, plan
+from edmcli.sampling.privacy import check_percentile, reference_rows
 from edmcli.sampling.schedules import SCHEDULES
 from edmcli.sampling.solvers import SOLVERS, nfe_cost
 
@@ -92,6 +93,7 @@ class SampleRequest:
     pin_outside: bool = PIN_OUTSIDE_DEFAULT
     guidance: float | None = None  # classifier-free guidance scale (None: a map-only model)
     transforms: bool = True  # each map randomly transformed (paper); False: the maps as they are
+    privacy_filter: float | None = None  # percentile below which a sample is redrawn
 
     def content(self, run: Path) -> dict[str, Any]:
         """What the output store's content depends on, but the checkpoint's hash."""
@@ -102,6 +104,8 @@ class SampleRequest:
             out.pop("guidance")  # map only: the identity of stores written before guidance
         if out["transforms"]:
             out.pop("transforms")  # the identity of stores written before the option
+        if out["privacy_filter"] is None:
+            out.pop("privacy_filter")  # likewise
         out.update(run=str(run))
         return out
 
@@ -145,6 +149,11 @@ class SamplingPlan:
             + (", outside pinned" if r.pin_outside else "")
             + ("" if r.transforms else ", label maps untransformed"),
         ]
+        if r.privacy_filter is not None:
+            lines.append(
+                f"privacy filter: redraw samples closer than the {r.privacy_filter:g}th "
+                "percentile of new real patients"
+            )
         if self.class_cond:
             lines.append(f"guidance {r.guidance:g}")
         total = len(self.sources) * r.k
@@ -294,6 +303,7 @@ def plan_sample(
     pin_outside: bool = PIN_OUTSIDE_DEFAULT,
     guidance: float | None = None,
     transforms: bool = True,
+    privacy_filter: float | None = None,
     out: Path | None = None,
     overwrite: bool = False,
     precision: str = "auto",
@@ -313,6 +323,8 @@ def plan_sample(
         )
     if churn < 0:
         raise EchoSynthError(f"churn {churn} must be at least 0")
+    if privacy_filter is not None:
+        check_percentile(privacy_filter)
     model, run_dir = resolve_run(model, run, runs_root)
     spec = get_spec(model)
     class_cond, guidance = resolve_guidance(run_dir, guidance)
@@ -344,7 +356,7 @@ def plan_sample(
         splits=[s for s in split_list if s], k=k, n=n, nfe=nfe, solver=solver, churn=churn,
         seed=seed, batch=batch, chunk=chunk, compile=compile, spade_cache=spade_cache,
         precision=precision, holdout=holdout, schedule=schedule, pin_outside=pin_outside,
-        guidance=guidance, transforms=transforms,
+        guidance=guidance, transforms=transforms, privacy_filter=privacy_filter,
     )  # fmt: skip
     out = Path(out) if out is not None else Path("synthetic") / f"{model}-nfe{nfe}.zarr"
     check_name_length(out)
@@ -356,8 +368,11 @@ def plan_sample(
         )
     if chunk % batch and batch < chunk:
         raise EchoSynthError(f"--batch {batch} must divide --chunk {chunk}")
+    patients: set[str] = set()
     for learnt in (run_dir, *([] if vae is None else [vae.run])):
-        load_training_patients(learnt)  # the provenance's generator patients
+        patients |= set(load_training_patients(learnt)["patients"])  # the provenance's
+    if privacy_filter is not None:
+        reference_rows(run_dir, sorted(patients))  # enough real test images to calibrate
     check_not_an_input(out, {"label store": request.label_store, "diffusion run": run_dir,
                              "Γ-VAE run": None if vae is None else vae.run})  # fmt: skip
     if rank == 0:  # the rank that writes the store checks it
