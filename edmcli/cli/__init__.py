@@ -15,7 +15,7 @@ from edmcli.console import err_console, quiet_third_party_logs
 from edmcli.errors import EchoSynthError
 
 from .bench_commands import bench
-from .data_commands import info, prepare
+from .data_commands import export, info, prepare
 from .errors import EXIT_CODES, error_line, user_errors
 from .evaluation_commands import evaluate, memorisation
 from .pipeline_commands import demo, study
@@ -47,6 +47,7 @@ app.command()(memorisation)
 app.command()(bench)
 app.command()(demo)
 app.command()(study)
+app.command()(export)
 
 
 def _usage_message(exc) -> str:

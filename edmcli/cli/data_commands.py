@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -127,3 +128,48 @@ def info(
 
 def _view_phase_columns(summary: dict) -> list[str]:
     return sorted({k for row in summary["splits"].values() for k in row if "/" in k})
+
+
+@user_errors
+def export(
+    store: Annotated[Path, typer.Argument(help="A dataset store, real or synthetic.")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="nnunet (nnU-Net v2 raw layout: imagesTr/labelsTr/dataset.json, test rows in "
+            "imagesTs/labelsTs), nifti or png (images/ and labels/ pairs with the store's label "
+            "ids, which prepare --source folder reads back).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="New (or empty) folder to write.")],
+    sector_ignore: Annotated[
+        bool,
+        typer.Option(
+            help="nnunet: the outside of the sector becomes label 4 'ignore' (not learnt, not "
+            "scored) instead of background."
+        ),
+    ] = False,
+) -> None:
+    """Write a store as files nnU-Net, MONAI or any image tool reads, with a CSV of each
+    sample's columns and the store's DATASET.md card."""
+    from edmcli.console import progress
+    from edmcli.data.export import check_export, export_store
+
+    total = len(check_export(store, format, out))
+    with progress(total, "export") as advance:
+        result = export_store(store, format, out, sector_ignore=sector_ignore, progress=advance)
+    if result.format == "nnunet":
+        what = f"{result.training} training cases" + (
+            f", {result.test} test cases" if result.test else ""
+        )
+    else:
+        what = f"{result.training} image/label pairs"
+    console.print(f"wrote {result.out} ({result.format}): {what}; {result.table.name}, "
+                  f"{result.card.name}", highlight=False)  # fmt: skip
+    if result.format == "nnunet" and not re.match(r"^Dataset\d{3}_", result.out.name):
+        console.print(
+            "note: nnU-Net finds datasets as nnUNet_raw/DatasetXXX_NAME; rename the folder so "
+            "(e.g. Dataset501_EchoSynth) before nnUNetv2_plan_and_preprocess -d XXX",
+            highlight=False,
+        )

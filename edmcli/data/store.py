@@ -10,6 +10,7 @@ written. The format is :mod:`edmcli.data.store_format`; stores are written by
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,12 @@ from edmcli.data.store_integrity import (
     read_error,
 )
 from edmcli.errors import DataError
+
+# The dataset card (edmcli.data.card: CARD_FILE, VERDICTS_FILE) lives in the store's folder
+# beside zarr.json; zarr warns about any file there that is not part of the hierarchy.
+warnings.filterwarnings(
+    "ignore", message=r"Object at (DATASET\.md|card\.json) is not recognized", module="zarr"
+)
 
 
 class DatasetStore:

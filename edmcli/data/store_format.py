@@ -30,6 +30,8 @@ STRING_FIELDS = ("patient", "view", "phase", "split", "quality")
 UNKNOWN = "unknown"
 CHECKSUMS_KEY = "checksums"  # attrs["echo_synth"]["checksums"]: None until mark_complete
 BOOKKEEPING_ARRAYS = ("shard_done",)  # writer state (sample's done flags), not per-sample
+CARD_FILE = "DATASET.md"  # the dataset card (edmcli.data.card), in the store's folder
+VERDICTS_FILE = "card.json"  # the verdicts the card shows
 CHUNK_FOLDER = "c"  # Zarr v3 default chunk key encoding: ARRAY/c/0/0/...
 
 

@@ -11,7 +11,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from edmcli.data.store_format import ATTRS_KEY, CHUNK_FOLDER, FORMAT_NAME
+from edmcli.data.store_format import (
+    ATTRS_KEY,
+    CARD_FILE,
+    CHUNK_FOLDER,
+    FORMAT_NAME,
+    VERDICTS_FILE,
+)
 from edmcli.errors import DataError
 
 
@@ -116,7 +122,7 @@ def check_replaceable(path: str | Path) -> None:
         )
     for entry in entries:
         inside = sorted(p.name for p in entry.iterdir()) if entry.is_dir() else []
-        ours = entry.name == "zarr.json" or (
+        ours = entry.name in ("zarr.json", CARD_FILE, VERDICTS_FILE) or (
             entry.is_dir() and "zarr.json" in inside and set(inside) <= {"zarr.json", CHUNK_FOLDER}
         )
         if not ours:

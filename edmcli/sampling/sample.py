@@ -33,6 +33,7 @@ import torch
 import zarr
 
 from edmcli.console import console, print_summary, progress
+from edmcli.data.card import write_card
 from edmcli.data.dataset import PHASES, codes
 from edmcli.data.label_transforms import LabelMapTransform
 from edmcli.data.labels import VIEWS
@@ -178,7 +179,9 @@ def run_sampling(plan: SamplingPlan, loaded: LoadedDiffusion, env: DistEnv) -> S
         "label_store": str(Path(request.label_store).resolve()),
         "label_splits": request.splits,
         "generator_patients": generator_patients(loaded),
+        "generator_stores": generator_stores(loaded),
         "vae_run": str(loaded.vae.run) if loaded.vae else None,
+        "vae_checkpoint_sha256": loaded.vae.sha256 if loaded.vae else None,
     }
     privacy = None
     if request.privacy_filter is not None:
@@ -221,6 +224,7 @@ def run_sampling(plan: SamplingPlan, loaded: LoadedDiffusion, env: DistEnv) -> S
         if not bool(group["shard_done"][:].all()):
             raise EchoSynthError(f"{out} is missing shards after sampling; rerun to complete it")
         mark_complete(group)
+        write_card(out)
         grid = _grid(out)
     return SampleResult(
         out, n, todo, seconds, todo / seconds if todo else 0.0, step_plan.steps, step_plan.nfe,
@@ -234,6 +238,12 @@ def generator_patients(loaded: LoadedDiffusion) -> list[str]:
     if loaded.vae is not None:
         patients |= set(load_training_patients(loaded.vae.run)["patients"])
     return sorted(patients)
+
+
+def generator_stores(loaded: LoadedDiffusion) -> list[str]:
+    """The stores the generator's runs learnt from (their ``training_patients.json``)."""
+    runs = [loaded.run, *([loaded.vae.run] if loaded.vae is not None else [])]
+    return sorted({str(load_training_patients(run)["store"]) for run in runs})
 
 
 def _untransformed(labels: np.ndarray, _seed: int) -> np.ndarray:
