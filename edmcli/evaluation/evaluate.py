@@ -138,7 +138,14 @@ def run_evaluate(plan: EvaluationPlan) -> dict[str, Any] | None:
         test_data = _load_test_data(plan.test_store, plan.tasks)
         results = [_test(run, test_data, env.device) for run in runs]
         quality = (
-            quality_section(runs, test_data, env.device, plan.seed, probes=dict(plan.probes))
+            quality_section(
+                runs,
+                test_data,
+                env.device,
+                plan.seed,
+                probes=dict(plan.probes),
+                grid_dir=Path(out) / "plots",
+            )  # fmt: skip
             if plan.fidelity
             else None
         )
@@ -160,9 +167,29 @@ def run_evaluate(plan: EvaluationPlan) -> dict[str, Any] | None:
             )
             report["quality"] = quality
         _write(report, Path(out), test_data, results)
+        if quality is not None:
+            write_cards(quality, Path(out) / "report.md")
         return report
     finally:
         shutdown_distributed()
+
+
+def write_cards(quality: dict[str, Any], report: Path) -> None:
+    """Rewrite the card (``DATASET.md``) of every judged synthetic store with its quality
+    summary and memorisation check; a store that cannot be written to keeps its card (a note)."""
+    from edmcli.data.card import write_card
+
+    for entry in quality["stores"]:
+        verdicts = {"quality": {"report": str(report), "label": entry["label"],
+                                "summary": entry["summary"]}}  # fmt: skip
+        if entry.get("memorisation"):
+            verdicts["memorisation"] = entry["memorisation"]
+        for store in entry["stores"]:
+            try:
+                write_card(Path(store), **verdicts)
+            except OSError as err:
+                console.print(f"note: the card of {store} was not updated ({err})",
+                              highlight=False)  # fmt: skip
 
 
 def _train(run: dict[str, Any], preset: str, env: DistEnv) -> None:

@@ -23,6 +23,9 @@ stores), one entry per store (:func:`score_images`):
   conditioning maps are identical (noise alone), where a store has such pairs.
 * **Decoder ceiling** of a latent model: the real test images encoded and decoded by its Γ-VAE,
   judged like synthetic images: what a perfect generator of that latent space would reach.
+* **Memorisation** (:mod:`edmcli.evaluation.memorisation`): the share of the store's images
+  closer to a training image of their generator than the 1st / 5th percentile of the real test
+  images of new patients, in pixel space and in the segmenter's and classifier's feature spaces.
 
 Speed: a store is scored on at most :data:`FIDELITY_IMAGES` images, whole source groups drawn
 at random (seeded, :func:`~edmcli.evaluation.image_sets.select_groups`), in large batches;
@@ -542,6 +545,65 @@ def _ceiling_of(
     return {"vae_run": str(vae_run), "checkpoint_sha256": loaded.sha256, **ceiling}
 
 
+# --------------------------------------------------------------------------- memorisation
+MEMORISATION_FEATURES = ("segmenter", "classifier")
+
+
+def memorisation_entry(
+    provenance: dict[str, Any],
+    data: ImageSet,
+    outputs: NetworkOutputs,
+    nets: ReferenceNetworks,
+    real: ImageSet,
+    real_out: NetworkOutputs,
+    generators: dict[tuple[str, ...], Any],
+    notes: list[str],
+    grid: Path | None = None,
+) -> dict[str, Any] | None:
+    """The memorisation check of one store (:func:`~edmcli.evaluation.memorisation.
+    memorisation_check`) against its generator's training images (read and run through the
+    networks once per generator: ``generators``), calibrated by the real test images of patients
+    the generator never saw; in pixel space and the networks' feature spaces, standardised by
+    the real test features. None, with a note, when the generator's runs cannot be read."""
+    from edmcli.evaluation.memorisation import memorisation_check
+    from edmcli.runs.memorisation import MIN_REFERENCE, generator_runs, generator_training_images
+
+    t0 = time.perf_counter()
+    runs = tuple(str(r) for r in generator_runs(provenance))
+    if runs not in generators:
+        try:
+            training = generator_training_images([Path(r) for r in runs])
+        except (EchoSynthError, OSError) as err:
+            generators[runs] = str(err)
+        else:
+            features = run_networks(dataclasses.replace(nets, inception=None), training.images)
+            generators[runs] = (training, features.features)
+    if isinstance(generators[runs], str):
+        notes.append(f"memorisation not checked for a store of {runs[0] if runs else '?'}: "
+                     f"{generators[runs]}")  # fmt: skip
+        return None
+    training, train_features = generators[runs]
+    new = ~np.isin(real.patients, training.patients)
+    if new.sum() < MIN_REFERENCE:
+        notes.append(f"memorisation not checked: {int(new.sum())} real test images of patients "
+                     f"the generator never saw (needs {MIN_REFERENCE})")  # fmt: skip
+        return None
+    rows = torch.from_numpy(np.flatnonzero(new))
+    reference = ImageSet(real.images[rows], real.labels[rows], real.views[new], real.patients[new],
+                         None, int(new.sum()))  # fmt: skip
+    scale = feature_scale({s: f for s, f in real_out.features.items()
+                           if s in MEMORISATION_FEATURES})  # fmt: skip
+    mine, theirs = standardise(outputs.features, scale), standardise(train_features, scale)
+    ref = standardise(real_out.features, scale)
+    spaces = [space for space in MEMORISATION_FEATURES if space in scale and space in theirs]
+    features = {space: (mine[space].astype(np.float32), theirs[space].astype(np.float32),
+                        ref[space][new].astype(np.float32)) for space in spaces}  # fmt: skip
+    entry = memorisation_check(data, training, reference, features, grid)
+    entry["by"] = "evaluate --fidelity"
+    entry["seconds"] = time.perf_counter() - t0
+    return entry
+
+
 # --------------------------------------------------------------------------- evaluate's section
 def quality_section(
     plans: list[dict[str, Any]],
@@ -550,6 +612,7 @@ def quality_section(
     seed: int = 0,
     max_images: int | None = FIDELITY_IMAGES,
     probes: dict[str, str] | None = None,
+    grid_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score every synthetic ``--train`` spec of an ``evaluate`` call with the networks of its
     real-trained reference runs (the first real run per task), against the real test split.
@@ -560,6 +623,7 @@ def quality_section(
     stores that judge label fidelity and accuracy of a spec's generator. Without a probe they
     are judged on the spec's own images of patients the judges never saw
     (:func:`reference_patients`), or not at all, with a note saying how to get a probe.
+    ``grid_dir``: where the memorisation check draws each store's closest pairs.
     """
     probes = probes or {}
     started = time.perf_counter()
@@ -581,6 +645,7 @@ def quality_section(
     real_entry = real_reference_entry(real, real_out, seed, real_split.store, real_split.split)
     stores = []
     ceilings: dict[str, dict[str, Any] | None] = {}  # Γ-VAE run → its ceiling
+    generators: dict[tuple[str, ...], Any] = {}  # generator runs → training images, features
     seen: set[str] = set()
     for plan in plans:
         spec = plan["spec"]
@@ -592,7 +657,8 @@ def quality_section(
         load_s = time.perf_counter() - t0
         probe = probes.get(spec.slug)
         judged = np.zeros(len(data.images), bool) if probe else ~np.isin(data.patients, known)
-        entry = score_images(nets, data, real_out, real, seed, distance=distance,
+        outputs = run_networks(nets, data.images)
+        entry = score_images(nets, data, real_out, real, seed, outputs=outputs, distance=distance,
                              judged=judged)  # fmt: skip
         entry["judged_on"] = {
             "store": None,
@@ -622,6 +688,13 @@ def quality_section(
                 entry["seconds"]["decoder_ceiling"] = ceilings[vae_run]["seconds"]
                 entry["seconds"]["total"] += ceilings[vae_run]["seconds"]
         entry["decoder_ceiling"] = ceilings.get(vae_run) if vae_run is not None else None
+        grid = None if grid_dir is None else Path(grid_dir) / f"memorisation-{spec.slug}.png"
+        entry["memorisation"] = memorisation_entry(
+            spec.provenance[0], data, outputs, nets, real, real_out, generators, notes, grid
+        )
+        if entry["memorisation"] is not None:
+            entry["seconds"]["memorisation"] = entry["memorisation"]["seconds"]
+            entry["seconds"]["total"] += entry["memorisation"]["seconds"]
         entry["seconds"]["total"] += load_s
         stores.append({"label": spec.label, "slug": spec.slug, "model": spec.model,
                        "nfe": spec.nfe, "solver": spec.solver, "stores": spec.stores,

@@ -180,6 +180,7 @@ def check_store(
     closest pairs ``STEM-memorisation.png`` next to the store, and the store's card."""
     import json
 
+    from edmcli.data.card import write_card
     from edmcli.data.store import DatasetStore
     from edmcli.errors import EchoSynthError
     from edmcli.evaluation.image_sets import load_synthetic
@@ -207,8 +208,10 @@ def check_store(
         grid=store.with_name(f"{store.stem}-memorisation.png"),
     )  # fmt: skip
     entry["store"] = str(store)
+    entry["by"] = "echo-synth memorisation"
     entry["reference"].update(store=str(reference), split=split)
     out = store.with_name(f"{store.stem}-memorisation.json")
     out.write_text(json.dumps(entry, indent=2))
+    write_card(store, memorisation=entry)
     entry["json"] = str(out)
     return entry

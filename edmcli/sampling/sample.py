@@ -353,6 +353,15 @@ def check_samples(
         )
 
 
+def _privacy_summary(out: Path, percentile: float | None) -> dict[str, Any]:
+    """With ``--privacy-filter``: how many samples were redrawn, and how often."""
+    if percentile is None:
+        return {}
+    redraws = np.asarray(zarr.open_group(str(out), mode="r")["redraws"][:])
+    return {"privacy filter": f"P{percentile:g}", "samples redrawn": int((redraws > 0).sum()),
+            "redraws": int(redraws.sum())}  # fmt: skip
+
+
 def _solver_options(request: SampleRequest) -> dict[str, Any]:
     return {"s_churn": request.churn} if request.solver == "heun" and request.churn else {}
 
@@ -448,6 +457,7 @@ def run_sample(plan: SamplingPlan) -> dict[str, Any] | None:
             "steps": result.steps,
             "NFE": result.nfe,
             **({"class conditioning": class_cond, "guidance": guidance} if class_cond else {}),
+            **_privacy_summary(out, plan.request.privacy_filter),
             "seconds": result.seconds,
             "images/s": result.images_per_second,
             "grid": str(result.grid),

@@ -218,7 +218,7 @@ def test_evaluate_with_fidelity_reports_quality_and_correlation(
 
 
 # --------------------------------------------------------------------------- judged on unseen maps
-def _quality(phantom_store, stores, monkeypatch, probes=None):
+def _quality(phantom_store, stores, monkeypatch, probes=None, grid_dir=None):
     """``quality_section`` of synthetic ``stores`` judged by the stand-in networks, as if a seg
     reference run had trained on the train split of ``phantom_store`` and been chosen on its
     val split."""
@@ -238,7 +238,8 @@ def _quality(phantom_store, stores, monkeypatch, probes=None):
                          [prov], model=prov["model"], nfe=prov["nfe"])  # fmt: skip
         plans.append({"task": "seg", "spec": spec, "settings": reference, "run_dir": "x"})
     test = {"seg": load_split(str(phantom_store), "test")}
-    return fd.quality_section(plans, test, torch.device("cpu"), probes=probes or {})
+    return fd.quality_section(plans, test, torch.device("cpu"), probes=probes or {},
+                              grid_dir=grid_dir)  # fmt: skip
 
 
 def test_label_fidelity_skips_maps_the_judges_trained_on(phantom_store, tmp_path, monkeypatch):
@@ -395,3 +396,45 @@ def test_one_extreme_image_cannot_decide_a_distance():
     reference = fd.standardise(real, scale)["classifier"]
     assert fd.frechet_distance_from_features(z, reference) < 20
     assert fd.frechet_distance_from_features(synthetic, real["classifier"]) > 1e6  # raw
+
+
+# --------------------------------------------------------------------------- memorisation
+def test_quality_section_checks_memorisation_and_writes_the_cards(larger_store, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """A store of the generator's own training images is flagged whole, in pixel space and in
+    the segmenter's features; real images of patients it never saw are not; the cards say so."""
+
+    from edmcli.data.card import CARD_FILE
+    from edmcli.data.store_format import ATTRS_KEY
+    from edmcli.evaluation.evaluate import write_cards
+
+    reader = DatasetStore(larger_store)
+    run = tmp_path / "edm-run"
+    run.mkdir()
+    (run / "training_patients.json").write_text(
+        json.dumps({"store": str(larger_store), "patients": reader.patients("train")})
+    )
+    stores = []
+    for name, split in (("copies", "train"), ("others", "val")):
+        store = _real_images_as_synthetic(larger_store, tmp_path / f"{name}.zarr", split)
+        group = zarr.open_group(str(store), mode="r+")
+        info = group.attrs[ATTRS_KEY]
+        group.attrs[ATTRS_KEY] = {**info, "provenance": {**info["provenance"], "run": str(run)}}
+        stores.append(store)
+    quality = _quality(larger_store, stores, monkeypatch)
+    by_label = {s["label"]: s["memorisation"] for s in quality["stores"]}
+    copies, others = by_label["copies"], by_label["others"]
+    assert copies["training"]["images"] == len(reader.indices("train"))
+    assert copies["reference"]["images"] == len(reader.indices("test"))
+    for space in ("pixel", "segmenter"):
+        assert copies["spaces"][space]["flagged"]["1.0"]["all"] == 1.0
+        assert copies["spaces"][space]["nearest_is_own_source_patient"] == 1.0
+        assert others["spaces"][space]["flagged"]["5.0"]["all"] <= 0.25
+    from edmcli.evaluation.report.markdown import memorisation_markdown
+
+    table = "\n".join(memorisation_markdown(quality))
+    assert "### Memorisation" in table and "| copies | pixel | 100.0 | 100.0 | 100.0 |" in table
+    write_cards(quality, tmp_path / "report.md")
+    card = (stores[0] / CARD_FILE).read_text()
+    assert "Memorisation (evaluate --fidelity)" in card and "| pixel | 100.0 %" in card
+    assert str(tmp_path / "report.md") in card

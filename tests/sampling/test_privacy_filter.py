@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -86,8 +88,11 @@ def _args(runs, out, percentile):
 
 def test_the_filter_redraws_records_and_resumes_byte_identically(runs, tmp_path):
     out = tmp_path / "filtered.zarr"
-    _ok(_args(runs, out, 50))
+    printed = _ok(_args(runs, out, 50)).output
     store = DatasetStore(out)
+    summary = json.loads((tmp_path / "filtered-summary.json").read_text())
+    assert summary["samples redrawn"] == int((store.column("redraws") > 0).sum())
+    assert summary["redraws"] == int(store.column("redraws").sum()) and "P50" in printed
     record = store.info["provenance"]["privacy_filter"]
     assert record["percentile"] == 50 and record["reference"]["images"] == 24
     assert record["reference"]["split"] == "test" and record["training"]["images"] == 40

@@ -308,6 +308,7 @@ def quality_markdown(report: dict[str, Any]) -> list[str]:
     if diversity_notes:
         lines += ["", "Diversity:", "", *(f"- {n}" for n in diversity_notes)]
     lines += ceiling_markdown(quality)
+    lines += memorisation_markdown(quality)
     corr = quality.get("correlation")
     if corr:
         lines += ["", "### Which metric predicts utility", "",
@@ -367,6 +368,40 @@ def ceiling_markdown(quality: dict[str, Any]) -> list[str]:
         run = Path(c["vae_run"])
         names = ", ".join(f"`{name}`" for name in labels)
         lines.append(f"- Γ-VAE `{run.parent.name}/{run.name}` ({names}): " + "; ".join(parts))
+    return lines
+
+
+def memorisation_markdown(quality: dict[str, Any]) -> list[str]:
+    """Per store and space: the share of images flagged at the 1st and 5th percentile of new
+    real patients, per view, and how often the nearest training image is the source patient's."""
+    checked = [(e["label"], e["memorisation"]) for e in quality["stores"] if e.get("memorisation")]
+    if not checked:
+        return []
+    first = checked[0][1]
+    lines = ["", "### Memorisation", "",
+             "Share of synthetic images closer to a training image of their generator (its "
+             "diffusion and Γ-VAE training patients) than the 1st / 5th percentile of the real "
+             f"test images of new patients ({first['reference']['images']} images of "
+             f"{first['reference']['patients']} patients). Statistic: nearest distance / mean of "
+             f"the {first['k']} nearest; new patients show about 1 % / 5 %, a copying generator "
+             "far more. Own: the nearest training image is of the image's source patient.",
+             ""]  # fmt: skip
+    rows = []
+    for label, memo in checked:
+        for space, check in memo["spaces"].items():
+            cells = [
+                "–" if check["flagged"].get(p, {}).get(v) is None
+                else _q(check["flagged"][p][v], True)
+                for p in ("1.0", "5.0") for v in ("all", "A2C", "A4C")
+            ]  # fmt: skip
+            own = check.get("nearest_is_own_source_patient")
+            rows.append([label, space, *cells, _q(own, True)])
+    lines += _table(["store", "space", "P1 all", "P1 A2C", "P1 A4C", "P5 all", "P5 A2C",
+                     "P5 A4C", "own %"], rows)  # fmt: skip
+    grids = [f"`{Path(m['grid']).name}` ({label})" for label, m in checked if m.get("grid")]
+    if grids:
+        lines += ["", "Closest synthetic (top) / training (bottom) pairs: " + ", ".join(grids)
+                  + " in plots/."]  # fmt: skip
     return lines
 
 
