@@ -277,6 +277,18 @@ def quality_lines(report: dict[str, Any]) -> list[str]:
                 f"fidelity {100 * fid['dice_mean']:.1f} % (what a perfect generator of its "
                 f"latent space would reach)"
             )
+        memo = store.get("memorisation")
+        if memo:
+            pixel = memo["spaces"]["pixel"]
+            flagged = pixel["flagged"]
+            lines.append(
+                f"- memorisation: {100 * flagged['1.0']['all']:.1f} % / "
+                f"{100 * flagged['5.0']['all']:.1f} % of its images are closer to a training "
+                "image of the generator than the 1st / 5th percentile of the real test images "
+                "of new patients (pixel space; about 1 % / 5 % for new patients, 100 % for "
+                f"copies); own source patient nearest: "
+                f"{100 * pixel['nearest_is_own_source_patient']:.1f} %"
+            )
     return lines
 
 

@@ -103,3 +103,15 @@ def test_quality_lines_state_each_metric_next_to_the_real_value_and_the_decoder_
     del store["summary"]["label_dice"], store["summary"]["synthetic_accuracy"]
     assert any("--probe" in line for line in quality_lines({"quality": quality}))
     assert quality_lines({}) == []
+
+
+def test_quality_lines_state_the_memorisation_check():
+    from edmcli.demo import quality_lines
+
+    pixel = {"flagged": {"1.0": {"all": 0.038}, "5.0": {"all": 0.118}},
+             "nearest_is_own_source_patient": 0.076}  # fmt: skip
+    store = {"label": "s", "images_scored": 5, "seconds": {"total": 1.0}, "summary": {},
+             "memorisation": {"spaces": {"pixel": pixel}}}  # fmt: skip
+    line = quality_lines({"quality": {"real": {}, "stores": [store]}})[-1]
+    assert line.startswith("- memorisation: 3.8 % / 11.8 % of its images")
+    assert "own source patient nearest: 7.6 %" in line
