@@ -279,7 +279,7 @@ def _sample_shard(job: _Job, shard: int, advance) -> None:
                                                          REDRAW_STREAM + a),
                 redraw=lambda rows, fresh, labels=labels, c=batch_classes, b=b: _draw(
                     job, labels[torch.from_numpy(rows).to(labels.device)], fresh,
-                    None if c is None else c[torch.from_numpy(rows)], lo + b),
+                    None if c is None else c[torch.from_numpy(rows)], lo + b + rows),
                 first=lo + b,
             )  # fmt: skip
             seeds[b : b + len(labels)] = batch_seeds
@@ -300,9 +300,9 @@ def _sample_shard(job: _Job, shard: int, advance) -> None:
 
 
 def _draw(job: _Job, labels: torch.Tensor, seeds: list[int], classes: torch.Tensor | None,
-          first: int) -> torch.Tensor:  # fmt: skip
+          first: int | np.ndarray) -> torch.Tensor:  # fmt: skip
     """uint8 images (B, 1, H, W) of the label maps ``labels`` with start noise ``seeds``,
-    checked (:func:`check_samples`; ``first``: the store index of the first)."""
+    checked (:func:`check_samples`; ``first``: the store index of the first, or of each)."""
     request, settings = job.request, job.loaded.settings
     decode = latent_decoder(job.loaded.vae, settings.norm)
     with torch.autocast(job.device.type, torch.bfloat16, enabled=job.autocast):
@@ -333,12 +333,17 @@ def source_classes(
 
 
 def check_samples(
-    batch: torch.Tensor, pixels: torch.Tensor, labels: torch.Tensor, seeds: list[int], first: int
+    batch: torch.Tensor,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    seeds: list[int],
+    first: int | np.ndarray,
 ) -> None:
     """Refuse a batch that holds a broken sample before it is written (a store is never marked
     complete with one): a non-finite value anywhere (written as black by the uint8 conversion:
     ``--churn nan`` filled a complete store with black images), or an image with one grey level
-    over its whole sector (a diverged solver or a broken checkpoint)."""
+    over its whole sector (a diverged solver or a broken checkpoint). ``first``: the store
+    index of the batch's first sample, or each sample's (the privacy filter's redraws)."""
     finite = torch.isfinite(batch.float()).flatten(1).all(dim=1)
     sector = labels[:, None] > 0
     high = torch.where(sector, pixels, 0).flatten(1).amax(dim=1)
@@ -347,7 +352,8 @@ def check_samples(
     for i in torch.nonzero(~finite | flat).flatten().tolist():
         what = "holds NaN/Inf values" if not finite[i] else f"is {int(low[i])} over its sector"
         raise EchoSynthError(
-            f"sample {first + i} (seed {seeds[i]}) {what}: the solver diverged or the "
+            f"sample {first + i if isinstance(first, int) else int(first[i])} (seed {seeds[i]}) "
+            f"{what}: the solver diverged or the "
             "checkpoint is broken; nothing of its shard was written and the store stays "
             "incomplete (check --churn, --guidance, --nfe, or sample an earlier checkpoint)"
         )
