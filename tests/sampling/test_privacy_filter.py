@@ -86,6 +86,7 @@ def _args(runs, out, percentile):
             str(percentile), "--out", str(out)]  # fmt: skip
 
 
+@pytest.mark.slow  # a kill-and-resume drill (two subprocesses)
 def test_the_filter_redraws_records_and_resumes_byte_identically(runs, tmp_path):
     out = tmp_path / "filtered.zarr"
     printed = _ok(_args(runs, out, 50)).output
