@@ -48,7 +48,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
              "image_glob", "label_template", "meta_pattern", "keep_aspect"),
     "train": ("preset", "precision", "vae", "diffusion"),
     "sample": ("nfe", "solver", "k", "splits", "batch", "compile", "guidance", "precision",
-               "transforms", "frontier"),
+               "transforms", "privacy_filter", "frontier"),
     "distill": ("method", "steps", "batch", "lr", "ema_decay", "nfe"),
     "evaluate": ("preset", "tasks", "fidelity", "overrides", "precision", "checkpoint", "jobs"),
     "bench": ("preset", "models", "nfe", "batch", "repeats", "compile", "peer", "dtype"),
