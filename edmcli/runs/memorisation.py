@@ -75,6 +75,8 @@ def generator_training_images(runs: list[Path]) -> TrainingImages:
                 "training images cannot be found"
             )
         record = load_training_patients(run)
+        if not record.get("store"):
+            raise EchoSynthError(f"{run} does not record the store it trained on")
         wanted.setdefault(str(record["store"]), set()).update(record["patients"])
     images, labels, patients, sources = [], [], [], []
     for path, names in wanted.items():

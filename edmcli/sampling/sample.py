@@ -243,7 +243,8 @@ def generator_patients(loaded: LoadedDiffusion) -> list[str]:
 def generator_stores(loaded: LoadedDiffusion) -> list[str]:
     """The stores the generator's runs learnt from (their ``training_patients.json``)."""
     runs = [loaded.run, *([loaded.vae.run] if loaded.vae is not None else [])]
-    return sorted({str(load_training_patients(run)["store"]) for run in runs})
+    stores = {load_training_patients(run).get("store") for run in runs}
+    return sorted(str(store) for store in stores if store)
 
 
 def _untransformed(labels: np.ndarray, _seed: int) -> np.ndarray:
