@@ -289,6 +289,15 @@ def quality_lines(report: dict[str, Any]) -> list[str]:
                 f"copies); own source patient nearest: "
                 f"{100 * pixel['nearest_is_own_source_patient']:.1f} %"
             )
+            source = memo["spaces"].get("source_image")
+            if source:
+                lines.append(
+                    f"- closer to the real image of its own source map than the 1st / 5th "
+                    f"percentile of its probe's images are to theirs: "
+                    f"{100 * source['flagged']['1.0']['all']:.1f} % / "
+                    f"{100 * source['flagged']['5.0']['all']:.1f} % (a generator that follows "
+                    "its maps without copying: about 1 % / 5 %)"
+                )
     return lines
 
 

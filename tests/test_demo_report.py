@@ -115,3 +115,7 @@ def test_quality_lines_state_the_memorisation_check():
     line = quality_lines({"quality": {"real": {}, "stores": [store]}})[-1]
     assert line.startswith("- memorisation: 3.8 % / 11.8 % of its images")
     assert "own source patient nearest: 7.6 %" in line
+    source = {"flagged": {"1.0": {"all": 0.538}, "5.0": {"all": 0.624}}}
+    store["memorisation"]["spaces"]["source_image"] = source
+    line = quality_lines({"quality": {"real": {}, "stores": [store]}})[-1]
+    assert "its probe's images are to theirs: 53.8 % / 62.4 %" in line

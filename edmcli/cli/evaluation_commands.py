@@ -165,6 +165,14 @@ def memorisation(
         ),
     ] = None,
     split: Annotated[str, typer.Option(help="Split of --reference that calibrates.")] = "test",
+    probe: Annotated[
+        Path | None,
+        typer.Option(
+            help="The same generator's store of new patients' maps (sample --labels TEST_STORE "
+            "--splits test --k 1): adds the map-matched check, each image against the real "
+            "image of its own source map, calibrated by the probe's images."
+        ),
+    ] = None,
     max_images: Annotated[
         int | None, typer.Option(help="At most this many synthetic images (whole source groups).")
     ] = None,
@@ -177,9 +185,12 @@ def memorisation(
     from edmcli.console import print_summary
     from edmcli.evaluation.memorisation import check_store, flagged_row
 
-    entry = check_store(store, reference, split, max_images, seed)
+    entry = check_store(store, reference, split, max_images, seed, probe)
     rows = {f"flagged {k}": f"{v:.1%}" if v is not None else "–"
             for k, v in flagged_row(entry).items()}  # fmt: skip
+    if probe is not None:
+        rows.update({f"source image: flagged {k}": f"{v:.1%}" if v is not None else "–"
+                     for k, v in flagged_row(entry, "source_image").items()})  # fmt: skip
     pixel = entry["spaces"]["pixel"]
     print_summary(f"memorisation of {store}", {
         "synthetic images": entry["images"],

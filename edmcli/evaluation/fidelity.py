@@ -59,6 +59,7 @@ from edmcli.evaluation.judges import (
     run_networks,
     view_masks,
 )
+from edmcli.evaluation.memorisation import source_image_check
 from edmcli.evaluation.metrics.distribution import frechet_distance_from_features, kid, prdc
 from edmcli.evaluation.metrics.diversity import (
     distance_name,
@@ -692,6 +693,8 @@ def quality_section(
         entry["memorisation"] = memorisation_entry(
             spec.provenance[0], data, outputs, nets, real, real_out, generators, notes, grid
         )
+        if entry["memorisation"] is not None and probe:
+            entry["memorisation"]["spaces"]["source_image"] = source_image_check(spec.stores, probe)
         if entry["memorisation"] is not None:
             entry["seconds"]["memorisation"] = entry["memorisation"]["seconds"]
             entry["seconds"]["total"] += entry["memorisation"]["seconds"]

@@ -138,6 +138,35 @@ def memorisation_check(
     }
 
 
+def source_image_check(
+    stores: list[str | Path], probe: str | Path, percentiles=PERCENTILES
+) -> dict[str, Any]:
+    """The map-matched check: each image's distance to the real image whose label map
+    conditioned it (:func:`~edmcli.runs.memorisation.store_source_distances`), calibrated by the
+    same distance of the ``probe`` store (the same generator on the maps of patients it never
+    saw). A generator that follows its maps is as close to a training patient's image as to a
+    new patient's; one that reproduces its training images is closer. An entry of the same form
+    as a space of :func:`memorisation_check` (``nearest_distance`` absent)."""
+    from edmcli.data.dataset import codes
+    from edmcli.data.labels import VIEWS
+    from edmcli.runs.memorisation import store_source_distances
+
+    mine, views = zip(*(store_source_distances(Path(s)) for s in stores), strict=True)
+    theirs, _ = store_source_distances(Path(probe))
+    values, views = np.concatenate(mine), codes(np.concatenate(views), VIEWS)
+    thresholds = calibrate(theirs, percentiles)
+    return {
+        "what": "distance of each image to the real image of its source label map, against the "
+        "same distance of the probe store (the generator's images of new patients' maps)",
+        "probe": str(probe),
+        "reference_images": len(theirs),
+        "thresholds": thresholds,
+        "flagged": flagged_fractions(values, views, thresholds),
+        "median": {"synthetic": float(np.median(values)), "reference": float(np.median(theirs))},
+        "nearest_is_own_source_patient": None,
+    }
+
+
 def flagged_row(entry: dict[str, Any], space: str = "pixel") -> dict[str, float | None]:
     """``{"P1 all": .., "P1 A2C": .., ...}`` of one space's relative-distance verdict."""
     flagged = ((entry.get("spaces") or {}).get(space) or {}).get("flagged") or {}
@@ -173,11 +202,14 @@ def check_store(
     split: str = "test",
     max_images: int | None = None,
     seed: int = 0,
+    probe: Path | None = None,
 ) -> dict[str, Any]:
     """``echo-synth memorisation STORE``: the pixel-space check of one synthetic store, calibrated
     by the ``split`` images of ``reference`` (default: the store its diffusion run trained on)
-    whose patients the generator never saw. Writes ``STEM-memorisation.json`` and the grid of the
-    closest pairs ``STEM-memorisation.png`` next to the store, and the store's card."""
+    whose patients the generator never saw; with ``probe`` (the same generator's store of new
+    patients' maps) also the map-matched :func:`source_image_check`. Writes
+    ``STEM-memorisation.json`` and the grid of the closest pairs ``STEM-memorisation.png`` next
+    to the store, and the store's card."""
     import json
 
     from edmcli.data.card import write_card
@@ -207,6 +239,8 @@ def check_store(
         data, training, real_subset(reference, rows),
         grid=store.with_name(f"{store.stem}-memorisation.png"),
     )  # fmt: skip
+    if probe is not None:
+        entry["spaces"]["source_image"] = source_image_check([store], probe)
     entry["store"] = str(store)
     entry["by"] = "echo-synth memorisation"
     entry["reference"].update(store=str(reference), split=split)

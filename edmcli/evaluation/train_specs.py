@@ -177,14 +177,17 @@ def check_validation_unseen(spec: TrainSpec, validation: tuple[str | None, str |
 
 
 # What makes two synthetic stores the same generator's images: the checkpoint and every
-# sampling setting (the label maps, transforms and seeds may differ).
+# sampling setting (the label maps, transforms and seeds may differ), and the privacy filter's
+# percentile (sample --privacy-filter).
 GENERATOR_KEYS = ("checkpoint_sha256", "nfe", "solver", "churn", "schedule", "pin_outside",
                   "class_cond", "guidance")  # fmt: skip
 
 
 def generator_identity(provenance: dict[str, Any]) -> tuple[Any, ...]:
-    """The generator and sampling settings of a synthetic store (:data:`GENERATOR_KEYS`)."""
-    return tuple(provenance.get(key) for key in GENERATOR_KEYS)
+    """The generator and sampling settings of a synthetic store (:data:`GENERATOR_KEYS`, and
+    the privacy filter's percentile)."""
+    privacy = (provenance.get("privacy_filter") or {}).get("percentile")
+    return (*(provenance.get(key) for key in GENERATOR_KEYS), privacy)
 
 
 def match_probes(probes: list[str], specs: list[TrainSpec]) -> dict[str, str]:

@@ -183,3 +183,36 @@ def reference_split(store: DatasetStore, exclude: np.ndarray, split: str = "test
     """Rows of ``store``'s ``split`` whose patients are not in ``exclude`` (new patients)."""
     rows = store.indices(split)
     return rows[~np.isin(store.column("patient")[rows], exclude)]
+
+
+def source_distances(
+    images: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor, source_labels: torch.Tensor
+) -> np.ndarray:
+    """Pixel-space distance of each image to the real image whose label map conditioned it
+    (``sources``, row for row): the RMS difference of the two images, each standardised inside
+    its sector, over the image's sector."""
+    codes, mask = pixel_codes(images, labels)
+    real, _ = pixel_codes(sources, source_labels)
+    d2 = (((codes.double() - real.double()) ** 2) * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return d2.sqrt().numpy()
+
+
+def store_source_distances(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`source_distances` of every image of the synthetic store ``path``, its view
+    names): each image against the image of its source row in the store its maps came from
+    (``provenance.label_store``, ``source_index``)."""
+    store = DatasetStore(path)
+    prov = store.info.get("provenance") or {}
+    if not prov.get("label_store") or "source_index" not in store.fields:
+        raise EchoSynthError(f"{path} does not record the label maps it was sampled from")
+    maps = DatasetStore(prov["label_store"])
+    source = store.column("source_index")
+    rows, inverse = np.unique(source, return_inverse=True)
+    real = np.asarray(maps.images.get_orthogonal_selection((rows,)))[inverse]
+    real_labels = np.asarray(maps.labels.get_orthogonal_selection((rows,)))[inverse]
+    distances = source_distances(
+        torch.from_numpy(np.asarray(store.images[:]).astype(np.float32) / 255),
+        torch.from_numpy(np.asarray(store.labels[:])),
+        torch.from_numpy(real.astype(np.float32) / 255), torch.from_numpy(real_labels),
+    )  # fmt: skip
+    return distances, store.column("view")

@@ -5,6 +5,7 @@ Inception notes, and ``evaluate --fidelity`` end to end."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -438,3 +439,66 @@ def test_quality_section_checks_memorisation_and_writes_the_cards(larger_store, 
     card = (stores[0] / CARD_FILE).read_text()
     assert "Memorisation (evaluate --fidelity)" in card and "| pixel | 100.0 %" in card
     assert str(tmp_path / "report.md") in card
+
+
+def test_the_source_image_check_flags_copies_and_not_a_generator_that_follows_its_maps(
+    larger_store, tmp_path
+):
+    """Each image against the real image of its own source map, calibrated by the probe (the
+    same generator on new patients' maps): a map-following generator that never copies sits at
+    the percentile; one that returns its training images is flagged whole."""
+    from edmcli.evaluation.memorisation import source_image_check
+    from edmcli.runs.memorisation import store_source_distances
+
+    follows = label_copy_store(larger_store, tmp_path / "follows.zarr", noise=0.3, seed=1)
+    probe = label_copy_store(larger_store, tmp_path / "probe.zarr", k=1, noise=0.3, seed=2,
+                             splits=("test",))  # fmt: skip
+    check = source_image_check([follows], probe, percentiles=(5, 50))
+    assert check["reference_images"] == len(DatasetStore(probe))
+    assert check["flagged"]["5.0"]["all"] <= 0.15
+    assert 0.3 <= check["flagged"]["50.0"]["all"] <= 0.7
+    # the same store with each image replaced by its source map's real image: all flagged
+    copies = tmp_path / "copies.zarr"
+    shutil.copytree(follows, copies)
+    group = zarr.open_group(str(copies), mode="r+")
+    rows = DatasetStore(follows).column("source_index")
+    group["images"][:] = np.asarray(DatasetStore(larger_store).images.oindex[rows])
+    distances, _ = store_source_distances(copies)
+    assert np.allclose(distances, 0.0, atol=1e-6)
+    check = source_image_check([copies], probe)
+    assert check["flagged"]["1.0"] == {"all": 1.0, "A2C": 1.0, "A4C": 1.0}
+
+
+def test_memorisation_command_with_a_probe(larger_store, tmp_path):
+    from edmcli.data.card import CARD_FILE
+
+    store = label_copy_store(larger_store, tmp_path / "s.zarr", noise=0.3, seed=1)
+    probe = label_copy_store(larger_store, tmp_path / "p.zarr", k=1, noise=0.3, seed=2,
+                             splits=("test",))  # fmt: skip
+    run = tmp_path / "no-such-run"  # the run label_copy_store records
+    run.mkdir()
+    patients = DatasetStore(larger_store).patients(["train", "val"])
+    (run / "training_patients.json").write_text(
+        json.dumps({"store": str(larger_store), "patients": patients})
+    )
+    result = runner.invoke(app, ["memorisation", str(store), "--probe", str(probe)])
+    assert result.exit_code == 0, result.output
+    assert "source image: flagged P1 all" in result.output
+    saved = json.loads((tmp_path / "s-memorisation.json").read_text())
+    assert set(saved["spaces"]) == {"pixel", "source_image"}
+    assert saved["reference"]["images"] == len(DatasetStore(larger_store).indices("test"))
+    assert "| source_image |" in (store / CARD_FILE).read_text()
+    assert (tmp_path / "s-memorisation.png").is_file()
+    bad = runner.invoke(app, ["memorisation", str(larger_store)])
+    assert bad.exit_code == 2 and "is not a synthetic store" in bad.output
+
+
+def test_a_privacy_filtered_store_is_another_generator_for_the_probes():
+    from edmcli.evaluation.train_specs import generator_identity
+
+    plain = {"checkpoint_sha256": "a", "nfe": 35, "solver": "heun"}
+    filtered = {**plain, "privacy_filter": {"percentile": 5.0, "threshold": 0.9}}
+    assert generator_identity(plain) != generator_identity(filtered)
+    assert generator_identity(filtered) == generator_identity(
+        {**plain, "privacy_filter": {"percentile": 5.0, "threshold": 0.8}}
+    )
