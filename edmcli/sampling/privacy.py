@@ -35,6 +35,15 @@ REDRAW_STREAM = 2000
 REFERENCE_SPLIT = "test"
 
 
+def ordinal(value: float) -> str:
+    """1 → 1st, 2 → 2nd, 5 → 5th, 11 → 11th, 2.5 → 2.5th."""
+    if value != int(value):
+        return f"{value:g}th"
+    n = int(value)
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def check_percentile(percentile: float) -> None:
     """Refuse a percentile outside (0, 50]: the filter would drop nothing or most samples."""
     if not 0 < percentile <= 50:
@@ -117,7 +126,7 @@ class PrivacyFilter:
                 i = int(close[0])
                 raise EchoSynthError(
                     f"sample {first + i} stayed closer to a training image than the "
-                    f"{self.percentile:g}th percentile of new patients after {MAX_REDRAWS} "
+                    f"{ordinal(self.percentile)} percentile of new patients after {MAX_REDRAWS} "
                     f"redraws (last seed {seeds[i]}): the generator reproduces its training "
                     "images for this label map; lower --privacy-filter or use an earlier "
                     "checkpoint (the store stays incomplete)"

@@ -51,7 +51,7 @@ from edmcli.runs.distributed import process_layout, resolve_device
 from edmcli.runs.folder import load_run_config, load_training_patients
 from edmcli.runs.memory import sampling_check, sampling_memory
 from edmcli.sampling.nfe import NFEError, StepPlan, plan
-from edmcli.sampling.privacy import check_percentile, reference_rows
+from edmcli.sampling.privacy import check_percentile, ordinal, reference_rows
 from edmcli.sampling.schedules import SCHEDULES
 from edmcli.sampling.solvers import SOLVERS, nfe_cost
 
@@ -151,7 +151,7 @@ class SamplingPlan:
         ]
         if r.privacy_filter is not None:
             lines.append(
-                f"privacy filter: redraw samples closer than the {r.privacy_filter:g}th "
+                f"privacy filter: redraw samples closer than the {ordinal(r.privacy_filter)} "
                 "percentile of new real patients"
             )
         if self.class_cond:

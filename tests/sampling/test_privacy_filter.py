@@ -16,7 +16,7 @@ from edmcli.data.prepare import prepare_phantom
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.runs.memorisation import PixelCopyCheck, generator_training_images
-from edmcli.sampling.privacy import MAX_REDRAWS, REDRAW_STREAM, PrivacyFilter
+from edmcli.sampling.privacy import MAX_REDRAWS, REDRAW_STREAM, PrivacyFilter, ordinal
 from edmcli.sampling.sample import sample_seed
 
 runner = CliRunner()
@@ -58,10 +58,16 @@ def test_apply_redraws_only_the_close_samples_with_new_seeds():
     assert pixels[:, 0, 0, 0].tolist() == [50, 150, 60]  # the input is left as it was
 
 
+def test_ordinals():
+    assert [ordinal(p) for p in (1, 2, 3, 5, 11, 12, 21, 2.5)] == [
+        "1st", "2nd", "3rd", "5th", "11th", "12th", "21st", "2.5th"]  # fmt: skip
+
+
 def test_apply_stops_with_one_line_after_the_last_redraw():
     pixels = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
     dark = lambda rows, seeds: torch.zeros(len(rows), 1, 2, 2, dtype=torch.uint8)  # noqa: E731
-    with pytest.raises(EchoSynthError, match=f"sample 40 stayed closer .* after {MAX_REDRAWS}"):
+    with pytest.raises(EchoSynthError, match=f"sample 40 stayed closer .* the 5th percentile .* "
+                       f"after {MAX_REDRAWS}"):  # fmt: skip
         _filter().apply(pixels, torch.full((2, 2, 2), 4), [1, 2], lambda r, a: a, dark, 40)
 
 
