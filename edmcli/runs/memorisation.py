@@ -14,8 +14,8 @@ features divided by √D. The statistic that flags a copy is the **relative dist
 :data:`K_NEAREST` nearest. A copy has 0; an image that is merely smoother than real ones is
 closer to *every* training image, and its raw nearest distance drops with its contrast, but its
 relative distance does not (measured on the demo's faithful EDM-L64, 500 images: raw nearest
-distance below the 1st/5th percentile of real test images for 23 %/54 % of them, although only
-3 % had their own source patient as nearest neighbour; relative distance: 4 %/12 %).
+distance below the 1st/5th percentile of real test images for 24 %/33 % of them, although only
+8 % had their own source patient as nearest neighbour; relative distance: 4 %/12 %).
 
 Calibration (:func:`calibrate`): the same statistic of real *test* images (patients the
 generator never saw) against the training images is what "a new patient" looks like; its P-th
