@@ -97,6 +97,12 @@ class DatasetStore:
                 keep &= np.isin(self.column(name), wanted)
         return np.flatnonzero(keep)
 
+    def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(images uint8 (n, 1, H, W), label maps uint8 (n, H, W)) of the sample ``rows``."""
+        rows = np.asarray(rows, dtype=np.intp)
+        return (np.asarray(self.images.get_orthogonal_selection((rows,))),
+                np.asarray(self.labels.get_orthogonal_selection((rows,))))  # fmt: skip
+
     def monitoring_split(self) -> str:
         """The split to monitor training on: ``val``, or ``train`` for stores without one."""
         return "val" if len(self.indices("val")) else "train"

@@ -59,7 +59,7 @@ from edmcli.evaluation.judges import (
     run_networks,
     view_masks,
 )
-from edmcli.evaluation.memorisation import source_image_check
+from edmcli.evaluation.memorisation import memorisation_check, source_image_check
 from edmcli.evaluation.metrics.distribution import frechet_distance_from_features, kid, prdc
 from edmcli.evaluation.metrics.diversity import (
     distance_name,
@@ -71,6 +71,7 @@ from edmcli.evaluation.metrics.diversity import (
 from edmcli.evaluation.metrics.radiomics import radiomics_features
 from edmcli.evaluation.metrics.segmentation import structure_dice
 from edmcli.models.perceptual import MIN_IMAGE_SIZE, MissingWeightsError, build_perceptual
+from edmcli.runs.memorisation import MIN_REFERENCE, generator_runs, generator_training_images
 
 Halves = tuple[np.ndarray, np.ndarray]  # boolean masks of two halves of the real patients
 FLOOR_DRAWS = 5
@@ -566,9 +567,6 @@ def memorisation_entry(
     networks once per generator: ``generators``), calibrated by the real test images of patients
     the generator never saw; in pixel space and the networks' feature spaces, standardised by
     the real test features. None, with a note, when the generator's runs cannot be read."""
-    from edmcli.evaluation.memorisation import memorisation_check
-    from edmcli.runs.memorisation import MIN_REFERENCE, generator_runs, generator_training_images
-
     t0 = time.perf_counter()
     runs = tuple(str(r) for r in generator_runs(provenance))
     if runs not in generators:

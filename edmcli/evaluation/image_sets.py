@@ -69,8 +69,9 @@ def load_synthetic(stores: list[str], max_images: int | None, seed: int) -> Imag
         if len(rows) == 0:
             continue
         reader = DatasetStore(path)
-        images.append(np.asarray(reader.images.get_orthogonal_selection((rows,))))
-        labels.append(np.asarray(reader.labels.get_orthogonal_selection((rows,))))
+        pixels, maps = reader.read_rows(rows)
+        images.append(pixels)
+        labels.append(maps)
         views.append(codes(reader.column("view")[rows], VIEWS))
         patients.append(reader.column("patient")[rows])
     return ImageSet(

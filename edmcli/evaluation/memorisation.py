@@ -14,6 +14,7 @@ percentile of theirs. An honest generator has about P % flagged; a copying one, 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from edmcli.evaluation.image_sets import ImageSet
+from edmcli.data.card import write_card
+from edmcli.data.dataset import codes
+from edmcli.data.labels import VIEWS
+from edmcli.data.store import DatasetStore
+from edmcli.errors import EchoSynthError
+from edmcli.evaluation.image_sets import ImageSet, load_synthetic
 from edmcli.evaluation.judges import VIEW_KEYS, view_masks
+from edmcli.runs.folder import load_training_patients
 from edmcli.runs.grids import save_image_grid
 from edmcli.runs.memorisation import (
     K_NEAREST,
     PERCENTILES,
     TrainingImages,
     calibrate,
+    generator_runs,
+    generator_training_images,
     nearest,
     pixel_codes,
+    reference_split,
     relative_distance,
+    store_source_distances,
 )
 
 CLOSEST_PAIRS = 8
@@ -147,10 +158,6 @@ def source_image_check(
     saw). A generator that follows its maps is as close to a training patient's image as to a
     new patient's; one that reproduces its training images is closer. An entry of the same form
     as a space of :func:`memorisation_check` (``nearest_distance`` absent)."""
-    from edmcli.data.dataset import codes
-    from edmcli.data.labels import VIEWS
-    from edmcli.runs.memorisation import store_source_distances
-
     mine, views = zip(*(store_source_distances(Path(s)) for s in stores), strict=True)
     theirs, _ = store_source_distances(Path(probe))
     values, views = np.concatenate(mine), codes(np.concatenate(views), VIEWS)
@@ -179,16 +186,11 @@ def flagged_row(entry: dict[str, Any], space: str = "pixel") -> dict[str, float 
 
 def real_subset(store: str | Path, rows: np.ndarray) -> ImageSet:
     """The images of ``rows`` of a real store as an :class:`ImageSet`."""
-    from edmcli.data.dataset import codes
-    from edmcli.data.labels import VIEWS
-    from edmcli.data.store import DatasetStore
-
     reader = DatasetStore(store)
+    images, labels = reader.read_rows(rows)
     return ImageSet(
-        images=torch.from_numpy(
-            np.asarray(reader.images.get_orthogonal_selection((rows,))).astype(np.float32) / 255
-        ),
-        labels=torch.from_numpy(np.asarray(reader.labels.get_orthogonal_selection((rows,)))),
+        images=torch.from_numpy(images.astype(np.float32) / 255),
+        labels=torch.from_numpy(labels),
         views=codes(reader.column("view")[rows], VIEWS),
         patients=reader.column("patient")[rows],
         groups=None,
@@ -210,19 +212,6 @@ def check_store(
     patients' maps) also the map-matched :func:`source_image_check`. Writes
     ``STEM-memorisation.json`` and the grid of the closest pairs ``STEM-memorisation.png`` next
     to the store, and the store's card."""
-    import json
-
-    from edmcli.data.card import write_card
-    from edmcli.data.store import DatasetStore
-    from edmcli.errors import EchoSynthError
-    from edmcli.evaluation.image_sets import load_synthetic
-    from edmcli.runs.folder import load_training_patients
-    from edmcli.runs.memorisation import (
-        generator_runs,
-        generator_training_images,
-        reference_split,
-    )
-
     store = Path(store)
     provenance = DatasetStore(store).info.get("provenance") or {}
     if provenance.get("source") != "synthetic":

@@ -82,8 +82,9 @@ def generator_training_images(runs: list[Path]) -> TrainingImages:
     for path, names in wanted.items():
         store = DatasetStore(path)
         rows = np.flatnonzero(np.isin(store.column("patient"), sorted(names)))
-        images.append(np.asarray(store.images.get_orthogonal_selection((rows,))))
-        labels.append(np.asarray(store.labels.get_orthogonal_selection((rows,))))
+        pixels, maps = store.read_rows(rows)
+        images.append(pixels)
+        labels.append(maps)
         patients.append(store.column("patient")[rows])
         sources.append({"store": path, "patients": len(names), "images": len(rows)})
     return TrainingImages(
@@ -208,8 +209,7 @@ def store_source_distances(path: Path) -> tuple[np.ndarray, np.ndarray]:
     maps = DatasetStore(prov["label_store"])
     source = store.column("source_index")
     rows, inverse = np.unique(source, return_inverse=True)
-    real = np.asarray(maps.images.get_orthogonal_selection((rows,)))[inverse]
-    real_labels = np.asarray(maps.labels.get_orthogonal_selection((rows,)))[inverse]
+    real, real_labels = (values[inverse] for values in maps.read_rows(rows))
     distances = source_distances(
         torch.from_numpy(np.asarray(store.images[:]).astype(np.float32) / 255),
         torch.from_numpy(np.asarray(store.labels[:])),

@@ -82,9 +82,7 @@ class PrivacyFilter:
         """The filter of a generator (its diffusion run first, then its Γ-VAE run)."""
         training = generator_training_images(runs)
         store, rows = reference_rows(runs[0], generator_patients)
-        reader = DatasetStore(store)
-        images = np.asarray(reader.images.get_orthogonal_selection((rows,)))
-        labels = np.asarray(reader.labels.get_orthogonal_selection((rows,)))
+        images, labels = DatasetStore(store).read_rows(rows)
         check = PixelCopyCheck(training, torch.from_numpy(images.astype(np.float32) / 255),
                                torch.from_numpy(labels))  # fmt: skip
         threshold = check.threshold(percentile)
