@@ -50,7 +50,7 @@ from edmcli.data.store_format import code_version
 from edmcli.evaluation.correlation import correlation_table
 from edmcli.evaluation.downstream import load_split, make_task, test_run
 from edmcli.evaluation.evaluate_plan import EvaluationPlan, plan_evaluate
-from edmcli.evaluation.fidelity import quality_section
+from edmcli.evaluation.fidelity import METRICS, quality_section
 from edmcli.evaluation.report import write_report
 from edmcli.evaluation.report.data import build_report
 from edmcli.evaluation.report.markdown import print_summary
@@ -180,8 +180,10 @@ def write_cards(quality: dict[str, Any], report: Path) -> None:
     from edmcli.data.card import write_card
 
     for entry in quality["stores"]:
+        summary = {METRICS[key][0] if key in METRICS else key: value
+                   for key, value in entry["summary"].items()}  # fmt: skip
         verdicts = {"quality": {"report": str(report), "label": entry["label"],
-                                "summary": entry["summary"]}}  # fmt: skip
+                                "summary": summary}}  # fmt: skip
         if entry.get("memorisation"):
             verdicts["memorisation"] = entry["memorisation"]
         for store in entry["stores"]:

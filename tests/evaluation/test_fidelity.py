@@ -439,6 +439,7 @@ def test_quality_section_checks_memorisation_and_writes_the_cards(larger_store, 
     card = (stores[0] / CARD_FILE).read_text()
     assert "Memorisation (evaluate --fidelity)" in card and "| pixel | 100.0 %" in card
     assert str(tmp_path / "report.md") in card
+    assert "| FD (segmenter bottleneck) |" in card  # the metrics by their titles
 
 
 def test_the_source_image_check_flags_copies_and_not_a_generator_that_follows_its_maps(
