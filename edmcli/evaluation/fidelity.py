@@ -582,6 +582,13 @@ def memorisation_entry(
                      f"{generators[runs]}")  # fmt: skip
         return None
     training, train_features = generators[runs]
+    sizes = {tuple(x.shape[-2:]) for x in (data.images, training.images, real.images)}
+    if len(sizes) > 1:
+        notes.append(
+            "memorisation not checked: the synthetic, training and real test images differ in "
+            f"size ({', '.join(f'{h}×{w}' for h, w in sorted(sizes))}); compare them at one size"
+        )
+        return None
     new = ~np.isin(real.patients, training.patients)
     if new.sum() < MIN_REFERENCE:
         notes.append(f"memorisation not checked: {int(new.sum())} real test images of patients "

@@ -222,8 +222,16 @@ def check_store(
     training = generator_training_images(runs)
     if reference is None:
         reference = Path(load_training_patients(runs[0])["store"])
-    rows = reference_split(DatasetStore(reference), training.patients, split)
+    reader = DatasetStore(reference)
+    rows = reference_split(reader, training.patients, split)
     data = load_synthetic([str(store)], max_images, seed)
+    sizes = {tuple(data.images.shape[-2:]), tuple(training.images.shape[-2:]), reader.image_size}
+    if len(sizes) > 1:
+        raise EchoSynthError(
+            f"{store}, its generator's training images and --reference {reference} differ in "
+            f"image size ({', '.join(f'{h}×{w}' for h, w in sorted(sizes))}); name a reference "
+            "store of the generator's size"
+        )
     entry = memorisation_check(
         data, training, real_subset(reference, rows),
         grid=store.with_name(f"{store.stem}-memorisation.png"),

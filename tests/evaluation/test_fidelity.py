@@ -492,6 +492,12 @@ def test_memorisation_command_with_a_probe(larger_store, tmp_path):
     assert (tmp_path / "s-memorisation.png").is_file()
     bad = runner.invoke(app, ["memorisation", str(larger_store)])
     assert bad.exit_code == 2 and "is not a synthetic store" in bad.output
+    from edmcli.data.prepare import prepare_phantom
+
+    small = tmp_path / "p16.zarr"
+    prepare_phantom(small, 8, 16, 1, (0.5, 0.0, 0.5))
+    bad = runner.invoke(app, ["memorisation", str(store), "--reference", str(small)])
+    assert bad.exit_code == 2 and "differ in image size (16×16, 32×32)" in bad.output
 
 
 def test_a_privacy_filtered_store_is_another_generator_for_the_probes():
@@ -503,3 +509,19 @@ def test_a_privacy_filtered_store_is_another_generator_for_the_probes():
     assert generator_identity(filtered) == generator_identity(
         {**plain, "privacy_filter": {"percentile": 5.0, "threshold": 0.8}}
     )
+
+
+def test_memorisation_of_images_of_another_size_is_a_note():
+    from edmcli.runs.memorisation import TrainingImages
+
+    def images(n, side):
+        maps = torch.zeros(n, side, side, dtype=torch.uint8)
+        return ImageSet(torch.zeros(n, 1, side, side), maps, np.zeros(n, int),
+                        np.array(["p"] * n), None, n)  # fmt: skip
+
+    small = images(2, 16)
+    training = TrainingImages(small.images, small.labels, small.patients, [])
+    notes: list[str] = []
+    entry = fd.memorisation_entry({"run": "r"}, images(3, 32), None, None, images(30, 32), None,
+                                  {("r",): (training, {})}, notes)  # fmt: skip
+    assert entry is None and "differ in size (16×16, 32×32)" in notes[-1]
