@@ -156,7 +156,7 @@ def export(
     from edmcli.console import progress
     from edmcli.data.export import check_export, export_store
 
-    total = len(check_export(store, format, out))
+    total = len(check_export(store, format, out, sector_ignore))
     with progress(total, "export") as advance:
         result = export_store(store, format, out, sector_ignore=sector_ignore, progress=advance)
     if result.format == "nnunet":

@@ -57,11 +57,14 @@ class ExportResult:
     card: Path
 
 
-def check_export(store: Path, fmt: str, out: Path) -> DatasetStore:
-    """The refusals of :func:`export_store`, before anything is written: an unknown format, an
-    ``out`` that exists and is not an empty folder, a store that is missing or incomplete."""
+def check_export(store: Path, fmt: str, out: Path, sector_ignore: bool = False) -> DatasetStore:
+    """The refusals of :func:`export_store`, before anything is written: an unknown format,
+    ``sector_ignore`` with a format that has no ignore label, an ``out`` that exists and is not
+    an empty folder or lies inside the store, a store that is missing or incomplete."""
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt!r} is unknown; choose from {', '.join(FORMATS)}")
+    if sector_ignore and fmt != "nnunet":
+        raise DataError("--sector-ignore applies to --format nnunet only")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"--out {out} exists and is not an empty folder; name a new folder")
@@ -158,9 +161,7 @@ def export_store(
     progress: Callable[[int], None] | None = None,
 ) -> ExportResult:
     """Write ``store`` to ``out`` in format ``fmt`` (module docstring)."""
-    reader = check_export(store, fmt, out)
-    if sector_ignore and fmt != "nnunet":
-        raise DataError("--sector-ignore applies to --format nnunet only")
+    reader = check_export(store, fmt, out, sector_ignore)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
@@ -170,14 +171,8 @@ def export_store(
     spacing = reader.column("spacing") if "spacing" in reader.fields else None
     n = len(reader)
     split = reader.column("split")
-    names = [
-        case_name(p, v, ph, i)
-        for i, (p, v, ph) in enumerate(
-            zip(
-                reader.column("patient"), reader.column("view"), reader.column("phase"), strict=True
-            )
-        )
-    ]
+    meta = zip(*(reader.column(c) for c in ("patient", "view", "phase")), strict=True)
+    names = [case_name(*row, i) for i, row in enumerate(meta)]
     is_test = (split == TEST_SPLIT) if fmt == "nnunet" else np.zeros(n, bool)
     rows_out: list[dict[str, Any]] = []
     for sub in (("imagesTr", "labelsTr", "imagesTs", "labelsTs") if fmt == "nnunet"
