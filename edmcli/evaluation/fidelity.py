@@ -59,7 +59,11 @@ from edmcli.evaluation.judges import (
     run_networks,
     view_masks,
 )
-from edmcli.evaluation.memorisation import memorisation_check, source_image_check
+from edmcli.evaluation.memorisation import (
+    MemorisationReference,
+    memorisation_check,
+    source_image_check,
+)
 from edmcli.evaluation.metrics.distribution import frechet_distance_from_features, kid, prdc
 from edmcli.evaluation.metrics.diversity import (
     distance_name,
@@ -563,51 +567,65 @@ def memorisation_entry(
     grid: Path | None = None,
 ) -> dict[str, Any] | None:
     """The memorisation check of one store (:func:`~edmcli.evaluation.memorisation.
-    memorisation_check`) against its generator's training images (read and run through the
-    networks once per generator: ``generators``), calibrated by the real test images of patients
-    the generator never saw; in pixel space and the networks' feature spaces, standardised by
-    the real test features. None, with a note, when the generator's runs cannot be read."""
+    memorisation_check`) against its generator's training images, calibrated by the real test
+    images of patients the generator never saw, in pixel space and the networks' feature spaces
+    (standardised by the real test features). What a generator's stores share is built once
+    (:class:`~edmcli.evaluation.memorisation.MemorisationReference`, kept in ``generators``).
+    None, with a note, when the generator's runs cannot be read or the images do not match."""
     t0 = time.perf_counter()
     runs = tuple(str(r) for r in generator_runs(provenance))
     if runs not in generators:
-        try:
-            training = generator_training_images([Path(r) for r in runs])
-        except (EchoSynthError, OSError) as err:
-            generators[runs] = str(err)
-        else:
-            features = run_networks(dataclasses.replace(nets, inception=None), training.images)
-            generators[runs] = (training, features.features)
-    if isinstance(generators[runs], str):
+        generators[runs] = memorisation_reference(runs, nets, real, real_out)
+    against = generators[runs]
+    if isinstance(against, str):
         notes.append(f"memorisation not checked for a store of {runs[0] if runs else '?'}: "
-                     f"{generators[runs]}")  # fmt: skip
+                     f"{against}")  # fmt: skip
         return None
-    training, train_features = generators[runs]
-    sizes = {tuple(x.shape[-2:]) for x in (data.images, training.images, real.images)}
+    sizes = {tuple(x.shape[-2:]) for x in (data.images, against.training.images)}
     if len(sizes) > 1:
         notes.append(
-            "memorisation not checked: the synthetic, training and real test images differ in "
-            f"size ({', '.join(f'{h}×{w}' for h, w in sorted(sizes))}); compare them at one size"
+            "memorisation not checked: the synthetic and the training images differ in size "
+            f"({', '.join(f'{h}×{w}' for h, w in sorted(sizes))}); compare them at one size"
         )
         return None
-    new = ~np.isin(real.patients, training.patients)
-    if new.sum() < MIN_REFERENCE:
-        notes.append(f"memorisation not checked: {int(new.sum())} real test images of patients "
-                     f"the generator never saw (needs {MIN_REFERENCE})")  # fmt: skip
-        return None
-    rows = torch.from_numpy(np.flatnonzero(new))
-    reference = ImageSet(real.images[rows], real.labels[rows], real.views[new], real.patients[new],
-                         None, int(new.sum()))  # fmt: skip
-    scale = feature_scale({s: f for s, f in real_out.features.items()
-                           if s in MEMORISATION_FEATURES})  # fmt: skip
-    mine, theirs = standardise(outputs.features, scale), standardise(train_features, scale)
-    ref = standardise(real_out.features, scale)
-    spaces = [space for space in MEMORISATION_FEATURES if space in scale and space in theirs]
-    features = {space: (mine[space].astype(np.float32), theirs[space].astype(np.float32),
-                        ref[space][new].astype(np.float32)) for space in spaces}  # fmt: skip
-    entry = memorisation_check(data, training, reference, features, grid)
+    scale = feature_scale({s: real_out.features[s] for s in against.train_features})
+    mine = standardise(outputs.features, scale)
+    features = {space: mine[space].astype(np.float32) for space in against.train_features}
+    entry = memorisation_check(data, against, features, grid)
     entry["by"] = "evaluate --fidelity"
     entry["seconds"] = time.perf_counter() - t0
     return entry
+
+
+def memorisation_reference(
+    runs: tuple[str, ...], nets: ReferenceNetworks, real: ImageSet, real_out: NetworkOutputs
+) -> MemorisationReference | str:
+    """A generator's :class:`~edmcli.evaluation.memorisation.MemorisationReference`: its
+    training images through the networks, and the real test images of the patients it never
+    saw; or why there is none (one line)."""
+    try:
+        training = generator_training_images([Path(r) for r in runs])
+    except (EchoSynthError, OSError) as err:
+        return str(err)
+    sizes = {tuple(x.shape[-2:]) for x in (training.images, real.images)}
+    if len(sizes) > 1:
+        return (f"its training images and the real test images differ in size "
+                f"({', '.join(f'{h}×{w}' for h, w in sorted(sizes))})")  # fmt: skip
+    new = ~np.isin(real.patients, training.patients)
+    if new.sum() < MIN_REFERENCE:
+        return (f"{int(new.sum())} real test images of patients the generator never saw "
+                f"(needs {MIN_REFERENCE})")  # fmt: skip
+    rows = torch.from_numpy(np.flatnonzero(new))
+    reference = ImageSet(real.images[rows], real.labels[rows], real.views[new], real.patients[new],
+                         None, int(new.sum()))  # fmt: skip
+    train_out = run_networks(dataclasses.replace(nets, inception=None), training.images)
+    scale = feature_scale({s: f for s, f in real_out.features.items()
+                           if s in MEMORISATION_FEATURES})  # fmt: skip
+    theirs = standardise(train_out.features, scale)
+    ref = standardise(real_out.features, scale)
+    features = {space: (theirs[space].astype(np.float32), ref[space][new].astype(np.float32))
+                for space in scale if space in theirs}  # fmt: skip
+    return MemorisationReference.build(training, reference, features)
 
 
 # --------------------------------------------------------------------------- evaluate's section

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,32 +88,62 @@ def space_check(
     }
 
 
+@dataclass
+class MemorisationReference:
+    """What every check of one generator's stores compares with, computed once: its training
+    images with their pixel codes (and features), the real images of new patients that calibrate
+    the check, and their nearest training distances in each space."""
+
+    training: TrainingImages
+    reference: ImageSet
+    k: int
+    train_codes: torch.Tensor
+    train_features: dict[str, np.ndarray]
+    reference_distances: dict[str, np.ndarray]  # space → (n, k)
+
+    @classmethod
+    def build(
+        cls,
+        training: TrainingImages,
+        reference: ImageSet,
+        features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        k: int = K_NEAREST,
+    ) -> MemorisationReference:
+        """``features``: space → (training, reference) features, standardised alike."""
+        train_codes, _ = pixel_codes(training.images, training.labels)
+        ref_codes, ref_mask = pixel_codes(reference.images, reference.labels)
+        distances = {"pixel": nearest(ref_codes, train_codes, ref_mask, k)[0]}
+        train_features = {}
+        for space, (train_f, ref_f) in (features or {}).items():
+            train_features[space] = train_f
+            distances[space] = nearest(torch.from_numpy(ref_f), torch.from_numpy(train_f),
+                                       None, k)[0]  # fmt: skip
+        return cls(training, reference, k, train_codes, train_features, distances)
+
+
 def memorisation_check(
     data: ImageSet,
-    training: TrainingImages,
-    reference: ImageSet,
-    features: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    against: MemorisationReference,
+    features: dict[str, np.ndarray] | None = None,
     grid: Path | None = None,
     percentiles=PERCENTILES,
-    k: int = K_NEAREST,
 ) -> dict[str, Any]:
     """The memorisation entry of the synthetic images ``data`` against their generator's
-    ``training`` images, calibrated by ``reference`` (real images of patients the generator
-    never saw). ``features``: space → (synthetic, training, reference) standardised features;
+    training images, calibrated by the real images of patients it never saw (``against``).
+    ``features``: space → the synthetic images' features (standardised as ``against``'s);
     ``grid``: where to draw the closest synthetic/training pairs (pixel space)."""
     t0 = time.perf_counter()
-    train_codes, _ = pixel_codes(training.images, training.labels)
+    training, reference, k = against.training, against.reference, against.k
     syn_codes, syn_mask = pixel_codes(data.images, data.labels)
-    ref_codes, ref_mask = pixel_codes(reference.images, reference.labels)
-    syn_d, syn_i = nearest(syn_codes, train_codes, syn_mask, k)
-    ref_d, _ = nearest(ref_codes, train_codes, ref_mask, k)
-    spaces = {"pixel": space_check(syn_d, ref_d, data.views, percentiles)}
+    syn_d, syn_i = nearest(syn_codes, against.train_codes, syn_mask, k)
+    ref_distances = against.reference_distances
+    spaces = {"pixel": space_check(syn_d, ref_distances["pixel"], data.views, percentiles)}
     own = training.patients[syn_i[:, 0]] == np.asarray(data.patients)
     spaces["pixel"]["nearest_is_own_source_patient"] = float(own.mean()) if len(own) else None
-    for space, (syn_f, train_f, ref_f) in (features or {}).items():
-        s_d, s_i = nearest(torch.from_numpy(syn_f), torch.from_numpy(train_f), None, k)
-        r_d, _ = nearest(torch.from_numpy(ref_f), torch.from_numpy(train_f), None, k)
-        spaces[space] = space_check(s_d, r_d, data.views, percentiles)
+    for space, syn_f in (features or {}).items():
+        train_f = torch.from_numpy(against.train_features[space])
+        s_d, s_i = nearest(torch.from_numpy(syn_f), train_f, None, k)
+        spaces[space] = space_check(s_d, ref_distances[space], data.views, percentiles)
         own_f = training.patients[s_i[:, 0]] == np.asarray(data.patients)
         spaces[space]["nearest_is_own_source_patient"] = float(own_f.mean())
     rel = relative_distance(syn_d)
@@ -232,10 +263,10 @@ def check_store(
             f"image size ({', '.join(f'{h}×{w}' for h, w in sorted(sizes))}); name a reference "
             "store of the generator's size"
         )
+    against = MemorisationReference.build(training, real_subset(reference, rows))
     entry = memorisation_check(
-        data, training, real_subset(reference, rows),
-        grid=store.with_name(f"{store.stem}-memorisation.png"),
-    )  # fmt: skip
+        data, against, grid=store.with_name(f"{store.stem}-memorisation.png")
+    )
     if probe is not None:
         entry["spaces"]["source_image"] = source_image_check([store], probe)
     entry["store"] = str(store)

@@ -512,6 +512,7 @@ def test_a_privacy_filtered_store_is_another_generator_for_the_probes():
 
 
 def test_memorisation_of_images_of_another_size_is_a_note():
+    from edmcli.evaluation.memorisation import MemorisationReference
     from edmcli.runs.memorisation import TrainingImages
 
     def images(n, side):
@@ -519,9 +520,10 @@ def test_memorisation_of_images_of_another_size_is_a_note():
         return ImageSet(torch.zeros(n, 1, side, side), maps, np.zeros(n, int),
                         np.array(["p"] * n), None, n)  # fmt: skip
 
-    small = images(2, 16)
+    small = images(30, 16)
     training = TrainingImages(small.images, small.labels, small.patients, [])
+    against = MemorisationReference.build(training, small)
     notes: list[str] = []
     entry = fd.memorisation_entry({"run": "r"}, images(3, 32), None, None, images(30, 32), None,
-                                  {("r",): (training, {})}, notes)  # fmt: skip
+                                  {("r",): against}, notes)  # fmt: skip
     assert entry is None and "differ in size (16×16, 32×32)" in notes[-1]

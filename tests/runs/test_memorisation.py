@@ -10,7 +10,11 @@ from edmcli.data.prepare import prepare_phantom
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.evaluation.image_sets import ImageSet
-from edmcli.evaluation.memorisation import memorisation_check, real_subset
+from edmcli.evaluation.memorisation import (
+    MemorisationReference,
+    memorisation_check,
+    real_subset,
+)
 from edmcli.runs.memorisation import (
     TrainingImages,
     calibrate,
@@ -72,13 +76,14 @@ def test_copies_are_flagged_and_new_patients_sit_at_the_percentile(many_patients
     new = real_subset(many_patients, test_rows[~half])
     training = _training(store, train_rows)
     # images of new patients: flagged at about the chosen percentile
-    entry = memorisation_check(new, training, reference, percentiles=(5, 50))
+    against = MemorisationReference.build(training, reference)
+    entry = memorisation_check(new, against, percentiles=(5, 50))
     flagged = entry["spaces"]["pixel"]["flagged"]
     assert flagged["5.0"]["all"] <= 0.15
     assert 0.3 <= flagged["50.0"]["all"] <= 0.7
     # copies of training images (with the view recorded): every one flagged, in every view
     copies = real_subset(many_patients, train_rows)
-    entry = memorisation_check(copies, training, reference, grid=tmp_path / "pairs.png")
+    entry = memorisation_check(copies, against, grid=tmp_path / "pairs.png")
     pixel = entry["spaces"]["pixel"]
     assert pixel["flagged"]["1.0"] == {"all": 1.0, "A2C": 1.0, "A4C": 1.0}
     assert pixel["nearest_distance"]["flagged"]["1.0"]["all"] == 1.0
@@ -89,8 +94,8 @@ def test_copies_are_flagged_and_new_patients_sit_at_the_percentile(many_patients
     gen = np.random.default_rng(0)
     train_f = gen.normal(size=(len(training), 8))
     ref_f = gen.normal(size=(len(reference.images), 8))
-    features = {"segmenter": (train_f.copy(), train_f, ref_f)}
-    entry = memorisation_check(copies, training, reference, features=features)
+    against = MemorisationReference.build(training, reference, {"segmenter": (train_f, ref_f)})
+    entry = memorisation_check(copies, against, features={"segmenter": train_f.copy()})
     assert entry["spaces"]["segmenter"]["flagged"]["5.0"]["all"] == 1.0
 
 
@@ -105,8 +110,8 @@ def test_a_smoother_image_is_not_flagged_by_the_relative_distance(many_patients)
     new = real_subset(many_patients, test_rows[~half])
     blurred = torch.nn.functional.avg_pool2d(new.images, 5, stride=1, padding=2)
     smooth = ImageSet(blurred, new.labels, new.views, new.patients, None, len(new.images))
-    entry = memorisation_check(smooth, _training(store, store.indices("train")), reference,
-                               percentiles=(5,))  # fmt: skip
+    against = MemorisationReference.build(_training(store, store.indices("train")), reference)
+    entry = memorisation_check(smooth, against, percentiles=(5,))
     pixel = entry["spaces"]["pixel"]
     assert pixel["flagged"]["5.0"]["all"] <= 0.2
     assert pixel["nearest_distance"]["flagged"]["5.0"]["all"] >= 0.3  # the raw one is fooled
