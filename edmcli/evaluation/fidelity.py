@@ -59,11 +59,7 @@ from edmcli.evaluation.judges import (
     run_networks,
     view_masks,
 )
-from edmcli.evaluation.memorisation import (
-    MemorisationReference,
-    memorisation_check,
-    source_image_check,
-)
+from edmcli.evaluation.memorisation import memorisation_check, source_image_check
 from edmcli.evaluation.metrics.distribution import frechet_distance_from_features, kid, prdc
 from edmcli.evaluation.metrics.diversity import (
     distance_name,
@@ -75,7 +71,12 @@ from edmcli.evaluation.metrics.diversity import (
 from edmcli.evaluation.metrics.radiomics import radiomics_features
 from edmcli.evaluation.metrics.segmentation import structure_dice
 from edmcli.models.perceptual import MIN_IMAGE_SIZE, MissingWeightsError, build_perceptual
-from edmcli.runs.memorisation import MIN_REFERENCE, generator_runs, generator_training_images
+from edmcli.runs.memorisation import (
+    MIN_REFERENCE,
+    MemorisationReference,
+    generator_runs,
+    generator_training_images,
+)
 
 Halves = tuple[np.ndarray, np.ndarray]  # boolean masks of two halves of the real patients
 FLOOR_DRAWS = 5
@@ -570,7 +571,7 @@ def memorisation_entry(
     memorisation_check`) against its generator's training images, calibrated by the real test
     images of patients the generator never saw, in pixel space and the networks' feature spaces
     (standardised by the real test features). What a generator's stores share is built once
-    (:class:`~edmcli.evaluation.memorisation.MemorisationReference`, kept in ``generators``).
+    (:class:`~edmcli.runs.memorisation.MemorisationReference`, kept in ``generators``).
     None, with a note, when the generator's runs cannot be read or the images do not match."""
     t0 = time.perf_counter()
     runs = tuple(str(r) for r in generator_runs(provenance))
@@ -600,7 +601,7 @@ def memorisation_entry(
 def memorisation_reference(
     runs: tuple[str, ...], nets: ReferenceNetworks, real: ImageSet, real_out: NetworkOutputs
 ) -> MemorisationReference | str:
-    """A generator's :class:`~edmcli.evaluation.memorisation.MemorisationReference`: its
+    """A generator's :class:`~edmcli.runs.memorisation.MemorisationReference`: its
     training images through the networks, and the real test images of the patients it never
     saw; or why there is none (one line)."""
     try:

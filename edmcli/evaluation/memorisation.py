@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,8 @@ from edmcli.evaluation.judges import VIEW_KEYS, view_masks
 from edmcli.runs.folder import load_training_patients
 from edmcli.runs.grids import save_image_grid
 from edmcli.runs.memorisation import (
-    K_NEAREST,
     PERCENTILES,
-    TrainingImages,
+    MemorisationReference,
     calibrate,
     generator_runs,
     generator_training_images,
@@ -86,39 +84,6 @@ def space_check(
             },  # fmt: skip
         },
     }
-
-
-@dataclass
-class MemorisationReference:
-    """What every check of one generator's stores compares with, computed once: its training
-    images with their pixel codes (and features), the real images of new patients that calibrate
-    the check, and their nearest training distances in each space."""
-
-    training: TrainingImages
-    reference: ImageSet
-    k: int
-    train_codes: torch.Tensor
-    train_features: dict[str, np.ndarray]
-    reference_distances: dict[str, np.ndarray]  # space → (n, k)
-
-    @classmethod
-    def build(
-        cls,
-        training: TrainingImages,
-        reference: ImageSet,
-        features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-        k: int = K_NEAREST,
-    ) -> MemorisationReference:
-        """``features``: space → (training, reference) features, standardised alike."""
-        train_codes, _ = pixel_codes(training.images, training.labels)
-        ref_codes, ref_mask = pixel_codes(reference.images, reference.labels)
-        distances = {"pixel": nearest(ref_codes, train_codes, ref_mask, k)[0]}
-        train_features = {}
-        for space, (train_f, ref_f) in (features or {}).items():
-            train_features[space] = train_f
-            distances[space] = nearest(torch.from_numpy(ref_f), torch.from_numpy(train_f),
-                                       None, k)[0]  # fmt: skip
-        return cls(training, reference, k, train_codes, train_features, distances)
 
 
 def memorisation_check(

@@ -159,25 +159,50 @@ def percentile_key(p: float) -> str:
     return str(float(p))
 
 
-class PixelCopyCheck:
-    """The pixel-space statistic of new images against one generator's training images, with
-    the real reference's thresholds: what ``sample --privacy-filter`` asks of every sample."""
+@dataclass
+class MemorisationReference:
+    """What every memorisation check against one generator compares with, computed once: its
+    training images with their pixel codes (and features), the real images of new patients that
+    calibrate the check (``reference``: anything with ``images``, ``labels``, ``patients``), and
+    their nearest training distances in each space. ``sample --privacy-filter`` asks
+    :meth:`pixel_statistic` of every sample; ``evaluate`` and ``echo-synth memorisation`` check
+    whole stores against it."""
 
-    def __init__(self, training: TrainingImages, reference_images: torch.Tensor,
-                 reference_labels: torch.Tensor, k: int = K_NEAREST):  # fmt: skip
-        self.training = training
-        self.k = k
-        self.train_codes, _ = pixel_codes(training.images, training.labels)
-        self.reference = self.statistic(reference_images, reference_labels)
+    training: TrainingImages
+    reference: Any
+    k: int
+    train_codes: torch.Tensor
+    train_features: dict[str, np.ndarray]
+    reference_distances: dict[str, np.ndarray]  # space → (n, k)
 
-    def statistic(self, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    @classmethod
+    def build(
+        cls,
+        training: TrainingImages,
+        reference: Any,
+        features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        k: int = K_NEAREST,
+    ) -> MemorisationReference:
+        """``features``: space → (training, reference) features, standardised alike."""
+        train_codes, _ = pixel_codes(training.images, training.labels)
+        ref_codes, ref_mask = pixel_codes(reference.images, reference.labels)
+        distances = {"pixel": nearest(ref_codes, train_codes, ref_mask, k)[0]}
+        train_features = {}
+        for space, (train_f, ref_f) in (features or {}).items():
+            train_features[space] = train_f
+            distances[space] = nearest(torch.from_numpy(ref_f), torch.from_numpy(train_f),
+                                       None, k)[0]  # fmt: skip
+        return cls(training, reference, k, train_codes, train_features, distances)
+
+    def pixel_statistic(self, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
         """Relative distance of each image to the training images (pixel space)."""
         codes, mask = pixel_codes(images.cpu(), labels.cpu())
-        distances, _ = nearest(codes, self.train_codes, mask, self.k)
-        return relative_distance(distances)
+        return relative_distance(nearest(codes, self.train_codes, mask, self.k)[0])
 
     def threshold(self, percentile: float) -> float:
-        return calibrate(self.reference, (percentile,))[percentile_key(percentile)]
+        """The pixel statistic of the reference at ``percentile``."""
+        reference = relative_distance(self.reference_distances["pixel"])
+        return calibrate(reference, (percentile,))[percentile_key(percentile)]
 
 
 def reference_split(store: DatasetStore, exclude: np.ndarray, split: str = "test") -> np.ndarray:

@@ -25,7 +25,8 @@ from edmcli.runs.folder import load_training_patients
 from edmcli.runs.memorisation import (
     K_NEAREST,
     MIN_REFERENCE,
-    PixelCopyCheck,
+    MemorisationReference,
+    TrainingImages,
     generator_training_images,
     reference_split,
 )
@@ -71,7 +72,7 @@ def reference_rows(run: Path, generator_patients: list[str]) -> tuple[str, np.nd
 class PrivacyFilter:
     """The check, its threshold and what it records in the store's provenance."""
 
-    check: PixelCopyCheck
+    check: MemorisationReference
     percentile: float
     threshold: float
     record: dict[str, Any]
@@ -82,9 +83,12 @@ class PrivacyFilter:
         """The filter of a generator (its diffusion run first, then its Γ-VAE run)."""
         training = generator_training_images(runs)
         store, rows = reference_rows(runs[0], generator_patients)
-        images, labels = DatasetStore(store).read_rows(rows)
-        check = PixelCopyCheck(training, torch.from_numpy(images.astype(np.float32) / 255),
-                               torch.from_numpy(labels))  # fmt: skip
+        reader = DatasetStore(store)
+        images, labels = reader.read_rows(rows)
+        reference = TrainingImages(torch.from_numpy(images.astype(np.float32) / 255),
+                                   torch.from_numpy(labels),
+                                   reader.column("patient")[rows], [])  # fmt: skip
+        check = MemorisationReference.build(training, reference)
         threshold = check.threshold(percentile)
         record = {
             "percentile": percentile,
@@ -100,7 +104,7 @@ class PrivacyFilter:
 
     def too_close(self, pixels: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
         """Boolean (B,): which uint8 images (B, 1, H, W) fall below the threshold."""
-        return self.check.statistic(pixels.float() / 255, labels) < self.threshold
+        return self.check.pixel_statistic(pixels.float() / 255, labels) < self.threshold
 
     def apply(
         self,

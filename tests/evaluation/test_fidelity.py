@@ -512,8 +512,7 @@ def test_a_privacy_filtered_store_is_another_generator_for_the_probes():
 
 
 def test_memorisation_of_images_of_another_size_is_a_note():
-    from edmcli.evaluation.memorisation import MemorisationReference
-    from edmcli.runs.memorisation import TrainingImages
+    from edmcli.runs.memorisation import MemorisationReference, TrainingImages
 
     def images(n, side):
         maps = torch.zeros(n, side, side, dtype=torch.uint8)

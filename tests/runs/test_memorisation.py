@@ -10,12 +10,9 @@ from edmcli.data.prepare import prepare_phantom
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
 from edmcli.evaluation.image_sets import ImageSet
-from edmcli.evaluation.memorisation import (
-    MemorisationReference,
-    memorisation_check,
-    real_subset,
-)
+from edmcli.evaluation.memorisation import memorisation_check, real_subset
 from edmcli.runs.memorisation import (
+    MemorisationReference,
     TrainingImages,
     calibrate,
     nearest,

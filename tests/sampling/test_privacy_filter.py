@@ -15,7 +15,7 @@ from edmcli.cli import app
 from edmcli.data.prepare import prepare_phantom
 from edmcli.data.store import DatasetStore
 from edmcli.errors import EchoSynthError
-from edmcli.runs.memorisation import PixelCopyCheck, generator_training_images
+from edmcli.runs.memorisation import MemorisationReference, generator_training_images
 from edmcli.sampling.privacy import MAX_REDRAWS, REDRAW_STREAM, PrivacyFilter, ordinal
 from edmcli.sampling.sample import sample_seed
 
@@ -31,7 +31,7 @@ def _ok(args):
 class _Check:
     """Stand-in check: an image is 'too close' while its mean grey level is below 100."""
 
-    def statistic(self, images, labels):
+    def pixel_statistic(self, images, labels):
         return images.flatten(1).mean(1).numpy() * 255
 
 
@@ -110,12 +110,10 @@ def test_the_filter_redraws_records_and_resumes_byte_identically(runs, tmp_path)
                     else sample_seed(0, i, REDRAW_STREAM + int(redraws[i])))  # fmt: skip
         assert seeds[i] == expected
     # every sample written is at least as far as the threshold
-    check = PixelCopyCheck(
-        generator_training_images([runs / "edm", runs / "vae"]),
-        torch.zeros(0, 1, 32, 32), torch.zeros(0, 32, 32, dtype=torch.uint8),
-    )  # fmt: skip
+    training = generator_training_images([runs / "edm", runs / "vae"])
+    check = MemorisationReference.build(training, training)
     images = torch.from_numpy(store.images[:].astype(np.float32) / 255)
-    statistic = check.statistic(images, torch.from_numpy(store.labels[:]))
+    statistic = check.pixel_statistic(images, torch.from_numpy(store.labels[:]))
     assert np.all(statistic >= record["threshold"])
     # the same command killed after its first shard and rerun gives the same bytes
     cut = tmp_path / "cut.zarr"
